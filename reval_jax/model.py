@@ -1,0 +1,242 @@
+"""The Qwen2-family decoder in Flax NNX, with stacked (scanned) layers and a KV-cache path.
+
+    tokens [B, T] --embed--> x [B, T, D] --L x Block (lax.scan)--> RMSNorm --unembed--> logits [B, T, V]
+
+Block = x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). Attention is grouped-query with RoPE, q/k/v
+biases and no output bias. Layer parameters carry a leading `layers` axis and one `lax.scan` runs them
+all, so compile time does not grow with depth; each step can be rematerialised (`ModelConfig.remat`).
+Logits are always float32, whatever the compute dtype.
+
+Padding: `mask [B, T]` marks real tokens; positions default to `cumsum(mask) - 1`, so left- and
+right-padded batches give the same logits at real tokens. Decoding: `init_cache` preallocates a
+`Cache`; calling the model with `cache=` writes the new keys/values at slot `cache.index` and attends
+to every valid slot at or before each query's own slot (prefill and single-step decode alike).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from reval_jax.config import ModelConfig
+from reval_jax.sharding import constrain
+
+Array = jax.Array
+NEG_INF = -1e30  # finite: a fully masked row (a padding query) gives a uniform, not NaN, softmax
+
+# name -> (shape, logical axes, init) of each stacked layer parameter; shapes use the alphabet.
+LAYER_PARAMS = {
+    "attn_norm": ("LD", ("layers", "norm"), "ones"),
+    "q_proj": ("LDNH", ("layers", "embed", "heads", "head_dim"), "normal"),
+    "q_bias": ("LNH", ("layers", "heads", "head_dim"), "zeros"),
+    "k_proj": ("LDKH", ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+    "k_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros"),
+    "v_proj": ("LDKH", ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+    "v_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros"),
+    "o_proj": ("LNHD", ("layers", "heads", "head_dim", "embed"), "normal"),
+    "mlp_norm": ("LD", ("layers", "norm"), "ones"),
+    "gate_proj": ("LDF", ("layers", "embed", "mlp"), "normal"),
+    "up_proj": ("LDF", ("layers", "embed", "mlp"), "normal"),
+    "down_proj": ("LFD", ("layers", "mlp", "embed"), "normal"),
+}
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dims(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "L": cfg.num_layers, "D": cfg.hidden_size, "N": cfg.num_heads, "K": cfg.num_kv_heads,
+        "H": cfg.head_dim, "F": cfg.intermediate_size, "V": cfg.vocab_size,
+    }
+
+
+def _init(kind: str, rng: nnx.Rngs, shape: tuple[int, ...], dtype) -> Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(rng.params(), shape, jnp.float32)).astype(dtype)
+
+
+@flax.struct.dataclass
+class Cache:
+    """Preallocated keys/values of every layer, and which slots hold real tokens."""
+
+    k: Array  # [L, B, S, K, H]
+    v: Array  # [L, B, S, K, H]
+    valid: Array  # [B, S] bool
+    index: Array  # [] int32, next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    dtype = dtype or cfg.dtype
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return Cache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as in Hugging Face."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, half-split layout of Hugging Face Qwen2. x [B, T, n, H], positions [B, T]."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]  # [B, T, 1, H]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _block(
+    x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, *,
+    cfg: ModelConfig, mesh: Mesh | None, positions: Array, allowed: Array, index: Array | None,
+):
+    """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS."""
+    B, T, _ = x.shape
+    K, G, H = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    dt = x.dtype
+
+    h = rms_norm(x, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, p["q_proj"].astype(dt)) + p["q_bias"].astype(dt)
+    k = jnp.einsum("BTD,DKH->BTKH", h, p["k_proj"].astype(dt)) + p["k_bias"].astype(dt)
+    v = jnp.einsum("BTD,DKH->BTKH", h, p["v_proj"].astype(dt)) + p["v_bias"].astype(dt)
+    q = constrain(rope(q, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(rope(k, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_kv_heads", None))
+    v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
+
+    if k_cache is not None:  # write this step's keys/values at slot `index`, attend over the cache
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        k, v = k_cache.astype(dt), v_cache.astype(dt)  # [B, S, K, H]
+
+    q = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores * H**-0.5, NEG_INF)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)  # [B, T, N, H]
+    x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
+    x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
+
+    h = rms_norm(x, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
+    gate = jnp.einsum("BTD,DF->BTF", h, p["gate_proj"].astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", h, p["up_proj"].astype(dt))
+    hidden = constrain(jax.nn.silu(gate) * up, mesh, ("act_batch", "act_length", "act_mlp"))
+    x = x + jnp.einsum("BTF,FD->BTD", hidden, p["down_proj"].astype(dt))
+    x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
+    return x, k_cache, v_cache
+
+
+class Qwen2(nnx.Module):
+    """Qwen2-architecture causal LM. `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        d = dims(cfg)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Param(_init("normal", rngs, (d["V"], d["D"]), pdt), axes=("vocab", "embed"))
+        for name, (shape, axes, kind) in LAYER_PARAMS.items():
+            value = _init(kind, rngs, tuple(d[c] for c in shape), pdt)
+            setattr(self, name, nnx.Param(value, axes=axes))
+        self.final_norm = nnx.Param(jnp.ones((d["D"],), pdt), axes=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_init("normal", rngs, (d["D"], d["V"]), pdt), axes=("embed", "vocab"))
+
+    def layer_params(self) -> dict[str, Array]:
+        return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+
+    def hidden_states(
+        self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[Array, Cache | None]:
+        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+        cfg, mesh = self.cfg, self.mesh
+        B, T = tokens.shape
+        dt = jnp.dtype(cfg.dtype)
+        mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+        if positions is None:
+            start = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
+            positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        positions = positions.astype(jnp.int32)
+
+        if cache is None:  # causal over this call's tokens, padding keys masked
+            q_slot, k_slot, key_valid, index = jnp.arange(T), jnp.arange(T), mask, None
+        else:  # queries sit at slots index..index+T-1 of the cache
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+            q_slot, k_slot, key_valid = index + jnp.arange(T), jnp.arange(cache.valid.shape[1]), valid
+        allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
+        x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
+        block = functools.partial(_block, cfg=cfg, mesh=mesh, positions=positions, allowed=allowed, index=index)
+
+        def step(x, layer):
+            p, kc, vc = layer
+            x, kc, vc = block(x, p, kc, vc)
+            return x, (kc, vc)
+
+        if cfg.remat != "none":
+            step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
+        kv = (None, None) if cache is None else (cache.k, cache.v)
+        x, (k, v) = jax.lax.scan(step, x, (self.layer_params(), *kv))
+        x = rms_norm(x, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
+        if cache is not None:
+            cache = Cache(k=k, v=v, valid=valid, index=index + T)
+        return x, cache
+
+    def unembed(self, h: Array) -> Array:
+        """Logits [..., V] in float32 from hidden states [..., D]."""
+        if self.cfg.tie_word_embeddings:
+            w = self.embed[...].astype(h.dtype)
+            logits = jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head[...].astype(h.dtype)
+            logits = jnp.einsum("...D,DV->...V", h, w, preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, self.mesh, ("act_batch", "act_length", "act_vocab"))
+        return logits
+
+    def __call__(
+        self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
+        cache: Cache | None = None,
+    ):
+        """logits [B, T, V] float32; with `cache`, returns (logits, updated cache)."""
+        h, new_cache = self.hidden_states(tokens, positions=positions, mask=mask, cache=cache)
+        logits = self.unembed(h)
+        return logits if cache is None else (logits, new_cache)
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Qwen2:
+    """A randomly initialised model. With a mesh, each parameter is created directly in its sharded
+    layout (jit with out_shardings), never whole on one device; the values do not depend on the mesh."""
+    from reval_jax.sharding import state_shardings
+
+    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.state(Qwen2(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
+
+    return nnx.merge(graphdef, init())

@@ -1,0 +1,85 @@
+"""Shared tiny models for tests: random `transformers` Qwen2 checkpoints saved as HF directories,
+and our own tiny models. Everything is built locally and cached for the whole test session."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 128
+_ROOT = Path(tempfile.mkdtemp(prefix="reval_jax_models_"))
+
+
+def hf_config(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, vocab: int = VOCAB):
+    import transformers
+
+    return transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+        rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0):
+    """A random `transformers` Qwen2ForCausalLM (float32, eval mode) with weights large enough
+    (std 0.2, norms around 1) that the logits are far from trivial."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(hf_config(num_kv_heads=num_kv_heads, tie=tie, layers=layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def hf_dir(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0,
+           max_shard_size: str | None = None, tokenizer: bool = False) -> Path:
+    """`hf_model(...)` saved with `save_pretrained` (optionally sharded) plus the tiny tokenizer."""
+    path = _ROOT / f"hf_kv{num_kv_heads}_tie{int(tie)}_l{layers}_s{seed}_{max_shard_size or 'one'}_{int(tokenizer)}"
+    model = hf_model(num_kv_heads=num_kv_heads, tie=tie, layers=layers, seed=seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(path), safe_serialization=True, **kwargs)
+    if tokenizer:
+        from helpers import tiny_tokenizer
+
+        tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def hf_logits(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+def padded_batch(layout: str, *, batch: int = 3, length: int = 12, vocab: int = VOCAB, seed: int = 0):
+    """tokens, mask, positions for a batch of sequences of different lengths laid out with
+    `layout` in {"none", "left", "right"} padding."""
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, vocab, (batch, length))
+    mask = np.ones((batch, length), bool)
+    if layout != "none":
+        for b, n in enumerate(rng.randint(length // 3, length, batch)):
+            if layout == "left":
+                mask[b, : length - n] = False
+            else:
+                mask[b, n:] = False
+        mask[0] = True  # one full-length row
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    return tokens, mask, positions
