@@ -83,3 +83,13 @@ def padded_batch(layout: str, *, batch: int = 3, length: int = 12, vocab: int = 
         mask[0] = True  # one full-length row
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     return tokens, mask, positions
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(seed: int = 0, **overrides):
+    """Our own randomly initialised `preset("tiny")` model, created once per session. Shared: do not
+    modify it in place (split it and work on the state instead)."""
+    import reval_jax
+    from reval_jax.config import preset
+
+    return reval_jax.create_model(preset("tiny", **overrides), seed=seed)
