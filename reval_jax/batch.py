@@ -1,0 +1,124 @@
+"""The trajectory batch shared by the sampler, the replay buffer, the losses and the train step.
+
+A `Trajectories` holds B sampled trajectories (prompt followed by response) padded to a common
+length T. Per-token arrays are aligned with `tokens`: entry t is about token t, i.e. it was
+predicted from position t − 1. The leaves are either all numpy arrays (host side: sampler output,
+replay buffer) or all jax arrays (device side: train step); the helpers here work on both where
+that makes sense and say so otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import flax.struct
+import jax
+import numpy as np
+
+Array = jax.Array | np.ndarray
+
+# Storage dtype of every field; `from_numpy` casts to these.
+FIELD_DTYPES: dict[str, np.dtype] = {
+    "tokens": np.dtype(np.int32),
+    "attn_mask": np.dtype(np.bool_),
+    "response_mask": np.dtype(np.bool_),
+    "s1_index": np.dtype(np.int32),
+    "group_id": np.dtype(np.int32),
+    "reward": np.dtype(np.float32),
+    "raw_reward": np.dtype(np.float32),
+    "ref_logp": np.dtype(np.float32),
+    "ref_v": np.dtype(np.float32),
+    "ref_version": np.dtype(np.int32),
+    "sampler_logp": np.dtype(np.float32),
+    "iteration": np.dtype(np.int32),
+}
+# Fields with a time axis ([B, T]); the others are per trajectory ([B]).
+TOKEN_FIELDS: tuple[str, ...] = (
+    "tokens",
+    "attn_mask",
+    "response_mask",
+    "ref_logp",
+    "sampler_logp",
+)
+
+
+@flax.struct.dataclass
+class Trajectories:
+    """B trajectories padded to length T (see the module docstring for the alignment)."""
+
+    tokens: Array  # [B, T] int32  prompt followed by response, padded (left or right)
+    attn_mask: Array  # [B, T] bool   real tokens (prompt + response incl. the stop token)
+    response_mask: Array  # [B, T] bool   response tokens incl. the stop token, nothing after it
+    s1_index: Array  # [B] int32  index of the LAST prompt token (its logits predict a_1)
+    group_id: Array  # [B] int32  which prompt this sample came from
+    reward: Array  # [B] f32  transformed reward used by the loss
+    raw_reward: Array  # [B] f32  verifier reward (0/1)
+    ref_logp: Array  # [B, T] f32  log π_ref of token t, 0 where not response
+    ref_v: Array  # [B] f32  V_ref(s_1)
+    ref_version: Array  # [B] int32  reference version of ref_logp/ref_v (-1 = not computed)
+    sampler_logp: Array  # [B, T] f32  sampler's log-prob of token t, 0 where not response
+    iteration: Array  # [B] int32  generation iteration that produced the sample
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """A dict field name → numpy array (copies device arrays to host)."""
+        return {name: np.asarray(getattr(self, name)) for name in FIELD_DTYPES}
+
+    @classmethod
+    def from_numpy(cls, arrays: Mapping[str, Array]) -> Trajectories:
+        """Builds a host batch from a dict of arrays, casting each field to its storage dtype.
+
+        Missing or unknown fields and inconsistent shapes raise ValueError.
+        """
+        missing = sorted(set(FIELD_DTYPES) - set(arrays))
+        unknown = sorted(set(arrays) - set(FIELD_DTYPES))
+        if missing or unknown:
+            raise ValueError(f"Trajectories fields: missing {missing}, unknown {unknown}")
+        fields = {name: np.asarray(arrays[name], dtype=FIELD_DTYPES[name]) for name in FIELD_DTYPES}
+        b, t = fields["tokens"].shape
+        for name, value in fields.items():
+            expected = (b, t) if name in TOKEN_FIELDS else (b,)
+            if value.shape != expected:
+                raise ValueError(f"field {name!r} has shape {value.shape}, expected {expected}")
+        return cls(**fields)
+
+    def take(self, index: np.ndarray) -> Trajectories:
+        """Rows `index` (an integer or boolean numpy index array) of every field."""
+        return jax.tree.map(lambda x: x[index], self)
+
+    def pad_to(self, length: int, pad_id: int = 0) -> Trajectories:
+        """Right-pads the time axis to `length` (host arrays): pad tokens, masks False, log-probs 0.
+
+        Indices (s1_index) are unchanged by right padding. A batch longer than `length` raises.
+        """
+        if self.length > length:
+            raise ValueError(f"batch has length {self.length} > target length {length}")
+        extra = length - self.length
+        if extra == 0:
+            return self
+        fields = self.to_numpy()
+        for name in TOKEN_FIELDS:
+            fill = pad_id if name == "tokens" else 0
+            fields[name] = np.pad(fields[name], ((0, 0), (0, extra)), constant_values=fill)
+        return Trajectories.from_numpy(fields)
+
+    def num_response_tokens(self) -> int:
+        """Total number of response tokens (loss targets) in the batch."""
+        return int(np.asarray(self.response_mask).sum())
+
+
+def concatenate(batches: Sequence[Trajectories]) -> Trajectories:
+    """Concatenates host batches along the batch axis (all must share the same length T)."""
+    if not batches:
+        raise ValueError("concatenate needs at least one batch")
+    lengths = {b.length for b in batches}
+    if len(lengths) != 1:
+        raise ValueError(f"cannot concatenate batches of different lengths {sorted(lengths)}")
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *batches)
