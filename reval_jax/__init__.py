@@ -1,11 +1,27 @@
-"""reval_jax: off-policy value-based RL (ReVal) post-training of LLMs in JAX / Flax NNX."""
+"""reval_jax: off-policy value-based RL (ReVal) post-training of LLMs in JAX / Flax NNX.
 
-from reval_jax.config import PRESETS, ModelConfig, preset
-from reval_jax.hf import load_hf, save_hf
-from reval_jax.model import Cache, Qwen2, create_model, init_cache
-from reval_jax.sharding import make_mesh
+The public names below are imported lazily, so that light modules (rewards, data, templates) and the
+reward worker processes do not pay for importing jax and flax.
+"""
 
-__all__ = [
-    "PRESETS", "Cache", "ModelConfig", "Qwen2", "create_model", "init_cache", "load_hf",
-    "make_mesh", "preset", "save_hf",
-]
+import importlib
+
+_PUBLIC = {
+    "PRESETS": "reval_jax.config",
+    "ModelConfig": "reval_jax.config",
+    "preset": "reval_jax.config",
+    "load_hf": "reval_jax.hf",
+    "save_hf": "reval_jax.hf",
+    "Cache": "reval_jax.model",
+    "Qwen2": "reval_jax.model",
+    "create_model": "reval_jax.model",
+    "init_cache": "reval_jax.model",
+    "make_mesh": "reval_jax.sharding",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'reval_jax' has no attribute {name!r}")
