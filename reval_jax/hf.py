@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reval_jax.config import ModelConfig, from_hf_config, to_hf_config
-from reval_jax.model import LAYER_PARAMS, Qwen2, dims
+from reval_jax.model import Qwen2, dims
 from reval_jax.sharding import state_shardings
 
 

@@ -10,7 +10,11 @@ import os
 
 from reval_jax.tokenizer import build_char_tokenizer
 
-MATH_DATA_DIR = "/work/shared/data/math"
+# shared/ sits beside the checkout (../shared from the repository root), here and in CI
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATH_DATA_DIR = os.environ.get(
+    "REVAL_MATH_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "math")
+)
 
 
 @functools.cache

@@ -23,15 +23,17 @@ def hf_config(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, voca
     )
 
 
-@functools.lru_cache(maxsize=None)
-def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0):
+@functools.cache
+def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0,
+             vocab: int = VOCAB):
     """A random `transformers` Qwen2ForCausalLM (float32, eval mode) with weights large enough
     (std 0.2, norms around 1) that the logits are far from trivial."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(hf_config(num_kv_heads=num_kv_heads, tie=tie, layers=layers))
+    cfg = hf_config(num_kv_heads=num_kv_heads, tie=tie, layers=layers, vocab=vocab)
+    model = transformers.Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -41,12 +43,13 @@ def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed:
     return model.eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_dir(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0,
-           max_shard_size: str | None = None, tokenizer: bool = False) -> Path:
+           max_shard_size: str | None = None, tokenizer: bool = False, vocab: int = VOCAB) -> Path:
     """`hf_model(...)` saved with `save_pretrained` (optionally sharded) plus the tiny tokenizer."""
-    path = _ROOT / f"hf_kv{num_kv_heads}_tie{int(tie)}_l{layers}_s{seed}_{max_shard_size or 'one'}_{int(tokenizer)}"
-    model = hf_model(num_kv_heads=num_kv_heads, tie=tie, layers=layers, seed=seed)
+    name = f"hf_kv{num_kv_heads}_tie{int(tie)}_l{layers}_s{seed}_{max_shard_size}_{int(tokenizer)}_v{vocab}"
+    path = _ROOT / name
+    model = hf_model(num_kv_heads=num_kv_heads, tie=tie, layers=layers, seed=seed, vocab=vocab)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     if tokenizer:
@@ -85,7 +88,7 @@ def padded_batch(layout: str, *, batch: int = 3, length: int = 12, vocab: int = 
     return tokens, mask, positions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(seed: int = 0, **overrides):
     """Our own randomly initialised `preset("tiny")` model, created once per session. Shared: do not
     modify it in place (split it and work on the state instead)."""
@@ -93,3 +96,10 @@ def tiny_model(seed: int = 0, **overrides):
     from reval_jax.config import preset
 
     return reval_jax.create_model(preset("tiny", **overrides), seed=seed)
+
+
+def tokenizer_model_dir() -> Path:
+    """A tiny random Qwen2 with the project's char tokenizer (vocabulary sized to match)."""
+    from helpers import tiny_tokenizer
+
+    return hf_dir(tokenizer=True, vocab=len(tiny_tokenizer()), tie=True)

@@ -6,7 +6,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import hf_dir, hf_logits, hf_model, padded_batch
+from models import hf_dir, hf_logits, padded_batch
 
 import reval_jax
 from reval_jax.config import preset
@@ -132,7 +132,8 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_unexpected_tensor_is_named(tmp_path):
     path = _copy(tmp_path)
-    _edit_tensors(path, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": t["model.layers.1.mlp.up_proj.weight"]}))
+    extra = "model.layers.2.mlp.up_proj.weight"
+    _edit_tensors(path, lambda t: t.update({extra: t["model.layers.1.mlp.up_proj.weight"]}))
     with pytest.raises(ValueError, match=r"unexpected tensors \['model.layers.2.mlp.up_proj.weight'\]"):
         reval_jax.load_hf(path, load_tokenizer=False)
 
@@ -140,7 +141,8 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_shape_mismatch_is_named(tmp_path):
     path = _copy(tmp_path)
     _edit_config(path, intermediate_size=96)
-    with pytest.raises(ValueError, match=r"shape mismatch for tensor model.layers.0.mlp.gate_proj.weight.*\(96, 32\).*\(64, 32\)"):
+    pattern = r"shape mismatch for tensor model.layers.0.mlp.gate_proj.weight.*\(96, 32\).*\(64, 32\)"
+    with pytest.raises(ValueError, match=pattern):
         reval_jax.load_hf(path, load_tokenizer=False)
 
 

@@ -1,0 +1,99 @@
+"""Every field of a reval_jax run, documented in one comment each. Variants import this file and
+override a handful of fields (see qwen7b.py, dpsk_r1_distill_1p5b.py, tiny.py); never copy it.
+
+    python -m reval_jax.train --config=configs/qwen7b.py --config.beta=0.05 --workdir=runs/x
+"""
+
+import ml_collections
+
+SHARED = "../shared/data/math"  # the project's math data, relative to the repository root
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds data order, sampling and replay; same seed + same config = same run
+    c.algorithm = "reval"  # reval | tbrm | regression | grpo: the loss; comparisons are one flag apart
+    c.algorithm_defaults = True  # apply what a baseline implies (train.ALGORITHM_DEFAULTS), e.g. TBRM: fixed reference
+    c.num_iterations = 650  # generation rounds (Algorithm 1's outer loop)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # local Hugging Face directory (config.json, *.safetensors, tokenizer)
+    c.model.param_dtype = "float32"  # master weights: float32 | bfloat16
+    c.model.dtype = "bfloat16"  # compute dtype of forward passes (logits are always float32)
+    c.model.remat = "full"  # none | full | dots | dots_no_batch: per-layer rematerialisation
+    c.model.ref_dtype = ""  # reference-policy storage dtype; "" = same as param_dtype
+
+    c.mesh = (1, -1, 1)  # (data, fsdp, tensor) device mesh; one -1 takes the remaining devices
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = (f"{SHARED}/math_train.jsonl",)  # JSONL or Parquet prompt files
+    c.data.problem_key = "problem"  # column holding the problem text
+    c.data.answer_key = "answer"  # column holding the ground-truth answer
+    c.data.template = "qwen_math"  # prompt template: r1_distill | qwen_math | plain
+    c.data.max_prompt_len = 1024  # prompts longer than this (in tokens) are dropped and counted
+    c.data.prompts_per_iteration = 128  # prompts per generation round (global, all processes)
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.num_samples = 8  # rollouts per prompt (the GRPO group size)
+    c.sampling.max_new_tokens = 8192  # response length limit; longer responses are truncated
+    c.sampling.temperature = 1.0  # sampling temperature; the losses use logits / temperature too
+    c.sampling.top_k = 0  # 0 = off
+    c.sampling.top_p = 1.0  # 1.0 = off
+    c.sampling.buckets = (128, 256, 512, 1024)  # prompt lengths compiled for (left padding)
+    c.sampling.batch_size = 0  # rollouts generated per sampler call; 0 = the whole round at once
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.name = "math"  # reward function by name (reval_jax.rewards.REWARDS) or "module:fn"
+    c.reward.transform = "centered"  # binary | centered (r − group mean) | plus_minus_one
+    c.reward.num_workers = 4  # verifier processes
+    c.reward.timeout_s = 10.0  # per-answer verifier time limit; a timeout scores 0 and is counted
+
+    c.beta = 0.02  # reward scale β of ReVal / TBRM / regression (δ contains r/β)
+    c.stop_grad_v = False  # ReVal: stop the gradient through V_θ(s_1)
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    c.grpo.clip_low = 0.2  # PPO clip ε_low
+    c.grpo.clip_high = 0.28  # PPO clip ε_high (clip-higher)
+    c.grpo.dual_clip = 3.0  # dual-clip constant c for negative advantages
+    c.grpo.is_cap = 2.0  # cap C of the truncated importance correction π_old / π_sampler
+
+    c.replay = ml_collections.ConfigDict()
+    c.replay.capacity = 5120  # FIFO buffer size M in trajectories
+    c.replay.updates_per_iteration = 2  # K updates per generation round
+    c.replay.schedule = "on_policy_first"  # on_policy_first (fresh batch, then K−1 buffer draws) | buffer_only
+    c.replay.batch_size = 0  # trajectories per update; 0 = one round (prompts × samples)
+    c.replay.prioritized = False  # prioritised replay by |δ| (the paper's named limitation)
+    c.replay.alpha = 0.6  # priority exponent α
+    c.replay.beta_is = 0.4  # importance-weight exponent β_IS
+    c.replay.on_reset = "recompute"  # recompute stale reference terms | flush the buffer on reset
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.reset_every = 200  # π_ref ← π_θ every R updates; 0 = never
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-6  # constant AdamW learning rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.max_grad_norm = 1.0  # global-norm clipping
+
+    c.micro_batches = 1  # gradient accumulation steps per update (exact full-batch result)
+    c.chunk = 1024  # tokens per unembedding chunk when computing log-probs (memory vs speed)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 10  # evaluate every E iterations (0 = never; also before the first round)
+    c.eval.files = (  # benchmark files; each benchmark's name is its file stem
+        f"{SHARED}/aime24.jsonl", f"{SHARED}/amc23.jsonl", f"{SHARED}/math500.jsonl",
+        f"{SHARED}/minerva.jsonl", f"{SHARED}/olympiad.jsonl",
+    )
+    c.eval.limit = 100  # problems per benchmark (fixed-seed subset); 0 = all
+    c.eval.k = 16  # samples per problem: avg@k
+    c.eval.temperature = 1.0  # evaluation sampling temperature
+    c.eval.max_new_tokens = 0  # 0 = sampling.max_new_tokens
+
+    c.log_every = 1  # write metrics every N iterations
+    c.wandb_project = ""  # log to Weights & Biases too when set and wandb is installed
+    c.progress = True  # progress bars for generation and evaluation
+    return c

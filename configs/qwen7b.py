@@ -1,0 +1,15 @@
+"""Qwen2.5-Math-7B with the paper's settings (β 0.02, centered reward, reference reset every 200)."""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.path = "checkpoints/Qwen2.5-Math-7B"  # download it yourself; runs never download
+    c.data.template = "qwen_math"
+    c.beta = 0.02
+    c.reward.transform = "centered"
+    c.reference.reset_every = 200
+    c.sampling.max_new_tokens = 3072  # the model's context is 4096 positions
+    c.data.max_prompt_len = 1024
+    return c

@@ -1,0 +1,147 @@
+"""Evaluation: avg@k per benchmark, their average, response length and truncation rate.
+
+    python -m reval_jax.evaluate --config=configs/qwen7b.py [--hf=DIR | --checkpoint=DIR] [--out=FILE]
+
+The same `evaluate` function runs inside training every `eval.every` iterations. avg@k is the mean
+correctness over k samples per problem, averaged over the problems of a benchmark (ALGORITHMS.md,
+Evaluation protocol); "avg@k" alone is the mean over benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from reval_jax.data import PromptExample, load_eval_set
+from reval_jax.rewards import RewardScorer
+from reval_jax.sampler import Rollout, SamplingConfig, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    k: int = 16  # samples per problem
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    stop_ids: tuple[int, ...] = ()
+    buckets: tuple[int, ...] = (128, 256, 512, 1024)
+    prompts_per_call: int = 64  # problems per sampler call
+    seed: int = 0
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Response texts without the stop token and padding (special tokens dropped)."""
+    tokens = np.asarray(rollout.response_tokens)
+    lengths = np.asarray(rollout.response_length)
+    truncated = np.asarray(rollout.truncated)
+    texts = []
+    for row, n, cut in zip(tokens, lengths, truncated, strict=True):
+        keep = row[:n] if cut else row[: max(n - 1, 0)]
+        texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))
+    return texts
+
+
+def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Sequence[str]) -> np.ndarray:
+    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`."""
+    n = len(answers)
+    samples = np.asarray(rollout.response_tokens).shape[0] // n
+    texts = decode_responses(tokenizer, rollout)
+    pairs = [(t, answers[i // samples]) for i, t in enumerate(texts)]
+    return np.asarray(scorer.score(pairs), np.float32)
+
+
+def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
+             scorer: RewardScorer, *, progress: bool = False) -> dict[str, float]:
+    """avg@k, mean response length and truncation rate per benchmark, and the average avg@k."""
+    from tqdm import tqdm
+
+    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, num_samples=settings.k,
+                            temperature=settings.temperature, stop_ids=settings.stop_ids,
+                            buckets=settings.buckets)
+    results: dict[str, float] = {}
+    key = f"avg@{settings.k}"
+    for name, examples in benchmarks.items():
+        correct, lengths, truncated = [], [], []
+        chunks = range(0, len(examples), settings.prompts_per_call)
+        for start in tqdm(chunks, desc=f"eval {name}", disable=not progress, leave=False):
+            batch = examples[start : start + settings.prompts_per_call]
+            rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed,
+                               prompt_ids=list(range(start, start + len(batch))))
+            correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch]))
+            lengths.append(np.asarray(rollout.response_length))
+            truncated.append(np.asarray(rollout.truncated))
+        results[f"{name}/{key}"] = float(np.mean(np.concatenate(correct)))
+        results[f"{name}/response_length"] = float(np.mean(np.concatenate(lengths)))
+        results[f"{name}/truncation_rate"] = float(np.mean(np.concatenate(truncated)))
+    if benchmarks:
+        results[key] = float(np.mean([results[f"{n}/{key}"] for n in benchmarks]))
+    return results
+
+
+def load_benchmarks(files: Sequence[str], tokenizer, template: str, *, limit: int, seed: int,
+                    max_prompt_len: int, problem_key: str = "problem",
+                    answer_key: str = "answer") -> dict[str, list[PromptExample]]:
+    """Each file's fixed-seed subset of `limit` problems (0 = all), named by the file stem."""
+    out = {}
+    for path in files:
+        examples, _ = load_eval_set(path, tokenizer, template, limit=limit or None, seed=seed,
+                                    max_prompt_len=max_prompt_len, problem_key=problem_key,
+                                    answer_key=answer_key)
+        out[Path(path).stem] = examples
+    return out
+
+
+def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
+    return EvalSettings(
+        k=config.eval.k, temperature=config.eval.temperature,
+        max_new_tokens=config.eval.max_new_tokens or config.sampling.max_new_tokens,
+        stop_ids=tuple(stop_ids), buckets=tuple(config.sampling.buckets), seed=config.seed,
+        prompts_per_call=max(1, (config.sampling.batch_size or 1024) // config.eval.k),
+    )
+
+
+def main(argv):
+    from absl import flags
+
+    from reval_jax import train
+    from reval_jax.templates import stop_token_ids
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    config = FLAGS.config
+    mesh = train.make_run_mesh(config)
+    if FLAGS.checkpoint:
+        from reval_jax import checkpoint
+
+        model, tokenizer = checkpoint.load_policy(FLAGS.checkpoint, config, mesh)
+    else:
+        model, tokenizer = train.load_policy(config, mesh, path=FLAGS.hf or None)
+    benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
+                                 limit=config.eval.limit, seed=config.seed,
+                                 max_prompt_len=config.data.max_prompt_len,
+                                 problem_key=config.data.problem_key, answer_key=config.data.answer_key)
+    settings = settings_from_config(config, stop_token_ids(tokenizer))
+    with RewardScorer(config.reward.name, template=config.data.template,
+                      num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as scorer:
+        results = evaluate(model, tokenizer, benchmarks, settings, scorer, progress=config.progress)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if FLAGS.out:
+        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(FLAGS.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
+    flags.DEFINE_string("checkpoint", "", "Training checkpoint directory to evaluate.")
+    flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,312 @@
+"""The training run (paper Algorithm 1), top to bottom in `run(config, workdir)`.
+
+    python -m reval_jax.train --config=configs/qwen7b.py [--config.beta=0.05 ...] [--workdir=DIR]
+
+Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-policy first, then
+buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
+The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
+what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
+every update), unless `config.algorithm_defaults` is False.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from reval_jax.batch import Trajectories
+from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
+from reval_jax.replay import ReplayBuffer
+from reval_jax.sampler import SamplingConfig, bucket_length, generate
+from reval_jax.sharding import make_mesh
+from reval_jax.train_step import (
+    OptimizerConfig,
+    StepConfig,
+    init_state,
+    jit_train_step,
+    make_optimizer,
+    reference_stats,
+    reset_reference,
+    timed_update,
+)
+
+ALGORITHM_DEFAULTS = {
+    "reval": {},
+    "regression": {},
+    "tbrm": {"reward.transform": "binary", "reference.reset_every": 0,
+             "replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
+    "grpo": {"replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
+}
+TRAIN_ECHO = ("accuracy", "loss", "delta_abs_max", "kl_mean", "grad_norm", "response_length",
+              "generate_s", "update_s")
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses a config that cannot run, naming the field and what to do."""
+    def bad(field, msg):
+        raise ValueError(f"config.{field}: {msg}")
+
+    if config.algorithm not in LOSSES:
+        bad("algorithm", f"{config.algorithm!r} is not one of {sorted(LOSSES)}")
+    if config.reward.transform not in REWARD_TRANSFORMS:
+        bad("reward.transform", f"{config.reward.transform!r} is not one of {REWARD_TRANSFORMS}")
+    if config.replay.schedule not in ("on_policy_first", "buffer_only"):
+        bad("replay.schedule", f"{config.replay.schedule!r}: use on_policy_first or buffer_only")
+    if config.replay.on_reset not in ("recompute", "flush"):
+        bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
+    if not config.model.path:
+        bad("model.path", "empty: point it at a local Hugging Face directory")
+    if not Path(config.model.path).is_dir():
+        bad("model.path", f"{config.model.path!r} is not a directory (a local HF checkpoint)")
+    for f in list(config.data.train_files) + list(config.eval.files if config.eval.every else ()):
+        if not Path(f).exists():
+            bad("data.train_files / eval.files", f"{f!r} does not exist")
+    for field in ("num_iterations", "data.prompts_per_iteration", "sampling.num_samples",
+                  "sampling.max_new_tokens", "replay.capacity", "replay.updates_per_iteration"):
+        value = functools.reduce(getattr, field.split("."), config)
+        if value < 1:
+            bad(field, f"{value} must be >= 1")
+    if config.beta <= 0:
+        bad("beta", f"{config.beta} must be > 0")
+    rollouts = config.data.prompts_per_iteration * config.sampling.num_samples
+    batch = config.replay.batch_size or rollouts
+    if batch > config.replay.capacity:
+        bad("replay.batch_size", f"{batch} trajectories per update exceed replay.capacity {config.replay.capacity}")
+    if config.replay.schedule == "on_policy_first" and batch != rollouts:
+        bad("replay.batch_size", f"{batch} must equal prompts × samples = {rollouts} with on_policy_first")
+    if batch % config.micro_batches:
+        bad("micro_batches", f"{config.micro_batches} does not divide the update batch of {batch}")
+
+
+def apply_algorithm_defaults(config: ml_collections.ConfigDict) -> list[str]:
+    """Sets what the chosen baseline implies; returns the changes made (for the log)."""
+    changes = []
+    if not config.get("algorithm_defaults", True):
+        return changes
+    for field, value in ALGORITHM_DEFAULTS.get(config.algorithm, {}).items():
+        *parents, leaf = field.split(".")
+        node = functools.reduce(getattr, parents, config)
+        if getattr(node, leaf) != value:
+            changes.append(f"{field}: {getattr(node, leaf)!r} -> {value!r}")
+            with config.unlocked():
+                setattr(node, leaf, value)
+    return changes
+
+
+def make_run_mesh(config):
+    return make_mesh(tuple(config.mesh))
+
+
+def load_policy(config, mesh, path: str | None = None):
+    """The policy model (sharded on `mesh`) and its tokenizer from a local HF directory."""
+    from reval_jax.hf import load_hf
+
+    return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
+                   dtype=config.model.dtype, remat=config.model.remat)
+
+
+def step_config(config) -> StepConfig:
+    return StepConfig(
+        loss=config.algorithm, beta=config.beta, stop_grad_v=config.stop_grad_v,
+        grpo_aggregation=config.grpo.aggregation, clip_low=config.grpo.clip_low,
+        clip_high=config.grpo.clip_high, dual_clip=config.grpo.dual_clip, is_cap=config.grpo.is_cap,
+        max_response_length=config.sampling.max_new_tokens, micro_batches=config.micro_batches,
+        chunk=config.chunk, temperature=config.sampling.temperature,
+    )
+
+
+def _pad_rows(batch: Trajectories, rows: int) -> Trajectories:
+    """Repeat the last row so that a batch has exactly `rows` rows (one compiled shape)."""
+    n = batch.batch_size
+    index = np.concatenate([np.arange(n), np.full(rows - n, n - 1)])
+    return batch.take(index)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains as `config` says, writing metrics (and checkpoints) under `workdir`. Returns the
+    last iteration's train metrics."""
+    from reval_jax.data import prompt_batches
+    from reval_jax.evaluate import evaluate, load_benchmarks, score_rollout, settings_from_config
+    from reval_jax.metrics import MetricsWriter
+    from reval_jax.rewards import RewardScorer
+    from reval_jax.templates import stop_token_ids
+
+    changes = apply_algorithm_defaults(config)
+    check_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
+                           enabled=jax.process_index() == 0)
+    for c in changes:
+        print(f"algorithm {config.algorithm} implies {c}")
+
+    # --- model, optimizer, state
+    mesh = make_run_mesh(config)
+    policy, tokenizer = load_policy(config, mesh)
+    graphdef, params = nnx.split(policy)
+    optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
+    state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
+    del policy, params
+    step_cfg = step_config(config)
+    stops = tuple(stop_token_ids(tokenizer))
+    sampling = SamplingConfig(
+        max_new_tokens=config.sampling.max_new_tokens, num_samples=config.sampling.num_samples,
+        temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p, stop_ids=stops, buckets=tuple(config.sampling.buckets),
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+    seq_len = bucket_length(config.data.max_prompt_len, sampling.buckets) + sampling.max_new_tokens
+    rollouts = config.data.prompts_per_iteration * sampling.num_samples
+    update_batch = config.replay.batch_size or rollouts
+    ref_fn = jax.jit(functools.partial(reference_stats, graphdef, cfg=step_cfg))
+    uses_reference = config.algorithm != "grpo"
+
+    def fill_reference(batch: Trajectories) -> Trajectories:
+        """Reference terms with the current reference, `update_batch` rows per call (one shape)."""
+        n, logps, vs = batch.batch_size, [], []
+        for start in range(0, n, update_batch):
+            part = batch.take(np.arange(start, min(start + update_batch, n)))
+            ref_logp, ref_v = jax.device_get(ref_fn(state.ref_params, _pad_rows(part, update_batch)))
+            logps.append(ref_logp[: part.batch_size])
+            vs.append(ref_v[: part.batch_size])
+        return batch.replace(ref_logp=np.concatenate(logps), ref_v=np.concatenate(vs),
+                             ref_version=np.full(n, int(state.ref_version), np.int32))
+
+    def recompute(stale: Trajectories):
+        filled = fill_reference(stale)
+        return filled.ref_logp, filled.ref_v
+
+    # --- data, rewards, replay, evaluation
+    data_iter, data_stats = prompt_batches(
+        list(config.data.train_files), tokenizer, config.data.template, config.data.max_prompt_len,
+        config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
+        answer_key=config.data.answer_key, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    writer.write("data", 0, {k: v for k, v in vars(data_stats).items() if k != "files"},
+                 echo=("kept", "skipped_missing", "dropped_too_long"))
+    buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
+                          prioritized=config.replay.prioritized, alpha=config.replay.alpha,
+                          beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
+    scorer = RewardScorer(config.reward.name, template=config.data.template,
+                          num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
+    benchmarks = {}
+    if config.eval.every:
+        benchmarks = load_benchmarks(list(config.eval.files), tokenizer, config.data.template,
+                                     limit=config.eval.limit, seed=config.seed,
+                                     max_prompt_len=config.data.max_prompt_len,
+                                     problem_key=config.data.problem_key,
+                                     answer_key=config.data.answer_key)
+    eval_settings = settings_from_config(config, stops)
+
+    def run_eval(iteration: int):
+        model = nnx.merge(graphdef, state.params)
+        start = time.perf_counter()
+        results = evaluate(model, tokenizer, benchmarks, eval_settings, scorer, progress=config.progress)
+        results["eval_s"] = time.perf_counter() - start
+        writer.write("eval", iteration, results, echo=(f"avg@{config.eval.k}",))
+
+    step_fn = None
+    last: dict[str, float] = {}
+    try:
+        if config.eval.every:
+            run_eval(0)
+        for iteration in range(1, config.num_iterations + 1):
+            # --- generate: prompts -> sampler -> rewards
+            t0 = time.perf_counter()
+            examples = next(data_iter)
+            model = nnx.merge(graphdef, state.params)
+            base_id = iteration * config.data.prompts_per_iteration
+            rollout = generate(model, [e.prompt_ids for e in examples], sampling,
+                               seed=(config.seed * 1_000_003 + iteration) % 2**32,
+                               prompt_ids=[base_id + j for j in range(len(examples))])
+            del model
+            raw = score_rollout(scorer, tokenizer, rollout, [e.answer for e in examples])
+            batch = rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len)
+            reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
+            batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
+            if uses_reference:
+                batch = fill_reference(batch)
+            buffer.add(batch)
+            generate_s = time.perf_counter() - t0
+
+            # --- K updates: on-policy first (or buffer only), reference reset every R updates
+            t1 = time.perf_counter()
+            update_metrics = []
+            for k in range(config.replay.updates_per_iteration):
+                if k == 0 and config.replay.schedule == "on_policy_first":
+                    train_batch, weights, indices = batch, np.ones(update_batch, np.float32), None
+                else:
+                    sample = buffer.sample(update_batch, iteration=iteration,
+                                           ref_version=int(state.ref_version) if uses_reference else None,
+                                           recompute_fn=recompute if uses_reference else None)
+                    train_batch, weights, indices = sample.batch, sample.weights, sample.indices
+                if step_fn is None:
+                    step_fn = jit_train_step(graphdef, optimizer, step_cfg, state, train_batch, mesh)
+                state, m = timed_update(step_fn, state, train_batch, jnp.asarray(weights))
+                if indices is not None and config.replay.prioritized:
+                    buffer.update_priorities(indices, m["abs_delta"])
+                update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
+                if config.reference.reset_every and int(state.step) % config.reference.reset_every == 0 \
+                        and not m["skipped"]:
+                    state = reset_reference(state)
+                    if config.replay.on_reset == "flush":
+                        buffer.flush()
+            update_s = time.perf_counter() - t1
+
+            # --- metrics
+            lengths = np.asarray(rollout.response_length)
+            last = {k: float(np.mean([u[k] for u in update_metrics])) for k in update_metrics[0]}
+            last.update(
+                reward_mean=float(np.mean(reward)), accuracy=float(np.mean(raw)),
+                response_length=float(np.mean(lengths)),
+                truncation_rate=float(np.mean(np.asarray(rollout.truncated))),
+                generate_s=generate_s, update_s=update_s,
+                generate_tokens_per_s=float(lengths.sum()) / max(generate_s, 1e-9),
+                updates=int(state.step), skipped_total=int(state.skipped),
+                ref_version=int(state.ref_version), verifier_timeouts=scorer.stats.timeouts,
+                verifier_errors=scorer.stats.errors,
+                **{f"buffer_{k}": v for k, v in buffer.stats().items()},
+            )
+            if iteration % config.log_every == 0 or iteration == config.num_iterations:
+                writer.write("train", iteration, last, echo=TRAIN_ECHO)
+            if config.eval.every and (iteration % config.eval.every == 0 or iteration == config.num_iterations):
+                run_eval(iteration)
+    finally:
+        scorer.close()
+        writer.close()
+    return last
+
+
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    workdir = FLAGS.workdir or os.path.join("runs", Path(FLAGS["config"].value).stem)
+    run(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and plots go (default runs/<config>).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
