@@ -93,6 +93,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.temperature = 1.0  # evaluation sampling temperature
     c.eval.max_new_tokens = 0  # 0 = sampling.max_new_tokens
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 10  # save the whole experiment state every C iterations (and at the end)
+    c.checkpoint.keep = 3  # keep the last k checkpoints
+    c.checkpoint.async_save = True  # write in the background, not stalling training
+    c.max_skipped_in_a_row = 10  # stop the run after this many consecutive non-finite updates
+
     c.log_every = 1  # write metrics every N iterations
     c.wandb_project = ""  # log to Weights & Biases too when set and wandb is installed
     c.progress = True  # progress bars for generation and evaluation

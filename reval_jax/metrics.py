@@ -79,3 +79,15 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file; is {workdir} a reval_jax workdir?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(workdir: str | os.PathLike, iteration: int) -> int:
+    """Drops records past `iteration` (written after the checkpoint a run resumes from), so that a
+    resumed run's metrics file equals an uninterrupted one's. Returns how many were dropped."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["iteration"] <= iteration]
+    path.write_text("".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)

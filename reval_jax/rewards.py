@@ -235,6 +235,11 @@ class RewardScorer:
     def stats(self) -> RewardStats:
         return RewardStats(self._scored, self._timeouts, self._errors, self._restarts)
 
+    def restore_stats(self, stats: RewardStats) -> None:
+        """Continues the counters of a resumed run."""
+        self._scored, self._timeouts, self._errors, self._restarts = (
+            stats.scored, stats.timeouts, stats.errors, stats.restarts)
+
     def _start_worker(self) -> _Worker:
         return _Worker(self._ctx, self.name, self.template, self.startup_timeout_s)
 

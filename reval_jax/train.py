@@ -11,8 +11,12 @@ every update), unless `config.algorithm_defaults` is False.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from reval_jax.train_step import (
     make_optimizer,
     reference_stats,
     reset_reference,
+    state_sharding,
     timed_update,
 )
 
@@ -139,17 +144,19 @@ def _pad_rows(batch: Trajectories, rows: int) -> Trajectories:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains as `config` says, writing metrics (and checkpoints) under `workdir`. Returns the
     last iteration's train metrics."""
+    from reval_jax.checkpoint import Checkpointer, config_differences
     from reval_jax.data import prompt_batches
     from reval_jax.evaluate import evaluate, load_benchmarks, score_rollout, settings_from_config
-    from reval_jax.metrics import MetricsWriter
-    from reval_jax.rewards import RewardScorer
+    from reval_jax.metrics import MetricsWriter, truncate_after
+    from reval_jax.rewards import RewardScorer, RewardStats
     from reval_jax.templates import stop_token_ids
 
     changes = apply_algorithm_defaults(config)
     check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    json_config = json.loads(config.to_json_best_effort())
+    (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
     writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
                            enabled=jax.process_index() == 0)
     for c in changes:
@@ -161,6 +168,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
     state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
+    state = jax.device_put(state, state_sharding(state, optimizer, mesh))  # one layout from the start
     del policy, params
     step_cfg = step_config(config)
     stops = tuple(stop_token_ids(tokenizer))
@@ -197,8 +205,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
         answer_key=config.data.answer_key, process_index=jax.process_index(),
         process_count=jax.process_count())
-    writer.write("data", 0, {k: v for k, v in vars(data_stats).items() if k != "files"},
-                 echo=("kept", "skipped_missing", "dropped_too_long"))
     buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
                           prioritized=config.replay.prioritized, alpha=config.replay.alpha,
                           beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
@@ -220,12 +226,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         results["eval_s"] = time.perf_counter() - start
         writer.write("eval", iteration, results, echo=(f"avg@{config.eval.k}",))
 
+    # --- resume from the newest loadable checkpoint, if any
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    restored = ckpt.restore_latest(state, buffer.state_dict())
+    start = 1
+    if restored is None:
+        writer.write("data", 0, {k: v for k, v in vars(data_stats).items() if k != "files"},
+                     echo=("kept", "skipped_missing", "dropped_too_long"))
+    else:
+        state, start = restored.state, restored.iteration + 1
+        buffer.load_state_dict(restored.buffer)
+        data_iter.set_state(restored.meta["data"])
+        scorer.restore_stats(RewardStats(**restored.meta["verifier"]))
+        dropped = truncate_after(workdir, restored.iteration) if writer.enabled else 0
+        print(f"resumed from checkpoint {restored.iteration} in {ckpt.directory} "
+              f"({dropped} later metric records dropped)")
+        for diff in config_differences(restored.meta["config"], json_config):
+            print(f"warning: config differs from the checkpoint's: {diff}")
+
+    def save(iteration: int):
+        meta = {"data": data_iter.get_state(), "verifier": dataclasses.asdict(scorer.stats),
+                "config": json_config}
+        ckpt.save(iteration, state, buffer.state_dict(), meta)
+
+    # --- SIGTERM / SIGINT: finish the iteration, checkpoint, exit (a second SIGINT aborts)
+    stop_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        print(f"received {signal.Signals(signum).name}: checkpointing after this iteration, then stopping")
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
     step_fn = None
     last: dict[str, float] = {}
     try:
-        if config.eval.every:
+        if config.eval.every and restored is None:
             run_eval(0)
-        for iteration in range(1, config.num_iterations + 1):
+        for iteration in range(start, config.num_iterations + 1):
             # --- generate: prompts -> sampler -> rewards
             t0 = time.perf_counter()
             examples = next(data_iter)
@@ -261,6 +304,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 if indices is not None and config.replay.prioritized:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
+                if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
+                    ckpt.wait()
+                    raise RuntimeError(
+                        f"stopping at iteration {iteration}: {int(state.skipped_in_a_row)} updates in a row had a "
+                        f"non-finite loss or gradient (config.max_skipped_in_a_row={config.max_skipped_in_a_row}). "
+                        f"The last good checkpoint ({ckpt.steps()[-1] if ckpt.steps() else 'none'}) in "
+                        f"{ckpt.directory} is kept; check beta, the learning rate and the rewards.")
                 if config.reference.reset_every and int(state.step) % config.reference.reset_every == 0 \
                         and not m["skipped"]:
                     state = reset_reference(state)
@@ -286,7 +336,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 writer.write("train", iteration, last, echo=TRAIN_ECHO)
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == config.num_iterations):
                 run_eval(iteration)
+            if iteration % config.checkpoint.every == 0 or iteration == config.num_iterations or stop_signal:
+                save(iteration)
+            if stop_signal:
+                print(f"stopped after iteration {iteration}; rerun the same command to resume")
+                break
+        ckpt.wait()
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        ckpt.close()
         scorer.close()
         writer.close()
     return last

@@ -35,3 +35,60 @@ def save_tiny_tokenizer(directory: str | os.PathLike) -> str:
 def math_data_file(name: str) -> str:
     """Path of a file of the shared math data set, e.g. ``math_data_file("gsm8k_test.jsonl")``."""
     return os.path.join(MATH_DATA_DIR, name)
+
+
+def write_arith_data(path, n: int = 24, seed: int = 0) -> str:
+    """A tiny JSONL prompt file of sums (plus one bad row without a problem)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 20, 2)
+        rows.append({"id": str(i), "problem": f"{a}+{b}=?", "answer": str(a + b), "source": "t"})
+    rows.append({"id": "bad", "problem": "", "answer": "1", "source": "t"})  # skipped and counted
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def tiny_config(data_file, **overrides):
+    """A run config of a few seconds per iteration: tiny random model, tiny data, 1 device."""
+    from models import tokenizer_model_dir
+
+    from configs import base
+
+    c = base.get_config()
+    c.model.path = str(tokenizer_model_dir())
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.mesh = (1, 1, 1)
+    c.num_iterations = 3
+    c.data.train_files = (data_file,)
+    c.data.template = "plain"
+    c.data.max_prompt_len = 60
+    c.data.prompts_per_iteration = 2
+    c.sampling.num_samples = 4
+    c.sampling.max_new_tokens = 12
+    c.sampling.buckets = (64,)
+    c.replay.capacity = 16
+    c.reward.num_workers = 1
+    c.reward.timeout_s = 30.0
+    c.optimizer.learning_rate = 1e-3
+    c.eval.every = 0  # tests that evaluate turn it on
+    c.eval.files = (data_file,)
+    c.eval.limit = 3
+    c.eval.k = 2
+    c.progress = False
+    c.chunk = 64
+    c.checkpoint.every = 1
+    c.checkpoint.async_save = True
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    return c

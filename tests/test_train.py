@@ -8,58 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO_ROOT
-from models import tokenizer_model_dir
+from helpers import REPO_ROOT, tiny_config
 
-from configs import base
 from reval_jax import train
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rng = np.random.RandomState(0)
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    rows = []
-    for i in range(24):
-        a, b = rng.randint(1, 20, 2)
-        rows.append({"id": str(i), "problem": f"{a}+{b}=?", "answer": str(a + b), "source": "t"})
-    rows.append({"id": "bad", "problem": "", "answer": "1", "source": "t"})  # skipped and counted
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
-
-
-def tiny_config(data_file, **overrides):
-    c = base.get_config()
-    c.model.path = str(tokenizer_model_dir())
-    c.model.dtype = "float32"
-    c.model.remat = "none"
-    c.mesh = (1, 1, 1)
-    c.num_iterations = 3
-    c.data.train_files = (data_file,)
-    c.data.template = "plain"
-    c.data.max_prompt_len = 60
-    c.data.prompts_per_iteration = 2
-    c.sampling.num_samples = 4
-    c.sampling.max_new_tokens = 12
-    c.sampling.buckets = (64,)
-    c.replay.capacity = 16
-    c.reward.num_workers = 1
-    c.reward.timeout_s = 30.0
-    c.optimizer.learning_rate = 1e-3
-    c.eval.every = 2
-    c.eval.files = (data_file,)
-    c.eval.limit = 3
-    c.eval.k = 2
-    c.progress = False
-    c.chunk = 64
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = getattr(node, p)
-        setattr(node, leaf, value)
-    return c
-
 
 TRAIN_FIELDS = {"loss", "grad_norm", "accuracy", "reward_mean", "response_length", "truncation_rate",
                 "generate_s", "update_s", "tokens_per_s", "buffer_size", "buffer_sample_age_mean",

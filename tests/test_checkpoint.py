@@ -1,0 +1,208 @@
+"""Runs that survive: exact resume, SIGTERM, SIGKILL mid-write, corrupt checkpoints, non-finite
+stops, a failing disk, a different mesh on restore, and export of a checkpoint to HF."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import REPO_ROOT, tiny_config
+
+from reval_jax import train
+from reval_jax.checkpoint import Checkpointer, CheckpointError
+
+TIMING = ("seconds", "_s", "tokens_per_s")
+
+
+def records(workdir):
+    out = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if not any(k.endswith(t) for t in TIMING)})
+    return out
+
+
+def final_params(workdir, config):
+    from reval_jax.checkpoint import load_policy
+
+    model, _ = load_policy(workdir / "checkpoints", config, train.make_run_mesh(config))
+    from flax import nnx
+
+    return jax.tree.map(np.asarray, nnx.state(model))
+
+
+@pytest.fixture(scope="module")
+def straight(data_file, tmp_path_factory):
+    """The uninterrupted 4-iteration reference run."""
+    workdir = tmp_path_factory.mktemp("straight")
+    config = tiny_config(data_file, num_iterations=4)
+    train.run(config, str(workdir))
+    return workdir, config
+
+
+def assert_same_run(a, b, config):
+    assert records(a) == records(b)
+    pa, pb = final_params(a, config), final_params(b, config)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_is_bitwise_identical(straight, data_file, tmp_path):
+    ref_dir, config = straight
+    train.run(tiny_config(data_file, num_iterations=2), str(tmp_path))
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [1, 2]
+    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))  # resumes at 3
+    assert_same_run(ref_dir, tmp_path, config)
+    assert [r for r in records(tmp_path) if r["kind"] == "train"][-1]["updates"] == 8
+
+
+def _cli(workdir, data_file, extra=(), script=None):
+    """The training command line (or a python script wrapping train.run) as a subprocess."""
+    overrides = {"model.path": tiny_config(data_file).model.path, "data.train_files": f"('{data_file}',)"}
+    if script is None:
+        args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py",
+                f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()], *extra]
+    else:
+        args = [sys.executable, "-c", script]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file, "REVAL_TEST_WORKDIR": str(workdir),
+           "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
+    return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_iteration(workdir, iteration, proc, timeout=240):
+    deadline = time.time() + timeout
+    path = workdir / "metrics.jsonl"
+    while time.time() < deadline:
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if any(r["kind"] == "train" and r["iteration"] >= iteration for r in rows):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("run did not reach the iteration in time")
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(straight, data_file, tmp_path):
+    ref_dir, config = straight
+    proc = _cli(tmp_path, data_file)
+    _wait_for_iteration(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "received SIGTERM" in out and "rerun the same command to resume" in out
+    stopped_at = Checkpointer(tmp_path / "checkpoints").steps()[-1]
+    assert stopped_at < 4
+    proc = _cli(tmp_path, data_file)  # the same command
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resumed from checkpoint {stopped_at}" in out
+    assert_same_run(ref_dir, tmp_path, config)
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    from helpers import tiny_config
+    from reval_jax import checkpoint, train
+    original = checkpoint.Checkpointer.save
+    def save(self, iteration, *args, **kwargs):
+        original(self, iteration, *args, **kwargs)  # the async write is now under way
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.Checkpointer.save = save
+    train.run(tiny_config(os.environ["REVAL_TEST_DATA"], num_iterations=4), os.environ["REVAL_TEST_WORKDIR"])
+""")
+
+
+def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(straight, data_file, tmp_path):
+    ref_dir, config = straight
+    proc = _cli(tmp_path, data_file, script=KILL_DURING_SAVE)
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
+    assert Checkpointer(tmp_path / "checkpoints").steps()[-1] in (1, 2)
+    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))
+    assert_same_run(ref_dir, tmp_path, config)
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_skipped(straight, data_file, tmp_path, capsys):
+    ref_dir, config = straight
+    train.run(tiny_config(data_file, num_iterations=3), str(tmp_path))
+    latest = tmp_path / "checkpoints" / "3"
+    for f in (latest / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "checkpoint 3" in out and "corrupt or partial and is skipped" in out
+    assert "resumed from checkpoint 2" in out
+    assert_same_run(ref_dir, tmp_path, config)
+
+
+def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(data_file, tmp_path):
+    # r/β overflows float32: every update is non-finite and skipped
+    config = tiny_config(data_file, num_iterations=5, beta=1e-45, max_skipped_in_a_row=3)
+    config.reward.transform = "plus_minus_one"
+    with pytest.raises(RuntimeError, match="3 updates in a row had a non-finite loss"):
+        train.run(config, str(tmp_path))
+    steps = Checkpointer(tmp_path / "checkpoints").steps()
+    assert steps == [1]  # iteration 2 reached the limit: nothing after the last good one
+
+
+def test_full_disk_is_reported_and_earlier_checkpoints_stay(data_file, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    original = ocp.CheckpointManager.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint 2 .* No space left on device.*intact \(\[1\]\)"):
+        train.run(tiny_config(data_file, num_iterations=3), str(tmp_path))
+    monkeypatch.undo()
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [1]
+    train.run(tiny_config(data_file, num_iterations=2), str(tmp_path))  # resumes from 1 fine
+
+
+def test_restore_onto_a_different_mesh(data_file, tmp_path):
+    train.run(tiny_config(data_file, num_iterations=1), str(tmp_path))
+    config = tiny_config(data_file, num_iterations=2, mesh=(2, 2, 2))
+    last = train.run(config, str(tmp_path))
+    assert np.isfinite(last["loss"]) and last["updates"] + last["skipped_total"] == 4
+    params = final_params(tmp_path, config)
+    assert params["q_proj"].shape[0] == 2
+
+
+def test_export_cli_writes_a_transformers_model(straight, tmp_path):
+    import torch
+    import transformers
+
+    ref_dir, config = straight
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "reval_jax.export", f"--checkpoint={ref_dir / 'checkpoints'}", f"--out={out}"],
+        cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="float32").eval()
+    tokens = np.arange(1, 11)[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    from flax import nnx
+
+    from reval_jax.checkpoint import load_policy
+
+    model, tok = load_policy(ref_dir / "checkpoints", config, train.make_run_mesh(config))
+    ours = np.asarray(model(jax.numpy.asarray(tokens)))
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert tok.encode("1+2") == transformers.AutoTokenizer.from_pretrained(str(out)).encode("1+2")
+    del nnx
