@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from reval_jax.data import PromptExample, load_eval_set
+from reval_jax.distributed import all_gather_rows, process_share, to_host
 from reval_jax.rewards import RewardScorer
 from reval_jax.sampler import Rollout, SamplingConfig, generate
 
@@ -32,11 +33,11 @@ class EvalSettings:
     seed: int = 0
 
 
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    """Response texts without the stop token and padding (special tokens dropped)."""
-    tokens = np.asarray(rollout.response_tokens)
-    lengths = np.asarray(rollout.response_length)
-    truncated = np.asarray(rollout.truncated)
+def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> list[str]:
+    """Response texts of `rows` without the stop token and padding (special tokens dropped)."""
+    tokens = to_host(rollout.response_tokens)[rows]
+    lengths = to_host(rollout.response_length)[rows]
+    truncated = to_host(rollout.truncated)[rows]
     texts = []
     for row, n, cut in zip(tokens, lengths, truncated, strict=True):
         keep = row[:n] if cut else row[: max(n - 1, 0)]
@@ -45,12 +46,15 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 
 def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Sequence[str]) -> np.ndarray:
-    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`."""
-    n = len(answers)
-    samples = np.asarray(rollout.response_tokens).shape[0] // n
-    texts = decode_responses(tokenizer, rollout)
-    pairs = [(t, answers[i // samples]) for i, t in enumerate(texts)]
-    return np.asarray(scorer.score(pairs), np.float32)
+    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`. Each process
+    scores its share of the rows; every process gets all the scores."""
+    total = to_host(rollout.response_length).shape[0]
+    samples = total // len(answers)
+    rows = process_share(total)
+    texts = decode_responses(tokenizer, rollout, rows)
+    pairs = [(t, answers[(rows.start + i) // samples]) for i, t in enumerate(texts)]
+    local = np.asarray(scorer.score(pairs) if pairs else [], np.float32)
+    return all_gather_rows(local, total)
 
 
 def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
@@ -71,8 +75,8 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
             rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed,
                                prompt_ids=list(range(start, start + len(batch))))
             correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch]))
-            lengths.append(np.asarray(rollout.response_length))
-            truncated.append(np.asarray(rollout.truncated))
+            lengths.append(to_host(rollout.response_length))
+            truncated.append(to_host(rollout.truncated))
         results[f"{name}/{key}"] = float(np.mean(np.concatenate(correct)))
         results[f"{name}/response_length"] = float(np.mean(np.concatenate(lengths)))
         results[f"{name}/truncation_rate"] = float(np.mean(np.concatenate(truncated)))

@@ -21,19 +21,21 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from reval_jax import distributed
 from reval_jax.batch import Trajectories
+from reval_jax.distributed import to_global, to_host
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
 from reval_jax.replay import ReplayBuffer
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
-from reval_jax.sharding import make_mesh
+from reval_jax.sharding import make_mesh, named_sharding
 from reval_jax.train_step import (
     OptimizerConfig,
     StepConfig,
+    batch_sharding,
     init_state,
     jit_train_step,
     make_optimizer,
@@ -156,7 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     json_config = json.loads(config.to_json_best_effort())
-    (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
     writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
                            enabled=jax.process_index() == 0)
     for c in changes:
@@ -181,19 +184,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     seq_len = bucket_length(config.data.max_prompt_len, sampling.buckets) + sampling.max_new_tokens
     rollouts = config.data.prompts_per_iteration * sampling.num_samples
     update_batch = config.replay.batch_size or rollouts
-    ref_fn = jax.jit(functools.partial(reference_stats, graphdef, cfg=step_cfg))
+    ref_fn = None  # jitted on first use, with the shardings of the state and of a batch
     uses_reference = config.algorithm != "grpo"
 
     def fill_reference(batch: Trajectories) -> Trajectories:
         """Reference terms with the current reference, `update_batch` rows per call (one shape)."""
+        nonlocal ref_fn
         n, logps, vs = batch.batch_size, [], []
         for start in range(0, n, update_batch):
+            part = _pad_rows(batch.take(np.arange(start, min(start + update_batch, n))), update_batch)
+            if ref_fn is None:
+                ref_fn = jax.jit(functools.partial(reference_stats, graphdef, cfg=step_cfg),
+                                 in_shardings=(state_sharding(state, optimizer, mesh).ref_params,
+                                               batch_sharding(part, mesh)))
+            ref_logp, ref_v = map(to_host, ref_fn(state.ref_params, put_batch(part)))
             part = batch.take(np.arange(start, min(start + update_batch, n)))
-            ref_logp, ref_v = jax.device_get(ref_fn(state.ref_params, _pad_rows(part, update_batch)))
             logps.append(ref_logp[: part.batch_size])
             vs.append(ref_v[: part.batch_size])
         return batch.replace(ref_logp=np.concatenate(logps), ref_v=np.concatenate(vs),
                              ref_version=np.full(n, int(state.ref_version), np.int32))
+
+    def put_batch(batch: Trajectories) -> Trajectories:
+        """A host batch (the same on every process) onto the mesh, split over the data axes."""
+        return jax.tree.map(to_global, batch, batch_sharding(batch, mesh))
+
+    def put_rows(x: np.ndarray) -> jax.Array:
+        return to_global(np.asarray(x, np.float32), named_sharding(mesh, ("act_batch",), (len(x),)))
 
     def recompute(stale: Trajectories):
         filled = fill_reference(stale)
@@ -203,8 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_iter, data_stats = prompt_batches(
         list(config.data.train_files), tokenizer, config.data.template, config.data.max_prompt_len,
         config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
-        answer_key=config.data.answer_key, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        answer_key=config.data.answer_key)  # every process reads the same global batch
     buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
                           prioritized=config.replay.prioritized, alpha=config.replay.alpha,
                           beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
@@ -300,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     train_batch, weights, indices = sample.batch, sample.weights, sample.indices
                 if step_fn is None:
                     step_fn = jit_train_step(graphdef, optimizer, step_cfg, state, train_batch, mesh)
-                state, m = timed_update(step_fn, state, train_batch, jnp.asarray(weights))
+                state, m = timed_update(step_fn, state, put_batch(train_batch), put_rows(weights))
                 if indices is not None and config.replay.prioritized:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
@@ -319,12 +334,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             update_s = time.perf_counter() - t1
 
             # --- metrics
-            lengths = np.asarray(rollout.response_length)
+            lengths = to_host(rollout.response_length)
             last = {k: float(np.mean([u[k] for u in update_metrics])) for k in update_metrics[0]}
             last.update(
                 reward_mean=float(np.mean(reward)), accuracy=float(np.mean(raw)),
                 response_length=float(np.mean(lengths)),
-                truncation_rate=float(np.mean(np.asarray(rollout.truncated))),
+                truncation_rate=float(np.mean(to_host(rollout.truncated))),
                 generate_s=generate_s, update_s=update_s,
                 generate_tokens_per_s=float(lengths.sum()) / max(generate_s, 1e-9),
                 updates=int(state.step), skipped_total=int(state.skipped),
@@ -357,6 +372,7 @@ def main(argv):
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or os.path.join("runs", Path(FLAGS["config"].value).stem)
     run(FLAGS.config, workdir)
 
@@ -367,5 +383,9 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and plots go (default runs/<config>).")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run "
+                        "(auto-detected on TPU pods and under SLURM).")
+    flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
     flags.mark_flags_as_required(["config"])
     app.run(main)
