@@ -13,10 +13,11 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	touch $@
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check reval_jax tests configs benchmarks
+	$(PY) -m ruff check reval_jax tests configs benchmarks launch
 
 test: lint
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
 	$(PY) -m reval_jax.train --config=configs/tiny.py --workdir=runs/tiny
+	$(PY) -m reval_jax.plot runs/tiny
