@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.k = 16  # samples per problem: avg@k
     c.eval.temperature = 1.0  # evaluation sampling temperature
     c.eval.max_new_tokens = 0  # 0 = sampling.max_new_tokens
+    c.eval.stop_at = 0.0  # stop the run once the evaluation average avg@k reaches this (0 = never)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 10  # save the whole experiment state every C iterations (and at the end)

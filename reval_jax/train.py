@@ -240,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         results = evaluate(model, tokenizer, benchmarks, eval_settings, scorer, progress=config.progress)
         results["eval_s"] = time.perf_counter() - start
         writer.write("eval", iteration, results, echo=(f"avg@{config.eval.k}",))
+        return results[f"avg@{config.eval.k}"]
 
     # --- resume from the newest loadable checkpoint, if any
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -347,14 +348,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 verifier_errors=scorer.stats.errors,
                 **{f"buffer_{k}": v for k, v in buffer.stats().items()},
             )
+            last["iteration"] = iteration
             if iteration % config.log_every == 0 or iteration == config.num_iterations:
                 writer.write("train", iteration, last, echo=TRAIN_ECHO)
+            reached = False
             if config.eval.every and (iteration % config.eval.every == 0 or iteration == config.num_iterations):
-                run_eval(iteration)
-            if iteration % config.checkpoint.every == 0 or iteration == config.num_iterations or stop_signal:
+                score = run_eval(iteration)
+                reached = config.eval.stop_at > 0 and score >= config.eval.stop_at
+            if iteration % config.checkpoint.every == 0 or iteration == config.num_iterations or stop_signal \
+                    or reached:
                 save(iteration)
             if stop_signal:
                 print(f"stopped after iteration {iteration}; rerun the same command to resume")
+                break
+            if reached:
+                print(f"evaluation reached eval.stop_at={config.eval.stop_at} at iteration {iteration}; done")
                 break
         ckpt.wait()
     finally:
