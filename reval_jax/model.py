@@ -107,10 +107,11 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 def _block(
-    x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, *,
+    x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, layer: Array, *,
     cfg: ModelConfig, mesh: Mesh | None, positions: Array, allowed: Array, index: Array | None,
 ):
-    """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS."""
+    """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS and the caches,
+    when given, are the stacked [L, B, S, K, H] ones of every layer."""
     B, T, _ = x.shape
     K, G, H = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
     dt = x.dtype
@@ -123,10 +124,13 @@ def _block(
     k = constrain(rope(k, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
 
-    if k_cache is not None:  # write this step's keys/values at slot `index`, attend over the cache
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        k, v = k_cache.astype(dt), v_cache.astype(dt)  # [B, S, K, H]
+    if k_cache is not None:  # write this step's keys/values at [layer, :, index], attend over S
+        # in place in the stacked cache: a decode step writes its T slots, it never copies the cache
+        at = (layer, 0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
+        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
 
     q = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
@@ -190,15 +194,16 @@ class Qwen2(nnx.Module):
         x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
         block = functools.partial(_block, cfg=cfg, mesh=mesh, positions=positions, allowed=allowed, index=index)
 
-        def step(x, layer):
-            p, kc, vc = layer
-            x, kc, vc = block(x, p, kc, vc)
-            return x, (kc, vc)
+        def step(carry, layer):  # the caches travel in the carry so that XLA updates them in place
+            x, kc, vc = carry
+            p, i = layer
+            return block(x, p, kc, vc, i), None
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
         kv = (None, None) if cache is None else (cache.k, cache.v)
-        x, (k, v) = jax.lax.scan(step, x, (self.layer_params(), *kv))
+        layers = (self.layer_params(), jnp.arange(cfg.num_layers))
+        (x, k, v), _ = jax.lax.scan(step, (x, *kv), layers)
         x = rms_norm(x, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
         if cache is not None:
             cache = Cache(k=k, v=v, valid=valid, index=index + T)
