@@ -108,9 +108,10 @@ class Rollout:
         `sampler_logp` aligned with the tokens, s1_index = P - 1. The reward and reference fields
         are zero (ref_version -1): the caller fills them in."""
         from reval_jax.batch import Trajectories
+        from reval_jax.distributed import to_host  # gathers arrays that span several hosts
 
-        prompt, pmask = np.asarray(self.prompt_tokens), np.asarray(self.prompt_mask)
-        response, rmask = np.asarray(self.response_tokens), np.asarray(self.response_mask)
+        prompt, pmask = to_host(self.prompt_tokens), to_host(self.prompt_mask)
+        response, rmask = to_host(self.response_tokens), to_host(self.response_mask)
         R, P = prompt.shape
         none = np.zeros_like(pmask)
         zeros = np.zeros((R,), np.float32)
@@ -119,13 +120,13 @@ class Rollout:
             "attn_mask": np.concatenate([pmask, rmask], 1),
             "response_mask": np.concatenate([none, rmask], 1),
             "s1_index": np.full((R,), P - 1),
-            "group_id": np.asarray(self.group_id),
+            "group_id": to_host(self.group_id),
             "reward": zeros,
             "raw_reward": zeros,
             "ref_logp": np.zeros((R, P + rmask.shape[1]), np.float32),
             "ref_v": zeros,
             "ref_version": np.full((R,), -1),
-            "sampler_logp": np.concatenate([none, np.where(rmask, self.logp, 0.0)], 1),
+            "sampler_logp": np.concatenate([none, np.where(rmask, to_host(self.logp), 0.0)], 1),
             "iteration": np.full((R,), iteration),
         })
 
