@@ -117,7 +117,8 @@ def init_state(
 
 def reset_reference(state: TrainState) -> TrainState:
     """π_ref ← π_θ (in the reference's dtype); the version bump marks buffered terms stale."""
-    ref = jax.tree.map(lambda p, r: p.astype(r.dtype), state.params, state.ref_params)
+    # a copy even when the dtypes match: the train step donates params and reference separately
+    ref = jax.tree.map(lambda p, r: jnp.array(p, dtype=r.dtype, copy=True), state.params, state.ref_params)
     return state.replace(ref_params=ref, ref_version=state.ref_version + 1)
 
 

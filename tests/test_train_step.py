@@ -213,6 +213,8 @@ def test_reference_reset_copies_the_policy_and_bumps_the_version():
     )
     state = reset_reference(state)
     assert int(state.ref_version) == 1
+    for p, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params), strict=True):
+        assert p.unsafe_buffer_pointer() != r.unsafe_buffer_pointer()  # the step donates both
     np.testing.assert_array_equal(
         np.asarray(state.params["q_proj"][...]), np.asarray(state.ref_params["q_proj"][...])
     )
