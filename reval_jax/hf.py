@@ -244,6 +244,12 @@ def load_tokenizer_dir(path: str | os.PathLike):
             f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json); copy them from "
             "the original checkpoint or pass load_tokenizer=False"
         )
+    config_file = path / "tokenizer_config.json"
+    tokenizer_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
+    if tokenizer_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        # A plain `tokenizers` tokenizer (e.g. the project's char tokenizer): AutoTokenizer would
+        # pick the class of config.json's model_type (Qwen2Tokenizer) and rebuild its pre-tokenizer.
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

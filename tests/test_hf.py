@@ -80,8 +80,12 @@ def test_bfloat16_checkpoint_round_trip(tmp_path):
 
 
 def test_tokenizer_travels_with_the_model(tmp_path):
+    from helpers import tiny_tokenizer
+
     model, tok = reval_jax.load_hf(hf_dir(tokenizer=True))
     assert tok is not None and tok.chat_template
+    text = "Compute 7-3+4.\n 12 + 30 = \\boxed{42}"
+    assert tok.encode(text) == tiny_tokenizer().encode(text)  # exactly the tokenizer that was saved
     out = reval_jax.save_hf(model, tok, tmp_path / "with_tok")
     _, tok2 = reval_jax.load_hf(out)
     text = "What is 12 + 30? \\boxed{42}"

@@ -93,11 +93,6 @@ def test_committed_model_loads_through_load_hf():
     assert tokenizer is not None and tokenizer.chat_template
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transformers 5 AutoTokenizer loads a model_type=qwen2 directory with Qwen2Tokenizer, which "
-    "rebuilds a byte-level pre-tokenizer and drops the char vocabulary's ' ' and '\\n' tokens; "
-    "load_hf's tokenizer must honour tokenizer_config.json's TokenizersBackend (hf.py) or the char "
-    "tokenizer must be byte-level compatible (tokenizer.py)"))
 def test_load_hf_tokenizer_encodes_like_the_training_tokenizer():
     _, tokenizer = reval_jax.load_hf(toy.ASSET_DIR, load_tokenizer=True)
     reference = build_char_tokenizer()
@@ -106,9 +101,8 @@ def test_load_hf_tokenizer_encodes_like_the_training_tokenizer():
 
 
 def test_committed_model_succeeds_near_the_target_rates():
-    model, _ = reval_jax.load_hf(toy.ASSET_DIR, load_tokenizer=False)
-    # The tokenizer the model was trained and saved with (see the xfail test above).
-    rates = toy.success_rates(model, build_char_tokenizer(), num_problems=128, seed=2)
+    model, tokenizer = reval_jax.load_hf(toy.ASSET_DIR)  # through the same HF path as real models
+    rates = toy.success_rates(model, tokenizer, num_problems=128, seed=2)
     assert rates["hard"] < rates["medium"] < rates["easy"], rates
     for level, target in TARGETS.items():
         assert abs(rates[level] - target) <= BAND, (level, rates)
