@@ -1,0 +1,39 @@
+"""The embedded default: ReVal on the project's tiny arithmetic model (reval_jax/assets/tiny_arith),
+on CPU, in a few minutes, with no downloads.
+
+    python -m reval_jax.train --config=configs/tiny.py --workdir=runs/tiny   (what `make demo` runs)
+"""
+
+from configs import base
+
+ASSETS = "reval_jax/assets/tiny_arith"
+
+
+def get_config():
+    c = base.get_config()
+    c.model.path = ASSETS
+    c.model.dtype = "float32"  # CPU: no gain from bfloat16
+    c.model.remat = "none"
+    c.mesh = (1, 1, 1)
+    c.num_iterations = 30
+    c.data.train_files = (f"{ASSETS}/data/medium.jsonl",)
+    c.data.template = "plain"
+    c.data.max_prompt_len = 48
+    c.data.prompts_per_iteration = 16
+    c.sampling.num_samples = 8
+    c.sampling.max_new_tokens = 48
+    c.sampling.buckets = (48,)
+    c.reward.num_workers = 2
+    c.reward.transform = "centered"
+    c.beta = 1.0  # responses are ~30 tokens: r/β of order one nat
+    c.optimizer.learning_rate = 1e-4
+    c.reference.reset_every = 20
+    c.replay.capacity = 512
+    c.replay.updates_per_iteration = 2
+    c.eval.files = (f"{ASSETS}/data/medium_eval.jsonl",)
+    c.eval.every = 10
+    c.eval.limit = 64
+    c.eval.k = 4
+    c.checkpoint.every = 10
+    c.chunk = 512
+    return c
