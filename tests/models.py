@@ -3,7 +3,9 @@ and our own tiny models. Everything is built locally and cached for the whole te
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 
 VOCAB = 128
 _ROOT = Path(tempfile.mkdtemp(prefix="reval_jax_models_"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def hf_config(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, vocab: int = VOCAB):
