@@ -24,9 +24,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from reval_jax import distributed
-from reval_jax.batch import Trajectories
+from reval_jax.batch import Trajectories, concatenate
 from reval_jax.distributed import to_global, to_host
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
 from reval_jax.replay import ReplayBuffer
@@ -184,6 +185,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     seq_len = bucket_length(config.data.max_prompt_len, sampling.buckets) + sampling.max_new_tokens
     rollouts = config.data.prompts_per_iteration * sampling.num_samples
     update_batch = config.replay.batch_size or rollouts
+    # prompts per sampler call (sampling.batch_size rollouts); samples are keyed by prompt id, so
+    # chunking does not change them
+    prompts_per_call = max(1, config.sampling.batch_size // sampling.num_samples) if config.sampling.batch_size \
+        else config.data.prompts_per_iteration
     ref_fn = None  # jitted on first use, with the shardings of the state and of a batch
     uses_reference = config.algorithm != "grpo"
 
@@ -290,12 +295,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             examples = next(data_iter)
             model = nnx.merge(graphdef, state.params)
             base_id = iteration * config.data.prompts_per_iteration
-            rollout = generate(model, [e.prompt_ids for e in examples], sampling,
-                               seed=(config.seed * 1_000_003 + iteration) % 2**32,
-                               prompt_ids=[base_id + j for j in range(len(examples))])
+            parts, raws, lengths, truncated = [], [], [], []
+            for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",
+                                  disable=not config.progress or len(examples) <= prompts_per_call, leave=False):
+                chunk = examples[start_row : start_row + prompts_per_call]
+                rollout = generate(model, [e.prompt_ids for e in chunk], sampling,
+                                   seed=(config.seed * 1_000_003 + iteration) % 2**32,
+                                   prompt_ids=[base_id + start_row + j for j in range(len(chunk))])
+                raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk]))
+                lengths.append(to_host(rollout.response_length))
+                truncated.append(to_host(rollout.truncated))
+                parts.append(rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len))
             del model
-            raw = score_rollout(scorer, tokenizer, rollout, [e.answer for e in examples])
-            batch = rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len)
+            batch, raw = concatenate(parts), np.concatenate(raws)
+            lengths, truncated = np.concatenate(lengths), np.concatenate(truncated)
             reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
             batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
             if uses_reference:
@@ -335,12 +348,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             update_s = time.perf_counter() - t1
 
             # --- metrics
-            lengths = to_host(rollout.response_length)
             last = {k: float(np.mean([u[k] for u in update_metrics])) for k in update_metrics[0]}
             last.update(
                 reward_mean=float(np.mean(reward)), accuracy=float(np.mean(raw)),
                 response_length=float(np.mean(lengths)),
-                truncation_rate=float(np.mean(to_host(rollout.truncated))),
+                truncation_rate=float(np.mean(truncated)),
                 generate_s=generate_s, update_s=update_s,
                 generate_tokens_per_s=float(lengths.sum()) / max(generate_s, 1e-9),
                 updates=int(state.step), skipped_total=int(state.skipped),

@@ -72,3 +72,14 @@ def test_command_line_rejects_a_mistyped_field(tmp_path):
     )
     assert proc.returncode != 0
     assert "transfrom" in proc.stderr
+
+
+def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
+    """sampling.batch_size splits a round into several sampler calls; samples are keyed by prompt
+    id, so the run is the same as with one call."""
+    whole = train.run(tiny_config(data_file, num_iterations=1), str(tmp_path / "whole"))
+    config = tiny_config(data_file, num_iterations=1)
+    config.sampling.batch_size = 4  # one prompt (4 samples) per call
+    chunked = train.run(config, str(tmp_path / "chunked"))
+    for key in ("loss", "accuracy", "response_length", "grad_norm", "delta_abs_max"):
+        assert chunked[key] == whole[key], key
