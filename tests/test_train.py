@@ -83,3 +83,18 @@ def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
     chunked = train.run(config, str(tmp_path / "chunked"))
     for key in ("loss", "accuracy", "response_length", "grad_norm", "delta_abs_max"):
         assert chunked[key] == whole[key], key
+
+
+def test_evaluate_command_writes_json(data_file, tmp_path):
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
+           "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
+    model_dir = tiny_config(data_file).model.path
+    proc = subprocess.run(
+        [sys.executable, "-m", "reval_jax.evaluate", "--config=tests/run_config.py", f"--hf={model_dir}",
+         f"--config.eval.files=('{data_file}',)", "--config.eval.limit=3", "--config.eval.k=2", f"--out={out}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"arith/avg@2", "arith/response_length", "arith/truncation_rate", "avg@2"}
+    assert 0 <= results["avg@2"] <= 1 and results["arith/response_length"] > 0
