@@ -92,3 +92,18 @@ def tiny_config(data_file, **overrides):
             node = getattr(node, p)
         setattr(node, leaf, value)
     return c
+
+
+TIMING_SUFFIXES = ("seconds", "_s", "tokens_per_s")
+
+
+def metric_records(workdir) -> list[dict]:
+    """A run's metrics.jsonl records without wall-clock fields (which differ between equal runs)."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if not k.endswith(TIMING_SUFFIXES)})
+    return out

@@ -13,20 +13,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, metric_records, tiny_config
 
 from reval_jax import train
 from reval_jax.checkpoint import Checkpointer, CheckpointError
-
-TIMING = ("seconds", "_s", "tokens_per_s")
-
-
-def records(workdir):
-    out = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.append({k: v for k, v in r.items() if not any(k.endswith(t) for t in TIMING)})
-    return out
 
 
 def final_params(workdir, config):
@@ -48,7 +38,7 @@ def straight(data_file, tmp_path_factory):
 
 
 def assert_same_run(a, b, config):
-    assert records(a) == records(b)
+    assert metric_records(a) == metric_records(b)
     pa, pb = final_params(a, config), final_params(b, config)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -60,7 +50,7 @@ def test_resume_is_bitwise_identical(straight, data_file, tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").steps() == [1, 2]
     train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))  # resumes at 3
     assert_same_run(ref_dir, tmp_path, config)
-    assert [r for r in records(tmp_path) if r["kind"] == "train"][-1]["updates"] == 8
+    assert [r for r in metric_records(tmp_path) if r["kind"] == "train"][-1]["updates"] == 8
 
 
 def _cli(workdir, data_file, extra=(), script=None):

@@ -1,32 +1,21 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each run the real command and reproduce a
 single-process run of the same global configuration (8 devices, mesh 2x2x2)."""
 
-import json
 import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
-from helpers import REPO_ROOT, tiny_config
+from helpers import REPO_ROOT, metric_records, tiny_config
 
 from reval_jax import train
-
-TIMING = ("seconds", "_s", "tokens_per_s")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _records(workdir):
-    out = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.append({k: v for k, v in r.items() if not any(k.endswith(t) for t in TIMING)})
-    return out
 
 
 def test_two_processes_equal_one(data_file, tmp_path):
@@ -48,7 +37,7 @@ def test_two_processes_equal_one(data_file, tmp_path):
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-5000:]
 
-    a, b = _records(single), _records(multi)
+    a, b = metric_records(single), metric_records(multi)
     assert [r["kind"] for r in a] == [r["kind"] for r in b]
     for ra, rb in zip(a, b, strict=True):
         assert set(ra) == set(rb)
