@@ -35,7 +35,7 @@ class Restored:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint could not be written; the message says where, why, and what is still intact."""
 
 
 def _abstract(tree):

@@ -87,15 +87,10 @@ def apply_template(tokenizer: Any, problem: str, name: str) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
-    if assistant_prefix:
-        # DeepSeek-R1-Distill's template already ends with "<think>\n": never double it.
+    # DeepSeek-R1-Distill's template already ends with "<think>\n" (or "<think>"): never double it.
+    if assistant_prefix and not text.endswith(assistant_prefix):
         stripped = assistant_prefix.rstrip("\n")
-        if text.endswith(assistant_prefix):
-            pass
-        elif text.endswith(stripped):
-            text += assistant_prefix[len(stripped) :]
-        else:
-            text += assistant_prefix
+        text += assistant_prefix[len(stripped) :] if text.endswith(stripped) else assistant_prefix
     return text
 
 
