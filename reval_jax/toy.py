@@ -8,18 +8,28 @@ and subtractions with a verifiable answer, prompted through the ``plain`` templa
 
 so that ``rewards.math_reward(response, answer, "plain")`` scores them. ``Difficulty(num_ops,
 max_value)`` sets the length of the chain and the range 0..max_value of every number in it;
-``difficulty_levels()`` names three settings, all with three operations, at which the committed base
-model succeeds about 70% (easy: numbers up to 9), 40% (medium: up to 11) and 10% (hard: up to 39)
-of the time at temperature 1. ``make_problems`` / ``write_dataset`` draw problems of a level.
+``difficulty_levels()`` names three settings, all with numbers up to 9, at which the committed base
+model succeeds about 75% (easy: one operation), 30% (medium: three) and 13% (hard: six) of the time
+at temperature 1. ``make_problems`` / ``write_dataset`` draw problems of a level.
 
 The model is a Qwen2-architecture decoder (D=128, L=4, N=4, K=2, F=384, tied embeddings: 834,560
 parameters, float32) with the project's character tokenizer (``build_char_tokenizer()``), pre-trained
-here for 800 AdamW steps of 32 problems (1-3 operations, numbers up to 9, 19 or 29) by next-token
-cross-entropy on the worked answers, and saved with ``save_hf``; ``load_hf`` reads it like any real
-checkpoint. Everything is a function of the seed: problems come from ``random.Random`` seeded with
-strings, the model from ``create_model(seed)``, each batch from its step number, and XLA's CPU
-kernels are deterministic, so a second run on the same machine and software writes the same bytes
-(another CPU or jax version may differ in the last bits, and then in the rates below).
+here for 2000 AdamW steps of 32 problems (1-8 operations, numbers up to 9) by next-token
+cross-entropy, and saved with ``save_hf``; ``load_hf`` reads it like any real checkpoint.
+
+The worked solutions it learns from are a slipping teacher's (``teacher_solution``): each step's
+result is off by ±1 or ±2 with probability 0.25, and the chain carries on from the wrong value. The
+model therefore knows the right step but hedges, like a pre-trained LLM whose greedy answer is right
+more often than its samples: near-greedy (temperature 0.05, 256 samples) it solves 100% of easy, 81%
+of medium and 28% of hard problems. That is what RL can sharpen within minutes on a CPU. (An
+earlier model, trained 800 steps on exact solutions, was wrong in its mode almost as often as in its
+samples: 0.53 at temperature 0.2 against 0.41 at 1 on its medium level; ReVal did not move it in
+30 iterations of 16 x 8 rollouts at any learning rate tried.)
+
+Everything is a function of the seed: problems come from ``random.Random`` seeded with strings, the
+model from ``create_model(seed)``, each batch from its step number, and XLA's CPU kernels are
+deterministic, so a second run on the same machine and software writes the same bytes (another CPU
+or jax version may differ in the last bits, and then in the rates below).
 
 Regenerate the committed files (reval_jax/assets/tiny_arith: config.json, model.safetensors,
 tokenizer files with the chat template, data/{easy,medium,hard}.jsonl of 512 problems and
@@ -27,28 +37,24 @@ data/{level}_eval.jsonl of 128 problems):
 
     python -m reval_jax.toy --out=reval_jax/assets/tiny_arith --seed=0
 
-On the project's 2-core CPU the build took 198 s to 379 s (three runs, with other jobs loading the
-machine), plus ~20 s for the success rates it prints at the end; the three runs wrote identical bytes.
+On the project's 2-core CPU the build took about 15 minutes (930 s, with evaluations every 500
+steps and other jobs on the machine), plus ~30 s for the success rates it prints at the end.
 
 Measured success rates of the committed model (``success_rates``: temperature 1, no top-k / top-p,
 the real math reward, problems of the eval split):
 
     level    Difficulty   seed 0, 512 x 1   seed 1, 256 x 4   all 1536 samples
-    easy     (3, 9)       0.711             0.717             0.715
-    medium   (3, 11)      0.377             0.432             0.413
-    hard     (3, 39)      0.098             0.112             0.107
+    easy     (1, 9)       0.775             0.746             0.756
+    medium   (3, 9)       0.338             0.288             0.305
+    hard     (6, 9)       0.137             0.128             0.131
 
-and on other difficulties (seed 0, 512 problems each; four operations, never trained, fail):
-
-    max_value     9     12     14     19     24     29     39     49     99
-    1 op        0.971  0.787  0.732  0.721  0.631  0.590  0.359  0.211  0.086
-    2 ops       0.830  0.570  0.504  0.488  0.295  0.289  0.170  0.107  0.059
-    3 ops       0.711  0.373  0.357  0.330  0.170  0.191  0.098  0.061  0.047
-    4 ops       0.086  0.064  0.074  0.070  0.059  0.049  0.033  0.043  0.027
+and by number of operations (seed 0, 512 problems, numbers up to 9): 2 ops 0.529, 4 ops 0.193,
+5 ops 0.146, 8 ops 0.119; the teacher alone would give 0.75^n. Per problem the rates spread
+around these means; the one-prompt experiment (``reval_jax.one_prompt``) picks its prompts by their
+own measured rate.
 
 The success rates here are measured with ``build_char_tokenizer()``, whose files are the ones saved
-with the model (tests/test_toy.py checks both the bytes and, as a known failure, the tokenizer that
-``load_hf`` currently returns).
+with the model; ``load_hf`` returns a tokenizer that encodes the same (tests/test_toy.py).
 """
 
 from __future__ import annotations
@@ -92,9 +98,9 @@ def difficulty_levels() -> dict[str, Difficulty]:
     """The named difficulties of the data sets, chosen so that the committed base model's success
     rate at temperature 1 is about 0.10 (hard), 0.40 (medium) and 0.70 (easy)."""
     return {
-        "hard": Difficulty(num_ops=3, max_value=39),
-        "medium": Difficulty(num_ops=3, max_value=11),
-        "easy": Difficulty(num_ops=3, max_value=9),
+        "hard": Difficulty(num_ops=6, max_value=9),
+        "medium": Difficulty(num_ops=3, max_value=9),
+        "easy": Difficulty(num_ops=1, max_value=9),
     }
 
 
@@ -110,7 +116,7 @@ def _difficulty(level: str | Difficulty) -> Difficulty:
 def make_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, str, str]:
     """One problem drawn with ``rng``: (problem, worked solution, answer).
 
-    ``Compute 37+48-19.`` -> ``37+48=85, 85-19=66. \\boxed{66}``, answer ``66``. The first number is
+    ``Compute 7+8-9.`` -> ``7+8=15, 15-9=6. \\boxed{6}``, answer ``6``. The first number is
     uniform in 0..max_value; each operation is "+" or "-" (whichever keep the value in range) with
     an operand uniform in 1..(max_value - value) or 1..value."""
     top = difficulty.max_value
@@ -124,6 +130,22 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, str, 
         steps.append(f"{value}{op}{b}={new}")
         value = new
     return f"Compute {expr}.", ", ".join(steps) + f". \\boxed{{{value}}}", str(value)
+
+
+def teacher_solution(rng: random.Random, problem: str, error_rate: float) -> str:
+    """A worked solution of ``problem`` by a teacher who slips: each step's result is off by ±1 or
+    ±2 (uniformly) with probability ``error_rate``, and the later steps carry on correctly from
+    the wrong value, so the boxed answer is wrong whenever a step was. The pre-training data."""
+    expr = problem.removeprefix("Compute ").removesuffix(".")
+    tokens = expr.replace("+", " + ").replace("-", " - ").split()
+    value, steps = int(tokens[0]), []
+    for op, b in zip(tokens[1::2], tokens[2::2], strict=True):
+        new = value + int(b) if op == "+" else value - int(b)
+        if rng.random() < error_rate:
+            new += rng.choice((-2, -1, 1, 2))
+        steps.append(f"{value}{op}{b}={new}")
+        value = new
+    return ", ".join(steps) + f". \\boxed{{{value}}}"
 
 
 def _rng(seed: int, difficulty: Difficulty, split: str) -> random.Random:
@@ -140,14 +162,8 @@ def make_problems(level: str | Difficulty, n: int, seed: int = 0) -> list[tuple[
 
 def solve(problem: str) -> tuple[str, str]:
     """The gold worked solution and answer of a problem written by ``make_problem``."""
-    expr = problem.removeprefix("Compute ").removesuffix(".")
-    tokens = expr.replace("+", " + ").replace("-", " - ").split()
-    value, steps = int(tokens[0]), []
-    for op, b in zip(tokens[1::2], tokens[2::2], strict=True):
-        new = value + int(b) if op == "+" else value - int(b)
-        steps.append(f"{value}{op}{b}={new}")
-        value = new
-    return ", ".join(steps) + f". \\boxed{{{value}}}", str(value)
+    solution = teacher_solution(random.Random(0), problem, error_rate=0.0)
+    return solution, solution.rsplit("{", 1)[1].rstrip("}")
 
 
 def write_dataset(path: str | os.PathLike, level: str | Difficulty, n: int, seed: int = 0) -> Path:
@@ -172,15 +188,16 @@ def write_dataset(path: str | os.PathLike, level: str | Difficulty, n: int, seed
 class PretrainConfig:
     """Shapes and schedule of the supervised pre-training (defaults: the committed model)."""
 
-    steps: int = 800
+    steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-3  # peak; linear warmup, then cosine decay to 10% of it
     warmup_steps: int = 20
     weight_decay: float = 0.01
     # each batch draws its number of operations from train_ops, each row its max_value from
-    # train_max_values
-    train_ops: tuple[int, ...] = (1, 2, 3)
-    train_max_values: tuple[int, ...] = (9, 19, 29)
+    # train_max_values; the worked solutions are the slipping teacher's (``teacher_solution``)
+    train_ops: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    train_max_values: tuple[int, ...] = (9,)
+    step_error_rate: float = 0.25
     # the decoder: D, L, F, N, K (H = D / N), tied embeddings
     hidden_size: int = 128
     num_layers: int = 4
@@ -212,9 +229,10 @@ def encode_example(tokenizer, problem: str, solution: str) -> tuple[list[int], l
 
 
 def _seq_len(tokenizer, num_ops: int, max_value: int) -> int:
-    """An upper bound on the tokens of an example (every number as long as max_value), rounded up
-    to a multiple of 8: the row length of the training batches with ``num_ops`` operations."""
-    n = "9" * len(str(max_value))
+    """An upper bound on the tokens of an example (every number as long as the teacher's slips can
+    make it, with a sign), rounded up to a multiple of 8: the row length of the training batches
+    with ``num_ops`` operations."""
+    n = "-" + "9" * len(str(max_value + 2 * num_ops))
     problem = "Compute " + "+".join([n] * (num_ops + 1)) + "."
     solution = ", ".join([f"{n}+{n}={n}"] * num_ops) + f". \\boxed{{{n}}}"
     prompt, response = encode_example(tokenizer, problem, solution)
@@ -235,7 +253,8 @@ def training_batch(tokenizer, config: PretrainConfig, seed: int, step: int):
     weights = np.zeros((B, T - 1), np.float32)  # [B, T-1]
     for b in range(B):
         difficulty = Difficulty(num_ops, rng.choice(config.train_max_values))
-        problem, solution, _ = make_problem(rng, difficulty)
+        problem = make_problem(rng, difficulty)[0]
+        solution = teacher_solution(rng, problem, config.step_error_rate)
         prompt, response = encode_example(tokenizer, problem, solution)
         n = len(prompt) + len(response)
         tokens[b, :n] = prompt + response
@@ -312,13 +331,12 @@ def pretrain(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def success_rates(
-    model, tokenizer, levels: dict[str, str | Difficulty] | None = None, *, num_problems: int = 256,
-    num_samples: int = 1, seed: int = 0, max_new_tokens: int = 80,
-) -> dict[str, float]:
-    """Fraction of sampled responses (temperature 1, no top-k / top-p) that the math reward scores
-    1, per level: ``num_problems`` problems of the ``eval`` split of ``seed``, ``num_samples``
-    samples each."""
+def problem_success(
+    model, tokenizer, problems: Sequence[tuple[str, str]], *, num_samples: int = 1, seed: int = 0,
+    max_new_tokens: int = 80,
+) -> np.ndarray:
+    """Per problem, the fraction of ``num_samples`` sampled responses (temperature 1, no top-k /
+    top-p) that the math reward scores 1: float [len(problems)]."""
     from reval_jax.rewards import math_reward
     from reval_jax.sampler import SamplingConfig, generate
     from reval_jax.templates import encode_prompt, stop_token_ids
@@ -326,19 +344,30 @@ def success_rates(
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     config = SamplingConfig(max_new_tokens=max_new_tokens, num_samples=num_samples,
                             stop_ids=tuple(stop_token_ids(tokenizer)), buckets=(64,))
-    rates = {}
-    for name, level in (levels or difficulty_levels()).items():
-        problems = make_problems(level, num_problems, seed=eval_seed(seed))
-        prompts = [encode_prompt(tokenizer, p, TEMPLATE) for p, _ in problems]
-        rollout = generate(model, prompts, config, seed=seed)
-        tokens, lengths = np.asarray(rollout.response_tokens), np.asarray(rollout.response_length)
-        scores = [
-            math_reward(tokenizer.decode(tokens[r, : lengths[r]], skip_special_tokens=True),
-                        problems[r // num_samples][1], TEMPLATE)
-            for r in range(len(tokens))
-        ]
-        rates[name] = float(np.mean(scores))
-    return rates
+    prompts = [encode_prompt(tokenizer, p, TEMPLATE) for p, _ in problems]
+    rollout = generate(model, prompts, config, seed=seed)
+    tokens, lengths = np.asarray(rollout.response_tokens), np.asarray(rollout.response_length)
+    scores = [
+        math_reward(tokenizer.decode(tokens[r, : lengths[r]], skip_special_tokens=True),
+                    problems[r // num_samples][1], TEMPLATE)
+        for r in range(len(tokens))
+    ]
+    return np.asarray(scores, np.float64).reshape(len(problems), num_samples).mean(1)
+
+
+def success_rates(
+    model, tokenizer, levels: dict[str, str | Difficulty] | None = None, *, num_problems: int = 256,
+    num_samples: int = 1, seed: int = 0, max_new_tokens: int = 80,
+) -> dict[str, float]:
+    """Fraction of sampled responses (temperature 1, no top-k / top-p) that the math reward scores
+    1, per level: ``num_problems`` problems of the ``eval`` split of ``seed``, ``num_samples``
+    samples each."""
+    return {
+        name: float(np.mean(problem_success(
+            model, tokenizer, make_problems(level, num_problems, seed=eval_seed(seed)),
+            num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens)))
+        for name, level in (levels or difficulty_levels()).items()
+    }
 
 
 def eval_seed(seed: int) -> int:

@@ -13,7 +13,7 @@ from reval_jax.rewards import math_reward
 from reval_jax.templates import encode_prompt
 from reval_jax.tokenizer import build_char_tokenizer
 
-TARGETS = {"hard": 0.10, "medium": 0.40, "easy": 0.70}
+TARGETS = {"hard": 0.13, "medium": 0.31, "easy": 0.76}  # as stated in reval_jax/toy.py
 BAND = 0.12  # on 128 samples the standard error is at most 0.044
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja")
@@ -32,7 +32,7 @@ def _values(problem: str) -> list[int]:
 def test_levels_are_ordered_by_difficulty():
     levels = toy.difficulty_levels()
     assert list(levels) == ["hard", "medium", "easy"]
-    assert levels["easy"].max_value < levels["medium"].max_value < levels["hard"].max_value
+    assert levels["easy"].num_ops < levels["medium"].num_ops < levels["hard"].num_ops
     with pytest.raises(ValueError, match="unknown difficulty"):
         toy.make_problems("impossible", 1)
 
@@ -65,6 +65,29 @@ def test_make_problem_writes_the_solution_that_solve_recomputes():
         assert toy.solve(problem) == (solution, answer)
     with pytest.raises(ValueError):
         toy.Difficulty(0, 9)
+
+
+def test_teacher_slips_at_its_rate_and_carries_on_from_the_wrong_value():
+    import random
+
+    rng = random.Random(0)
+    problems = [toy.make_problem(rng, toy.Difficulty(4, 9))[0] for _ in range(500)]
+    assert all(toy.teacher_solution(rng, p, 0.0) == toy.solve(p)[0] for p in problems)
+    slips = steps = 0
+    for problem in problems:
+        solution = toy.teacher_solution(rng, problem, 0.25)
+        chain, answer = re.fullmatch(r"(.*)\. \\boxed\{(-?\d+)\}", solution).groups()
+        operands = re.findall(r"[+-]\d+", problem.removeprefix("Compute ").removesuffix("."))
+        value = _values(problem)[0]
+        for step, operand in zip(chain.split(", "), operands, strict=True):
+            left, right = step.split("=")
+            assert left == f"{value}{operand}"  # each step starts from the value written before
+            exact, value = value + int(operand), int(right)
+            assert abs(value - exact) <= 2
+            slips += value != exact
+            steps += 1
+        assert answer == str(value)
+    assert abs(slips / steps - 0.25) < 0.03, slips / steps
 
 
 def test_committed_datasets_are_regenerated_exactly(tmp_path):
