@@ -1,15 +1,20 @@
 """The one-prompt experiment (paper §3 and §5.2, Figure 3), measured with reval_jax's own training run.
 
     python -m reval_jax.one_prompt --out=docs/one_prompt [--seeds=3] [--levels=hard,medium,easy]
-        [--updates=1,2,4,8] [--max_rounds=150]
+        [--updates=1,2,4,8] [--max_rounds=100]
 
-For one prompt of each difficulty of the tiny arithmetic task (`reval_jax.toy`), train the embedded
-tiny model on that prompt alone with GRPO (fresh rollouts for every update) and with ReVal doing
-1, 2, 4 and 8 updates per generation round (one on the fresh batch, the rest drawn from the replay
-buffer), over several seeds. Each run is `reval_jax.train.run` with the prompt as its only training
-and evaluation problem; after every round the accuracy is measured over `eval_samples` samples of the
+For each difficulty of the tiny arithmetic task (`reval_jax.toy`), the prompt is chosen the way the
+paper chose its three: among `--candidates` problems of the level, the one whose base success rate
+(over `--select_samples` samples) is closest to the paper's prompt (0.10 hard, 0.40 medium, 0.68
+easy). The embedded tiny model is then trained on that prompt alone with GRPO (fresh rollouts for
+every update) and with ReVal doing 1, 2, 4 and 8 updates per generation round (one on the fresh
+batch, the rest drawn from the replay buffer of the last `--buffer_rounds` rounds), over several
+seeds, with the same learning rate, β and reference reset (every `--reset_every` updates) as
+configs/tiny.py. Each run is `reval_jax.train.run` with the prompt as its only training and
+evaluation problem; after every round the accuracy is measured over `--eval_samples` samples of the
 prompt and the run stops at 95%. Reported: generation rounds to 95% (median over seeds), the
-speed-up of each ReVal setting over GRPO, a JSON file, a markdown table and a plot.
+speed-up of each ReVal setting over GRPO next to the paper's, JSON files, a markdown table and a
+plot.
 """
 
 from __future__ import annotations
@@ -22,6 +27,22 @@ from pathlib import Path
 import numpy as np
 
 PAPER_SPEEDUP = {"hard": 3.6, "medium": 4.1, "easy": 5.2, "average": 4.3}
+PAPER_BASE_SUCCESS = {"hard": 0.10, "medium": 0.40, "easy": 0.68}  # of the paper's three prompts
+
+
+def choose_prompt(model, tokenizer, level: str, *, candidates: int, samples: int, seed: int,
+                  max_new_tokens: int) -> tuple[str, str, float]:
+    """The prompt of a level to train on, as the paper chose its prompts by base success rate:
+    among ``candidates`` problems of the level (problem seed ``seed``), the one whose success rate
+    over ``samples`` samples of the base model is closest to the paper's prompt of that level.
+    Returns (problem, answer, measured base success)."""
+    from reval_jax import toy
+
+    problems = toy.make_problems(level, candidates, seed=seed)
+    rates = toy.problem_success(model, tokenizer, problems, num_samples=samples, seed=seed,
+                                max_new_tokens=max_new_tokens)
+    best = int(np.argmin(np.abs(rates - PAPER_BASE_SUCCESS[level])))
+    return problems[best][0], problems[best][1], float(rates[best])
 
 
 def run_config(model_dir: str, prompt_file: str, *, algorithm: str, updates: int, seed: int, args):
@@ -76,16 +97,19 @@ def main(argv=None):
     p.add_argument("--levels", default="hard,medium,easy")
     p.add_argument("--updates", default="1,2,4,8", help="ReVal updates per generation round")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--problem_seed", type=int, default=0, help="which prompt of each level")
-    p.add_argument("--max_rounds", type=int, default=150)
+    p.add_argument("--problem_seed", type=int, default=0, help="problem seed of the candidate prompts")
+    p.add_argument("--candidates", type=int, default=16, help="candidate prompts per level")
+    p.add_argument("--select_samples", type=int, default=128,
+                   help="base-model samples per candidate measuring its success rate")
+    p.add_argument("--max_rounds", type=int, default=100)
     p.add_argument("--samples", type=int, default=8, help="rollouts per generation round")
     p.add_argument("--eval_samples", type=int, default=128, help="samples measuring the accuracy")
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--learning_rate", type=float, default=3e-4)
-    p.add_argument("--reset_every", type=int, default=0)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--reset_every", type=int, default=8, help="reference reset every R updates (as configs/tiny.py)")
     p.add_argument("--buffer_rounds", type=int, default=4, help="replay capacity in rounds")
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--max_new_tokens", type=int, default=80)
     p.add_argument("--no_grpo", action="store_true", help="skip the GRPO baseline")
     args = p.parse_args(argv)
 
@@ -97,13 +121,24 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    from reval_jax.hf import load_hf
+
     model_dir = args.model or str(toy.ASSET_DIR)
+    base_model, tokenizer = load_hf(model_dir)
     levels = args.levels.split(",")
     settings = ([] if args.no_grpo else [("grpo", 1)]) + [("reval", int(k)) for k in args.updates.split(",")]
     key = f"avg@{args.eval_samples}"
     results = []
+    prompts = {}
     for level in levels:
-        prompt_file = toy.write_dataset(out / f"{level}.jsonl", level, 1, seed=args.problem_seed)
+        problem, answer, base = choose_prompt(base_model, tokenizer, level, candidates=args.candidates,
+                                              samples=args.select_samples, seed=args.problem_seed,
+                                              max_new_tokens=args.max_new_tokens)
+        prompts[level] = {"problem": problem, "answer": answer, "base_success": base}
+        print(json.dumps({"level": level, **prompts[level]}), flush=True)
+        prompt_file = out / f"{level}.jsonl"
+        prompt_file.write_text(json.dumps({"id": f"one_prompt-{level}", "problem": problem, "answer": answer,
+                                           "source": f"{toy.SOURCE}_{level}"}) + "\n")
         for algorithm, updates in settings:
             for seed in range(args.seeds):
                 name = f"{level}_{algorithm}{updates}_s{seed}"
@@ -121,7 +156,8 @@ def main(argv=None):
                                 "rounds": rounds, "seconds": time.perf_counter() - start})
                 print(json.dumps(results[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = summarize(results, levels, settings, args.max_rounds)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
+    table = summarize(results, levels, settings, args.max_rounds, prompts)
     (out / "table.md").write_text(table)
     print(table)
     plot(results, levels, settings, args.max_rounds, out / "rounds_to_target.png")
@@ -134,24 +170,33 @@ def _median_rounds(results, level, algorithm, updates, cap):
     return float(np.median(rounds)) if rounds else float("nan"), sum(r > cap for r in rounds)
 
 
-def summarize(results, levels, settings, cap) -> str:
-    """Markdown table: median rounds to target per level and setting, speed-ups over GRPO."""
-    head = "| setting | " + " | ".join(levels) + " |\n|---|" + "---|" * len(levels) + "\n"
+def summarize(results, levels, settings, cap, prompts=None) -> str:
+    """Markdown table: per level, the median generation rounds to the target of each setting and
+    each ReVal setting's speed-up over GRPO, next to the paper's speed-up. A run that never reached
+    the target counts as cap + 1 rounds, which makes its median and speed-up bounds (marked >, ≥, ≤);
+    the averages are over the levels where both medians reached the target."""
+    names = [f"{a} K={u}" if a == "reval" else "GRPO" for a, u in settings]
+    head = ("| level (base success) | " + " | ".join(names) + " | paper speed-up |\n|---|"
+            + "---|" * (len(settings) + 1) + "\n")
     rows, speedups = [], {}
-    for algorithm, updates in settings:
+    for level in levels:
+        grpo, grpo_missed = _median_rounds(results, level, "grpo", 1, cap)
         cells = []
-        for level in levels:
+        for algorithm, updates in settings:
             med, missed = _median_rounds(results, level, algorithm, updates, cap)
-            cell = f"{med:g}" + (f" ({missed} runs > {cap})" if missed else "")
-            grpo, _ = _median_rounds(results, level, "grpo", 1, cap)
-            if algorithm == "reval" and np.isfinite(grpo) and med > 0 and grpo > 0:
-                speedups.setdefault(updates, {})[level] = grpo / med
-                cell += f" — {grpo / med:.1f}×"  # (0 rounds: the base model already reached the target)
+            cell = (f"> {cap}" if med > cap else f"{med:g}") + (f" ({missed} missed)" if missed else "")
+            if algorithm == "reval" and np.isfinite(grpo) and med > 0 and grpo > 0 and min(med, grpo) <= cap:
+                bound = "≥ " if grpo > cap else "≤ " if med > cap else ""
+                if not bound:
+                    speedups.setdefault(updates, {})[level] = grpo / med
+                cell += f", {bound}{grpo / med:.1f}×"
             cells.append(cell)
-        rows.append(f"| {algorithm} K={updates} | " + " | ".join(cells) + " |")
+        base = f" ({prompts[level]['base_success']:.2f})" if prompts and level in prompts else ""
+        rows.append(f"| {level}{base} | " + " | ".join(cells) + f" | {PAPER_SPEEDUP.get(level, float('nan'))}× |")
     text = head + "\n".join(rows) + "\n"
     for updates, by_level in speedups.items():
-        text += f"\nReVal K={updates}: average speed-up over GRPO {np.mean(list(by_level.values())):.2f}×"
+        text += (f"\nReVal K={updates}: average speed-up over GRPO {np.mean(list(by_level.values())):.2f}× "
+                 f"on {', '.join(by_level)} (paper: {PAPER_SPEEDUP['average']}× on hard, medium, easy)")
     return text + "\n"
 
 
