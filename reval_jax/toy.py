@@ -96,8 +96,8 @@ class Difficulty:
 
 
 def difficulty_levels() -> dict[str, Difficulty]:
-    """The named difficulties of the data sets, chosen so that the committed base model's success
-    rate at temperature 1 is about 0.10 (hard), 0.40 (medium) and 0.70 (easy)."""
+    """The named difficulties of the data sets. The committed base model's success rate at
+    temperature 1 is 0.13 (hard), 0.31 (medium) and 0.76 (easy) on them (module docstring)."""
     return {
         "hard": Difficulty(num_ops=6, max_value=9),
         "medium": Difficulty(num_ops=3, max_value=9),
@@ -122,27 +122,27 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> tuple[str, str, 
     an operand uniform in 1..(max_value - value) or 1..value."""
     top = difficulty.max_value
     value = rng.randint(0, top)
-    expr, steps = str(value), []
+    expr = str(value)
     for _ in range(difficulty.num_ops):
         op = rng.choice([o for o, room in (("+", top - value), ("-", value)) if room > 0])
         b = rng.randint(1, top - value if op == "+" else value)
-        new = value + b if op == "+" else value - b
+        value = value + b if op == "+" else value - b
         expr += f"{op}{b}"
-        steps.append(f"{value}{op}{b}={new}")
-        value = new
-    return f"Compute {expr}.", ", ".join(steps) + f". \\boxed{{{value}}}", str(value)
+    problem = f"Compute {expr}."
+    return (problem, *solve(problem))
 
 
-def teacher_solution(rng: random.Random, problem: str, error_rate: float) -> str:
+def teacher_solution(rng: random.Random | None, problem: str, error_rate: float) -> str:
     """A worked solution of ``problem`` by a teacher who slips: each step's result is off by ±1 or
-    ±2 (uniformly) with probability ``error_rate``, and the later steps carry on correctly from
-    the wrong value, so the boxed answer is wrong whenever a step was. The pre-training data."""
+    ±2 (uniformly) with probability ``error_rate`` (drawn from ``rng``; none is drawn at rate 0),
+    and the later steps carry on correctly from the wrong value, so the boxed answer is wrong
+    whenever a step was. The pre-training data."""
     expr = problem.removeprefix("Compute ").removesuffix(".")
     tokens = expr.replace("+", " + ").replace("-", " - ").split()
     value, steps = int(tokens[0]), []
     for op, b in zip(tokens[1::2], tokens[2::2], strict=True):
         new = value + int(b) if op == "+" else value - int(b)
-        if rng.random() < error_rate:
+        if error_rate and rng.random() < error_rate:
             new += rng.choice((-2, -1, 1, 2))
         steps.append(f"{value}{op}{b}={new}")
         value = new
@@ -163,7 +163,7 @@ def make_problems(level: str | Difficulty, n: int, seed: int = 0) -> list[tuple[
 
 def solve(problem: str) -> tuple[str, str]:
     """The gold worked solution and answer of a problem written by ``make_problem``."""
-    solution = teacher_solution(random.Random(0), problem, error_rate=0.0)
+    solution = teacher_solution(None, problem, error_rate=0.0)
     return solution, solution.rsplit("{", 1)[1].rstrip("}")
 
 
