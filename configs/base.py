@@ -79,8 +79,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.01
     c.optimizer.max_grad_norm = 1.0  # global-norm clipping
 
-    c.micro_batches = 1  # gradient accumulation steps per update (exact full-batch result)
-    c.chunk = 1024  # tokens per unembedding chunk when computing log-probs (memory vs speed)
+    # Trajectories are packed end to end into rows of (prompt bucket + max_new_tokens) tokens, so padding
+    # is not computed; the update, the reference pass and the stale-reference recompute run over
+    # micro-batches of packed rows (gradients accumulated exactly).
+    c.tokens_per_device = 16384  # tokens per device in one forward/backward: sets the micro-batch size
+    c.micro_batches = 0  # explicit override: this many micro-batches per update / reference pass (0 = budget)
+    c.max_segments_per_row = 16  # trajectories packed into one row at most
+    c.chunk = 512  # positions of every row unembedded at a time when computing log-probs (memory vs speed)
+    c.compile_cache = "jax_cache"  # persistent XLA compilation cache, relative to the workdir ("" = off)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 10  # evaluate every E iterations (0 = never; also before the first round)

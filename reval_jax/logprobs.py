@@ -1,13 +1,16 @@
-"""Sequence statistics of a trajectory batch without the [B, T, V] logits tensor.
+"""Sequence statistics of packed trajectories without the [R, L, V] logits tensor.
 
-For tokens x_1..x_T (prompt then response) the quantities the losses need are
+For the tokens x_1..x_n of one trajectory (prompt then response) the quantities the losses need are
 
     log π(x_t | x_<t) = logit(s_{t-1}, x_t) / τ − V(s_{t-1}),   V(s) = logsumexp_a logit(s, a) / τ,
 
 summed later over response tokens, and V(s_1) at the last prompt position (ALGORITHMS.md, Notation).
-The hidden states [B, T, D] are unembedded `chunk` tokens at a time inside a rematerialised
-`lax.scan`, so only one [chunk, V] float32 block of logits is ever alive, in the forward pass and in
-the backward pass alike.
+
+Chunking is per row: the hidden states [R, L, D] are unembedded C positions of every row at a time
+inside a rematerialised `lax.scan`, so one [R, C, V] float32 block of logits is alive at a time,
+forward and backward. Each row stays on the device that holds it (rows are split over the data
+axes), so the unembedding never splits its contraction across devices and no logits-sized
+all-reduce exists; the unembedding weight is gathered once per call, before the scan.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from reval_jax.model import Qwen2
+from reval_jax.packing import Packed
 
 Array = jax.Array
 
@@ -27,45 +31,67 @@ class SequenceStats:
     v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position
 
 
-def _token_logprobs(h: Array, targets: Array, unembed, chunk: int, temperature: float) -> Array:
-    """log-softmax(unembed(h))[target] for flat h [M, D], targets [M], in chunks of `chunk` rows."""
-    M, D = h.shape
-    pad = -M % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, D)  # [M/C, C, D]
-    targets = jnp.pad(targets, (0, pad)).reshape(-1, chunk)  # [M/C, C]
+def _row_logprobs(h: Array, targets: Array, w: Array, unembed, chunk: int, temperature: float) -> Array:
+    """log-softmax(unembed(h))[target] for h [R, L, D], targets [R, L], C = `chunk` positions of
+    every row at a time. Returns [R, L] f32."""
+    R, L, D = h.shape
+    C = min(chunk, L)
+    pad = -L % C
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(R, -1, C, D).swapaxes(0, 1)  # [L/C, R, C, D]
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(R, -1, C).swapaxes(0, 1)  # [L/C, R, C]
 
     @jax.checkpoint
     def one(_, xs):
         hc, tc = xs
-        logits = unembed(hc) / temperature  # [C, V] f32
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
-        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]  # [C]
+        logits = unembed(hc, w) / temperature  # [R, C, V] f32
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [R, C]
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [R, C]
         return None, picked - lse
 
-    _, out = jax.lax.scan(one, None, (h, targets))
-    return out.reshape(-1)[:M]
+    _, out = jax.lax.scan(one, None, (h, targets))  # [L/C, R, C]
+    return out.swapaxes(0, 1).reshape(R, -1)[:, :L]
+
+
+def packed_stats(
+    model: Qwen2, tokens: Array, segment_ids: Array, positions: Array, response_mask: Array, s1: Array, *,
+    chunk: int = 512, temperature: float = 1.0,
+) -> tuple[Array, Array]:
+    """(log π per token [R, L], V(s_1) per slot [R, M]) of `model` on packed rows (packing.Packed's
+    fields of the same names; s1 [R, M] indexes each slot's last prompt token in its row).
+
+    logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a response token."""
+    h, _ = model.hidden_states(tokens, positions=positions, mask=segment_ids > 0,
+                               segment_ids=segment_ids)  # [R, L, D]
+    w = model.unembed_weight()  # [D, V], gathered once for every chunk
+    # position t predicts token t + 1: the pair (h[t], tokens[t + 1]) lands at t + 1. Pairs that
+    # straddle two segments land on a segment's first token, a prompt token: masked below.
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [R, L]
+    logp = _row_logprobs(h, next_tokens, w, model.unembed, chunk, temperature)
+    logp = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))  # [R, L], aligned with tokens
+    logp = jnp.where(response_mask, logp, 0.0)
+
+    h1 = jnp.take_along_axis(h, s1[..., None].astype(jnp.int32), axis=1)  # [R, M, D]
+    v = jax.nn.logsumexp(model.unembed(h1, w) / temperature, axis=-1)  # [R, M]
+    return logp, v
+
+
+def batch_stats(model: Qwen2, batch: Packed, *, chunk: int = 512, temperature: float = 1.0):
+    """`packed_stats` of a Packed batch; empty slots get V = 0."""
+    logp, v = packed_stats(model, batch.tokens, batch.segment_ids, batch.positions, batch.response_mask,
+                           batch.s1, chunk=chunk, temperature=temperature)
+    return logp, jnp.where(batch.valid, v, 0.0)
 
 
 def sequence_stats(
     model: Qwen2, tokens: Array, attn_mask: Array, response_mask: Array, s1_index: Array, *,
-    chunk: int = 1024, temperature: float = 1.0,
+    chunk: int = 512, temperature: float = 1.0,
 ) -> SequenceStats:
-    """Per-token response log-probs and V(s_1) of `model` on a padded batch (any padding layout).
-
-    tokens, attn_mask, response_mask: [B, T]; s1_index: [B] index of the last prompt token."""
-    B, T = tokens.shape
-    h, _ = model.hidden_states(tokens, mask=attn_mask)  # [B, T, D]
-    D = h.shape[-1]
-    # position t-1 predicts token t: pair h[:, :-1] with tokens[:, 1:]
-    flat_h = h[:, :-1].reshape(B * (T - 1), D)  # [B·(T-1), D]
-    flat_t = tokens[:, 1:].reshape(-1)  # [B·(T-1)]
-    logp = _token_logprobs(flat_h, flat_t, model.unembed, min(chunk, flat_h.shape[0]), temperature)
-    logp = jnp.pad(logp.reshape(B, T - 1), ((0, 0), (1, 0)))  # [B, T], aligned with tokens
-    logp = jnp.where(response_mask, logp, 0.0)
-
-    h1 = jnp.take_along_axis(h, s1_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, D]
-    v0 = jax.nn.logsumexp(model.unembed(h1) / temperature, axis=-1)  # [B]
-    return SequenceStats(logp=logp, v0=v0)
+    """`packed_stats` of a padded batch [B, T] (any padding layout), one trajectory per row."""
+    mask = attn_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+    logp, v = packed_stats(model, tokens, mask.astype(jnp.int32), positions, response_mask, s1_index[:, None],
+                           chunk=chunk, temperature=temperature)
+    return SequenceStats(logp=logp, v0=v[:, 0])
 
 
 def naive_sequence_stats(

@@ -1,16 +1,18 @@
 """Loss functions of ReVal and its baselines, and the reward transforms they use.
 
-Every loss is a pure, jittable function of the policy's per-token log-probs `logp` [B, T]
-(aligned with `batch.tokens`: entry t is log π_θ(token t | tokens < t)), the policy value
-`v` [B] = V_θ(s_1) read at `batch.s1_index`, and a `Trajectories` batch. It returns
+Every loss is a pure, jittable function of the policy's per-token log-probs `logp` [R, L] and
+per-trajectory values `v` [R, M] = V_θ(s_1) on a `Packed` batch (reval_jax.packing: R rows of L
+tokens, up to M trajectories per row; entry t of `logp` is log π_θ(token t | earlier tokens of its
+trajectory)). A padded batch is the case M = 1 (`packing.pack_rows`). It returns
 `(loss_contribution, metrics)`.
 
 Gradient accumulation is exact: a loss is normalised by the counts of the WHOLE update batch,
 given in `LossNorm`, so the contributions of its micro-batches sum to the full-batch loss.
 In `metrics`, scalars are contributions too (sum them over micro-batches) and arrays of
-shape [B] are per-trajectory values (concatenate them).
+shape [R, M] are per-trajectory values (0 in empty slots).
 
-All sums run in float32. The registry `LOSSES` maps a loss name to its function.
+All sums run in float32, as reductions (never matmuls). The registry `LOSSES` maps a loss name to
+its function.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reval_jax.batch import Array, Trajectories
+from reval_jax.packing import Packed, segment_sums, token_slots
 
 GRPO_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 REWARD_TRANSFORMS = ("binary", "centered", "plus_minus_one")
@@ -37,65 +40,71 @@ class LossNorm:
     max_response_length: Array  # [] f32  constant divisor of the Dr. GRPO aggregation
 
     @classmethod
-    def for_batch(cls, batch: Trajectories, max_response_length: int | None = None) -> LossNorm:
-        """The counts of `batch` taken as the whole update batch.
+    def for_batch(cls, batch: Trajectories | Packed, max_response_length: int | None = None) -> LossNorm:
+        """The counts of `batch` (padded or packed) taken as the whole update batch.
 
-        `max_response_length` defaults to the batch length T; pass the configured constant
+        `max_response_length` defaults to the padded length T; pass the configured constant
         generation limit to get the Dr. GRPO normalisation of the paper.
         """
-        mask = jnp.asarray(batch.response_mask)
+        xp = np if isinstance(batch.response_mask, np.ndarray) else jnp
+        mask = batch.response_mask
+        if isinstance(batch, Packed):
+            sequences = xp.sum(batch.valid)
+            if max_response_length is None:
+                raise ValueError("LossNorm.for_batch of a packed batch needs max_response_length")
+        else:
+            sequences = mask.shape[0]
         length = mask.shape[1] if max_response_length is None else max_response_length
+        # numpy in -> numpy out: a host norm is the same value on every process of a multi-host run
         return cls(
-            num_sequences=jnp.asarray(mask.shape[0], jnp.float32),
-            num_tokens=jnp.sum(mask, dtype=jnp.float32),
-            max_response_length=jnp.asarray(length, jnp.float32),
+            num_sequences=xp.asarray(sequences, xp.float32),
+            num_tokens=xp.asarray(xp.sum(mask), xp.float32),
+            max_response_length=xp.asarray(length, xp.float32),
         )
 
 
 # ----------------------------------------------------------------------------- value losses
 
 
-def _log_ratio_sum(logp: Array, batch: Trajectories) -> jax.Array:
-    """Σ_h [log π_θ − log π_ref] over the response tokens, differences first, in float32."""
+def _log_ratio_sum(logp: Array, batch: Packed) -> jax.Array:
+    """Σ_h [log π_θ − log π_ref] over each trajectory's response tokens, differences first, in
+    float32: [R, L] -> [R, M]."""
     mask = jnp.asarray(batch.response_mask)
     ref_logp = jax.lax.stop_gradient(jnp.asarray(batch.ref_logp, jnp.float32))
-    diff = jnp.where(mask, jnp.asarray(logp, jnp.float32) - ref_logp, 0.0)  # [B, T]
-    return jnp.sum(diff, axis=-1)  # [B]
+    diff = jnp.where(mask, jnp.asarray(logp, jnp.float32) - ref_logp, 0.0)  # [R, L]
+    return segment_sums(diff, jnp.asarray(batch.segment_ids), batch.valid.shape[1])  # [R, M]
 
 
-def _squared_residual_loss(delta: jax.Array, norm: LossNorm, weights: Array | None) -> jax.Array:
-    """Σ_i w_i δ_i² / num_sequences (w_i = 1 without importance weights)."""
-    sq = jnp.square(delta)
-    if weights is not None:
-        sq = jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32)) * sq
+def _squared_residual_loss(delta: jax.Array, norm: LossNorm, batch: Packed) -> jax.Array:
+    """Σ_i w_i δ_i² / num_sequences over the filled slots (w_i = batch.weight, 1 by default)."""
+    w = jax.lax.stop_gradient(jnp.asarray(batch.weight, jnp.float32))
+    sq = jnp.where(batch.valid, w * jnp.square(delta), 0.0)
     return jnp.sum(sq) / jnp.maximum(norm.num_sequences, 1.0)
 
 
-def _value_metrics(
-    delta: jax.Array, kl: jax.Array, v: jax.Array, batch: Trajectories
-) -> dict[str, jax.Array]:
+def _value_metrics(delta: jax.Array, kl: jax.Array, v: jax.Array, batch: Packed) -> dict[str, jax.Array]:
     ref_v = jnp.asarray(batch.ref_v, jnp.float32)
+    slot = lambda x: jax.lax.stop_gradient(jnp.where(batch.valid, x, 0.0))
     return {
-        "delta": jax.lax.stop_gradient(delta),  # [B]
-        "kl": jax.lax.stop_gradient(kl),  # [B]  Σ_h (log π_θ − log π_ref)
-        "v_diff": jax.lax.stop_gradient(v - ref_v),  # [B]  V_θ(s_1) − V_ref(s_1)
+        "delta": slot(delta),  # [R, M]
+        "kl": slot(kl),  # [R, M]  Σ_h (log π_θ − log π_ref)
+        "v_diff": slot(v - ref_v),  # [R, M]  V_θ(s_1) − V_ref(s_1)
     }
 
 
+def _constants(batch: Packed) -> tuple[jax.Array, jax.Array]:
+    ref_v = jax.lax.stop_gradient(jnp.asarray(batch.ref_v, jnp.float32))
+    reward = jax.lax.stop_gradient(jnp.asarray(batch.reward, jnp.float32))
+    return ref_v, reward
+
+
 def reval_loss(
-    logp: Array,
-    v: Array,
-    batch: Trajectories,
-    norm: LossNorm,
-    *,
-    beta: float,
-    stop_grad_v: bool = False,
-    weights: Array | None = None,
+    logp: Array, v: Array, batch: Packed, norm: LossNorm, *, beta: float, stop_grad_v: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """ReVal loss (paper Eq. 2).
 
         δ(τ) = [V_θ(s_1) − V_ref(s_1)] + Σ_h [log π_θ(a_h|s_h) − log π_ref(a_h|s_h)] − r(τ)/β
-        L    = (1/N) Σ_i w_i δ(τ_i)²,      N = norm.num_sequences, w_i = 1 unless `weights`
+        L    = (1/N) Σ_i w_i δ(τ_i)²,      N = norm.num_sequences, w_i = batch.weight
 
     Its gradient (Eq. 4) is −(2/N) Σ_i w_i (r/β − (V_θ − V_ref + log π_θ/π_ref)) ∇log π_θ(τ_i)
     plus the V_θ(s_1) term (dropped with `stop_grad_v`). Reference terms, reward and weights
@@ -104,21 +113,14 @@ def reval_loss(
     v = jnp.asarray(v, jnp.float32)
     if stop_grad_v:
         v = jax.lax.stop_gradient(v)
-    kl = _log_ratio_sum(logp, batch)  # [B]
-    ref_v = jax.lax.stop_gradient(jnp.asarray(batch.ref_v, jnp.float32))
-    reward = jax.lax.stop_gradient(jnp.asarray(batch.reward, jnp.float32))
-    delta = (v - ref_v) + kl - reward / beta  # [B]
-    return _squared_residual_loss(delta, norm, weights), _value_metrics(delta, kl, v, batch)
+    kl = _log_ratio_sum(logp, batch)  # [R, M]
+    ref_v, reward = _constants(batch)
+    delta = (v - ref_v) + kl - reward / beta  # [R, M]
+    return _squared_residual_loss(delta, norm, batch), _value_metrics(delta, kl, v, batch)
 
 
 def tbrm_loss(
-    logp: Array,
-    v: Array,
-    batch: Trajectories,
-    norm: LossNorm,
-    *,
-    beta: float,
-    weights: Array | None = None,
+    logp: Array, v: Array, batch: Packed, norm: LossNorm, *, beta: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """TBRM loss (Yuan et al. 2025), the baseline without the V_ref(s_1) term.
 
@@ -128,20 +130,14 @@ def tbrm_loss(
     Unlike ReVal it is not zero when π_θ = π_ref and r = 0: δ = V_θ(s_1) then.
     """
     v = jnp.asarray(v, jnp.float32)
-    kl = _log_ratio_sum(logp, batch)  # [B]
-    reward = jax.lax.stop_gradient(jnp.asarray(batch.reward, jnp.float32))
-    delta = v + kl - reward / beta  # [B]
-    return _squared_residual_loss(delta, norm, weights), _value_metrics(delta, kl, v, batch)
+    kl = _log_ratio_sum(logp, batch)  # [R, M]
+    _, reward = _constants(batch)
+    delta = v + kl - reward / beta  # [R, M]
+    return _squared_residual_loss(delta, norm, batch), _value_metrics(delta, kl, v, batch)
 
 
 def regression_loss(
-    logp: Array,
-    v: Array,
-    batch: Trajectories,
-    norm: LossNorm,
-    *,
-    beta: float,
-    weights: Array | None = None,
+    logp: Array, v: Array, batch: Packed, norm: LossNorm, *, beta: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Regression variant (paper Eq. 8; close to Kimi k1.5 / OAPL).
 
@@ -151,10 +147,10 @@ def regression_loss(
     `v` takes no part in the loss; V_θ − V_ref is only reported.
     """
     v = jax.lax.stop_gradient(jnp.asarray(v, jnp.float32))
-    kl = _log_ratio_sum(logp, batch)  # [B]
-    reward = jax.lax.stop_gradient(jnp.asarray(batch.reward, jnp.float32))
-    delta = kl - reward / beta  # [B]
-    return _squared_residual_loss(delta, norm, weights), _value_metrics(delta, kl, v, batch)
+    kl = _log_ratio_sum(logp, batch)  # [R, M]
+    _, reward = _constants(batch)
+    delta = kl - reward / beta  # [R, M]
+    return _squared_residual_loss(delta, norm, batch), _value_metrics(delta, kl, v, batch)
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -163,11 +159,10 @@ def regression_loss(
 def grpo_loss(
     logp: Array,
     v: Array,
-    batch: Trajectories,
+    batch: Packed,
     norm: LossNorm,
     *,
     old_logp: Array | None = None,
-    advantages: Array | None = None,
     aggregation: str = "token-mean",
     clip_low: float = 0.2,
     clip_high: float = 0.28,
@@ -186,8 +181,9 @@ def grpo_loss(
       seq-mean-token-mean:      Σ_i (Σ_t m ℓ / Σ_t m) / num_sequences
       seq-mean-token-sum-norm:  Σ_it m ℓ / (num_sequences · max_response_length)   (Dr. GRPO)
 
-    `advantages` [B] defaults to `batch.reward` (fill it with `grpo_advantages` over whole
-    prompt groups); `old_logp` [B, T] defaults to sg(logp) (a single on-policy update, ρ = 1).
+    The advantages are `batch.advantage` [R, M] (`grpo_advantages` over the whole update batch's
+    prompt groups, computed before packing); `old_logp` [R, L] defaults to sg(logp) (a single
+    on-policy update, ρ = 1).
     `v` is unused. Metrics: clip fractions as token-mean contributions
     (`clip_frac`: the clipped term is taken; `clip_frac_low` / `clip_frac_high`: by which bound;
     `dual_clip_frac`: the dual clip is active), `approx_kl` (mean of log π_old − log π_θ),
@@ -197,29 +193,31 @@ def grpo_loss(
     if aggregation not in GRPO_AGGREGATIONS:
         raise ValueError(f"unknown GRPO aggregation {aggregation!r}; one of {GRPO_AGGREGATIONS}")
     mask = jnp.asarray(batch.response_mask)
-    maskf = mask.astype(jnp.float32)  # [B, T]
+    maskf = mask.astype(jnp.float32)  # [R, L]
     logp = jnp.asarray(logp, jnp.float32)
     old = jax.lax.stop_gradient(logp if old_logp is None else jnp.asarray(old_logp, jnp.float32))
-    adv = batch.reward if advantages is None else advantages
-    adv = jax.lax.stop_gradient(jnp.asarray(adv, jnp.float32))[:, None]  # [B, 1]
+    segments = jnp.asarray(batch.segment_ids)
+    M = batch.valid.shape[1]
+    adv = token_slots(jnp.asarray(batch.advantage, jnp.float32), segments)  # [R, L]
+    adv = jax.lax.stop_gradient(adv)
     sampler_logp = jnp.asarray(batch.sampler_logp, jnp.float32)
 
-    log_ratio = jnp.where(mask, jnp.clip(logp - old, -20.0, 20.0), 0.0)  # [B, T]
+    log_ratio = jnp.where(mask, jnp.clip(logp - old, -20.0, 20.0), 0.0)  # [R, L]
     ratio = jnp.exp(log_ratio)
     loss1 = -adv * ratio
     loss2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = jnp.maximum(loss1, loss2)
     loss3 = -adv * dual_clip
-    per_token = jnp.where(adv < 0, jnp.minimum(clipped, loss3), clipped)  # [B, T]
+    per_token = jnp.where(adv < 0, jnp.minimum(clipped, loss3), clipped)  # [R, L]
     is_weight = jnp.minimum(jnp.exp(jnp.where(mask, old - sampler_logp, 0.0)), is_cap)
     per_token = per_token * jax.lax.stop_gradient(is_weight)
 
     num_sequences = jnp.maximum(norm.num_sequences, 1.0)
-    token_sum = jnp.sum(jnp.where(mask, per_token, 0.0), axis=-1)  # [B]
+    token_sum = segment_sums(jnp.where(mask, per_token, 0.0), segments, M)  # [R, M]
     if aggregation == "token-mean":
         loss = jnp.sum(token_sum) / jnp.maximum(norm.num_tokens, 1.0)
     elif aggregation == "seq-mean-token-mean":
-        seq_mean = token_sum / jnp.maximum(jnp.sum(maskf, axis=-1), 1.0)
+        seq_mean = token_sum / jnp.maximum(segment_sums(maskf, segments, M), 1.0)  # [R, M]
         loss = jnp.sum(seq_mean) / num_sequences
     else:
         loss = jnp.sum(token_sum) / (num_sequences * norm.max_response_length)

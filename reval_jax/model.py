@@ -170,9 +170,11 @@ class Qwen2(nnx.Module):
 
     def hidden_states(
         self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
-        cache: Cache | None = None,
+        segment_ids: Array | None = None, cache: Cache | None = None,
     ) -> tuple[Array, Cache | None]:
-        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache."""
+        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache. `segment_ids`
+        [B, T] (without a cache) packs several sequences per row: a token attends only to earlier
+        tokens of its own segment, 0 marks padding; pass per-segment `positions` with it."""
         cfg, mesh = self.cfg, self.mesh
         B, T = tokens.shape
         dt = jnp.dtype(cfg.dtype)
@@ -182,13 +184,16 @@ class Qwen2(nnx.Module):
             positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         positions = positions.astype(jnp.int32)
 
-        if cache is None:  # causal over this call's tokens, padding keys masked
-            q_slot, k_slot, key_valid, index = jnp.arange(T), jnp.arange(T), mask, None
+        if cache is None:  # causal over this call's tokens, within a segment, padding keys masked
+            seg = mask.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            causal = jnp.arange(T)[None, :, None] >= jnp.arange(T)[None, None, :]  # [1, T, S]
+            allowed = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)  # [B, T, S]
+            index = None
         else:  # queries sit at slots index..index+T-1 of the cache
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            q_slot, k_slot, key_valid = index + jnp.arange(T), jnp.arange(cache.valid.shape[1]), valid
-        allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & key_valid[:, None, :]  # [B, T, S]
+            q_slot, k_slot = index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
+            allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]  # [B, T, S]
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
         x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
@@ -209,14 +214,21 @@ class Qwen2(nnx.Module):
             cache = Cache(k=k, v=v, valid=valid, index=index + T)
         return x, cache
 
-    def unembed(self, h: Array) -> Array:
-        """Logits [..., V] in float32 from hidden states [..., D]."""
-        if self.cfg.tie_word_embeddings:
-            w = self.embed[...].astype(h.dtype)
-            logits = jnp.einsum("...D,VD->...V", h, w, preferred_element_type=jnp.float32)
-        else:
-            w = self.lm_head[...].astype(h.dtype)
-            logits = jnp.einsum("...D,DV->...V", h, w, preferred_element_type=jnp.float32)
+    def unembed_weight(self) -> Array:
+        """The unembedding [D, V] in the compute dtype, gathered over the FSDP axis (vocabulary
+        still split over `tensor`): callers that unembed many chunks take it once, outside the
+        loop, so the weight is not re-gathered for every chunk."""
+        return constrain(self._unembed_matrix(), self.mesh, ("act_embed", "act_vocab"))
+
+    def _unembed_matrix(self) -> Array:
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]  # [D, V]
+        return w.astype(jnp.dtype(self.cfg.dtype))
+
+    def unembed(self, h: Array, w: Array | None = None) -> Array:
+        """Logits [..., V] in float32 from hidden states [..., D] (`w`: a prefetched
+        `unembed_weight()`)."""
+        w = self._unembed_matrix() if w is None else w
+        logits = jnp.einsum("...D,DV->...V", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         if logits.ndim == 3:
             logits = constrain(logits, self.mesh, ("act_batch", "act_length", "act_vocab"))
         return logits

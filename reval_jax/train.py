@@ -28,22 +28,20 @@ from tqdm import tqdm
 
 from reval_jax import distributed
 from reval_jax.batch import Trajectories, concatenate
-from reval_jax.distributed import to_global, to_host
-from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
+from reval_jax.distributed import to_host
+from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantages, transform_rewards
+from reval_jax.packing import Budget, pack
 from reval_jax.replay import ReplayBuffer
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
-from reval_jax.sharding import make_mesh, named_sharding
+from reval_jax.sharding import make_mesh
 from reval_jax.train_step import (
     OptimizerConfig,
     StepConfig,
-    batch_sharding,
+    Updater,
     init_state,
-    jit_train_step,
     make_optimizer,
-    reference_stats,
     reset_reference,
     state_sharding,
-    timed_update,
 )
 
 ALGORITHM_DEFAULTS = {
@@ -93,8 +91,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         bad("replay.batch_size", f"{batch} trajectories per update exceed replay.capacity {config.replay.capacity}")
     if config.replay.schedule == "on_policy_first" and batch != rollouts:
         bad("replay.batch_size", f"{batch} must equal prompts × samples = {rollouts} with on_policy_first")
-    if batch % config.micro_batches:
-        bad("micro_batches", f"{config.micro_batches} does not divide the update batch of {batch}")
+    if config.tokens_per_device < 0 or config.micro_batches < 0:
+        bad("tokens_per_device / micro_batches", "must be >= 0")
+    if not (config.tokens_per_device or config.micro_batches):
+        bad("tokens_per_device", "0 with micro_batches 0: set a token budget per device (or micro_batches)")
+    row_len = sequence_length(config)
+    if config.tokens_per_device and not config.micro_batches and config.tokens_per_device < row_len:
+        bad("tokens_per_device", f"{config.tokens_per_device} tokens do not hold one packed row of {row_len} "
+            f"(prompt bucket + sampling.max_new_tokens): raise it to at least {row_len}, ideally a multiple")
+    if config.max_segments_per_row < 1:
+        bad("max_segments_per_row", f"{config.max_segments_per_row} must be >= 1")
 
 
 def apply_algorithm_defaults(config: ml_collections.ConfigDict) -> list[str]:
@@ -110,6 +116,28 @@ def apply_algorithm_defaults(config: ml_collections.ConfigDict) -> list[str]:
             with config.unlocked():
                 setattr(node, leaf, value)
     return changes
+
+
+def sequence_length(config) -> int:
+    """Tokens of the longest trajectory: the prompt bucket of max_prompt_len + max_new_tokens."""
+    return bucket_length(config.data.max_prompt_len, tuple(config.sampling.buckets)) + config.sampling.max_new_tokens
+
+
+def packing_budget(config, mesh) -> Budget:
+    """How the update, the reference pass and the stale-reference recompute pack their rows."""
+    return Budget(row_len=sequence_length(config), tokens_per_device=config.tokens_per_device,
+                  micro_batches=config.micro_batches, devices=mesh.shape["data"] * mesh.shape["fsdp"],
+                  max_segments=config.max_segments_per_row)
+
+
+def enable_compile_cache(config, workdir: Path) -> None:
+    """JAX's persistent compilation cache under the workdir (config.compile_cache), unless one is
+    already configured (JAX_COMPILATION_CACHE_DIR): restarts then skip recompiling."""
+    if not config.compile_cache or jax.config.jax_compilation_cache_dir:
+        return
+    path = Path(config.compile_cache)
+    jax.config.update("jax_compilation_cache_dir", str(path if path.is_absolute() else workdir / path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def make_run_mesh(config):
@@ -129,16 +157,9 @@ def step_config(config) -> StepConfig:
         loss=config.algorithm, beta=config.beta, stop_grad_v=config.stop_grad_v,
         grpo_aggregation=config.grpo.aggregation, clip_low=config.grpo.clip_low,
         clip_high=config.grpo.clip_high, dual_clip=config.grpo.dual_clip, is_cap=config.grpo.is_cap,
-        max_response_length=config.sampling.max_new_tokens, micro_batches=config.micro_batches,
-        chunk=config.chunk, temperature=config.sampling.temperature,
+        max_response_length=config.sampling.max_new_tokens, chunk=config.chunk,
+        temperature=config.sampling.temperature,
     )
-
-
-def _pad_rows(batch: Trajectories, rows: int) -> Trajectories:
-    """Repeat the last row so that a batch has exactly `rows` rows (one compiled shape)."""
-    n = batch.batch_size
-    index = np.concatenate([np.arange(n), np.full(rows - n, n - 1)])
-    return batch.take(index)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -158,6 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    enable_compile_cache(config, workdir)
     json_config = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
@@ -182,43 +204,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         top_p=config.sampling.top_p, stop_ids=stops, buckets=tuple(config.sampling.buckets),
         pad_id=tokenizer.pad_token_id or 0,
     )
-    seq_len = bucket_length(config.data.max_prompt_len, sampling.buckets) + sampling.max_new_tokens
+    seq_len = sequence_length(config)
     rollouts = config.data.prompts_per_iteration * sampling.num_samples
     update_batch = config.replay.batch_size or rollouts
     # prompts per sampler call (sampling.batch_size rollouts); samples are keyed by prompt id, so
     # chunking does not change them
     prompts_per_call = max(1, config.sampling.batch_size // sampling.num_samples) if config.sampling.batch_size \
         else config.data.prompts_per_iteration
-    ref_fn = None  # jitted on first use, with the shardings of the state and of a batch
     uses_reference = config.algorithm != "grpo"
+    budget = packing_budget(config, mesh)
+    updater = Updater(graphdef, optimizer, step_cfg, mesh, state)
 
     def fill_reference(batch: Trajectories) -> Trajectories:
-        """Reference terms with the current reference, `update_batch` rows per call (one shape)."""
-        nonlocal ref_fn
-        n, logps, vs = batch.batch_size, [], []
-        for start in range(0, n, update_batch):
-            part = _pad_rows(batch.take(np.arange(start, min(start + update_batch, n))), update_batch)
-            if ref_fn is None:
-                ref_fn = jax.jit(functools.partial(reference_stats, graphdef, cfg=step_cfg),
-                                 in_shardings=(state_sharding(state, optimizer, mesh).ref_params,
-                                               batch_sharding(part, mesh)))
-            ref_logp, ref_v = map(to_host, ref_fn(state.ref_params, put_batch(part)))
-            part = batch.take(np.arange(start, min(start + update_batch, n)))
-            logps.append(ref_logp[: part.batch_size])
-            vs.append(ref_v[: part.batch_size])
-        return batch.replace(ref_logp=np.concatenate(logps), ref_v=np.concatenate(vs),
-                             ref_version=np.full(n, int(state.ref_version), np.int32))
-
-    def put_batch(batch: Trajectories) -> Trajectories:
-        """A host batch (the same on every process) onto the mesh, split over the data axes."""
-        return jax.tree.map(to_global, batch, batch_sharding(batch, mesh))
-
-    def put_rows(x: np.ndarray) -> jax.Array:
-        return to_global(np.asarray(x, np.float32), named_sharding(mesh, ("act_batch",), (len(x),)))
+        """Reference terms under the current reference, packed by the token budget like the update."""
+        micro, layout = pack(batch, budget)
+        logps, vs = updater.reference(state.ref_params, micro)
+        return batch.replace(ref_logp=layout.unpack_tokens(logps), ref_v=layout.gather(vs).astype(np.float32),
+                             ref_version=np.full(batch.batch_size, int(state.ref_version), np.int32))
 
     def recompute(stale: Trajectories):
         filled = fill_reference(stale)
         return filled.ref_logp, filled.ref_v
+
+    def update(state, train_batch: Trajectories, weights: np.ndarray):
+        advantages = grpo_advantages(train_batch.raw_reward, train_batch.group_id) \
+            if config.algorithm == "grpo" else None
+        micro, layout = pack(train_batch, budget, weights=weights, advantages=advantages)
+        norm = LossNorm.for_batch(train_batch, step_cfg.max_response_length)
+        return updater.update(state, micro, layout, norm)
 
     # --- data, rewards, replay, evaluation
     data_iter, data_stats = prompt_batches(
@@ -284,7 +297,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    step_fn = None
     last: dict[str, float] = {}
     try:
         if config.eval.every and restored is None:
@@ -327,9 +339,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                            ref_version=int(state.ref_version) if uses_reference else None,
                                            recompute_fn=recompute if uses_reference else None)
                     train_batch, weights, indices = sample.batch, sample.weights, sample.indices
-                if step_fn is None:
-                    step_fn = jit_train_step(graphdef, optimizer, step_cfg, state, train_batch, mesh)
-                state, m = timed_update(step_fn, state, put_batch(train_batch), put_rows(weights))
+                state, m = update(state, train_batch, weights)
                 if indices is not None and config.replay.prioritized:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})

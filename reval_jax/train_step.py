@@ -1,14 +1,22 @@
 """The sharded, jitted update: state, optimizer, reference statistics and one train step.
 
-    batch (Trajectories, reference terms filled in)
-      -> per micro-batch: policy forward (chunked log-probs, V(s_1)) -> loss contribution -> grads
-      -> sum over micro-batches (exactly the full-batch gradient: losses use global counts)
-      -> global-norm clip -> AdamW -> skipped (state unchanged) if the gradient is not finite
+    update batch (Trajectories, reference terms filled in)
+      -> packing.pack: micro-batches of packed rows sized by a token budget (host)
+      -> per micro-batch, one jitted call: policy forward (per-row chunked log-probs, V(s_1)) ->
+         loss contribution -> gradients added to a donated float32 accumulator
+      -> one jitted apply: global-norm clip -> AdamW -> skipped (state unchanged) if the loss, the
+         gradient norm, or the new parameters / optimizer state are not finite
+
+The micro-batches run as a host loop over ONE compiled program per micro-batch shape, so the
+number of micro-batches follows the data (a token budget) without recompiling, and the sum of
+their contributions is exactly the full-batch value: every loss is normalised by the counts of the
+whole update batch (`LossNorm`, computed on host before packing).
 
 `TrainState` holds policy parameters (float32 master weights), optimizer state and the reference
 parameters (same sharding, optionally bfloat16) with their version. Parameters are nnx.State trees
-of the model's graphdef; the same `sequence_stats` function computes policy and reference terms,
-which is what makes ReVal's calibrated initialisation (δ = 0 when π_θ = π_ref, r = 0) exact.
+of the model's graphdef. Each forward casts its parameters to the compute dtype first (sharded, so
+the FSDP all-gathers move compute-dtype weights) and goes through the same `batch_stats` function
+for policy and reference.
 """
 
 from __future__ import annotations
@@ -16,18 +24,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reval_jax.batch import Trajectories
-from reval_jax.logprobs import sequence_stats
-from reval_jax.losses import LOSSES, LossNorm, grpo_advantages
+from reval_jax.distributed import to_global, to_host
+from reval_jax.logprobs import batch_stats
+from reval_jax.losses import LOSSES, LossNorm
+from reval_jax.packing import Layout, Packed
 from reval_jax.sharding import logical_to_spec, state_shardings
 
 Array = jax.Array
@@ -45,16 +56,13 @@ class StepConfig:
     clip_high: float = 0.28
     dual_clip: float = 3.0
     is_cap: float = 2.0
-    max_response_length: int | None = None  # Dr. GRPO's constant; default: the batch length
-    micro_batches: int = 1  # gradient accumulation steps per update
-    chunk: int = 1024  # tokens per unembedding chunk in sequence_stats
+    max_response_length: int | None = None  # Dr. GRPO's constant; default: the padded length
+    chunk: int = 512  # positions of every row per unembedding chunk in logprobs.packed_stats
     temperature: float = 1.0  # logits / T everywhere, consistent with the sampler
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
-        if self.micro_batches < 1:
-            raise ValueError(f"micro_batches={self.micro_batches} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,36 +155,25 @@ def state_sharding(
     )
 
 
-def batch_sharding(batch: Trajectories, mesh: Mesh) -> Trajectories:
-    """Every field split over the data axes along the batch dimension."""
-    return jax.tree.map(
-        lambda x: NamedSharding(
-            mesh, logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-        ),
-        batch,
-    )
+def packed_sharding(mesh: Mesh) -> NamedSharding:
+    """Every field of a Packed micro-batch is split by rows over the data axes."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch", None), None, mesh))
 
 
 # ----------------------------------------------------------------------------- the step
 
 
-def _stats(graphdef, params, batch: Trajectories, cfg: StepConfig):
-    model = nnx.merge(graphdef, params)
-    return sequence_stats(
-        model,
-        batch.tokens,
-        batch.attn_mask,
-        batch.response_mask,
-        batch.s1_index,
-        chunk=cfg.chunk,
-        temperature=cfg.temperature,
-    )
+def _stats(graphdef, params, mb: Packed, cfg: StepConfig):
+    """(logp [R, L], v [R, M]) of the parameters `params` on a packed micro-batch."""
+    dtype = jnp.dtype(nnx.merge(graphdef, params).cfg.dtype)
+    model = nnx.merge(graphdef, _cast(params, dtype))  # gathers move compute-dtype weights
+    return batch_stats(model, mb, chunk=cfg.chunk, temperature=cfg.temperature)
 
 
-def reference_stats(graphdef, ref_params: nnx.State, batch: Trajectories, cfg: StepConfig):
-    """(log π_ref per token [B, T], V_ref(s_1) [B]) — the same function the policy goes through."""
-    s = _stats(graphdef, ref_params, batch, cfg)
-    return s.logp, s.v0
+def reference_stats(graphdef, ref_params: nnx.State, mb: Packed, cfg: StepConfig):
+    """(log π_ref per token [R, L], V_ref(s_1) per slot [R, M]) — the function the policy goes
+    through too."""
+    return _stats(graphdef, ref_params, mb, cfg)
 
 
 def _loss_fn(cfg: StepConfig):
@@ -195,65 +192,44 @@ def _loss_fn(cfg: StepConfig):
     return functools.partial(fn, beta=cfg.beta)
 
 
-def _split(tree, n: int):
-    """[B, ...] -> [n, B/n, ...] for every leaf."""
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
-
-
-def loss_and_grads(
-    graphdef, cfg: StepConfig, params: nnx.State, batch: Trajectories, weights: Array
-):
-    """Loss, float32 gradients and metrics of one update batch, accumulated over
-    `cfg.micro_batches` (exactly the full-batch values: every loss is normalised by the counts of
-    the whole batch). `weights` [B] are per-trajectory importance weights."""
-    B = batch.tokens.shape[0]
-    if B % cfg.micro_batches:
-        raise ValueError(
-            f"batch of {B} trajectories does not split into {cfg.micro_batches} micro-batches"
-        )
-    norm = LossNorm.for_batch(batch, cfg.max_response_length)
+def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packed, norm: LossNorm):
+    """Loss contribution, float32 gradients and metrics of one packed micro-batch."""
     loss_fn = _loss_fn(cfg)
-    extra = {}
-    if cfg.loss == "grpo":  # group-normalised advantages over the whole batch, never a micro-batch
-        extra["advantages"] = grpo_advantages(batch.raw_reward, batch.group_id)
 
-    def micro_loss(params, mb: Trajectories, w: Array, extra: dict):
-        s = _stats(graphdef, params, mb, cfg)
-        kwargs = dict(extra) if cfg.loss == "grpo" else {"weights": w}
-        return loss_fn(s.logp, s.v0, mb, norm, **kwargs)
+    def loss(params):
+        logp, v = _stats(graphdef, params, mb, cfg)
+        return loss_fn(logp, v, mb, norm)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def accumulate(grads, xs):
-        (loss, metrics), g = grad_fn(params, *xs)
-        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (loss, metrics)
-
-    n = cfg.micro_batches
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grads, (losses, metrics) = jax.lax.scan(
-        accumulate, zeros, (_split(batch, n), _split(weights, n), _split(extra, n))
-    )
-    # per-trajectory metrics [n, B/n] -> [B]; scalar contributions [n] -> their sum
-    metrics = {k: v.reshape(B) if v.ndim == 2 else jnp.sum(v) for k, v in metrics.items()}
-    return jnp.sum(losses), grads, {**metrics, "num_tokens": norm.num_tokens}
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
 
 
-def train_step(
-    graphdef,
-    optimizer: optax.GradientTransformation,
-    cfg: StepConfig,
-    state: TrainState,
-    batch: Trajectories,
-    weights: Array,
-):
-    """One update on `batch` (B trajectories with reference terms filled in): gradients,
-    global-norm clip and AdamW; a non-finite loss or gradient norm leaves parameters and optimizer
-    untouched and is counted. Pure; `jit_train_step` jits it. Returns (new state, metrics)."""
-    loss, grads, metrics = loss_and_grads(graphdef, cfg, state.params, batch, weights)
+def loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, micro: Sequence[Packed], norm: LossNorm):
+    """Loss, float32 gradients and per-micro-batch metrics of a whole update batch given as its
+    packed micro-batches (exactly the full-batch values). Pure: jit it whole for tests; the run uses
+    `Updater`, which compiles one micro-batch at a time."""
+    total, grads, metrics = 0.0, None, []
+    for mb in micro:
+        value, g, m = micro_loss_and_grads(graphdef, cfg, params, mb, norm)
+        total = total + value
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        metrics.append(m)
+    return total, grads, metrics
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads, loss: Array):
+    """Global-norm clip and AdamW from summed gradients. An update is skipped — parameters and
+    optimizer untouched, counted — when the loss, the gradient norm or the resulting parameters or
+    optimizer state are not finite. Returns (new state, {grad_norm, skipped})."""
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss) & _all_finite(params) & _all_finite(opt_state)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
@@ -263,55 +239,100 @@ def train_step(
         skipped=state.skipped + skipped,
         skipped_in_a_row=(state.skipped_in_a_row + 1) * skipped,
     )
+    return new_state, {"grad_norm": grad_norm, "skipped": skipped.astype(jnp.float32)}
 
-    out = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "skipped": skipped.astype(jnp.float32),
-        "num_tokens": metrics.pop("num_tokens"),
-    }
-    if "delta" in metrics:
-        delta = metrics.pop("delta")
-        out.update(
-            delta_mean=jnp.mean(delta),
-            delta_std=jnp.std(delta),
-            delta_abs_max=jnp.max(jnp.abs(delta)),
-            abs_delta=jnp.abs(delta),
-        )
+
+def summarize(loss, micro_metrics: Sequence[dict], layout: Layout, norm: LossNorm) -> dict[str, Any]:
+    """Host metrics of one update from its micro-batches' metrics: per-trajectory arrays [R, M] are
+    put back in the batch's order ([B]); scalar contributions are summed."""
+    micro_metrics = [jax.tree.map(to_host, m) for m in micro_metrics]
+    out: dict[str, Any] = {"loss": float(to_host(loss)), "num_tokens": float(norm.num_tokens)}
+    per_traj = {k for k, v in micro_metrics[0].items() if np.ndim(v) == 2}
+    if "delta" in per_traj:
+        delta = layout.gather([m["delta"] for m in micro_metrics])
+        out.update(delta_mean=float(np.mean(delta)), delta_std=float(np.std(delta)),
+                   delta_abs_max=float(np.max(np.abs(delta))), abs_delta=np.abs(delta))
     for k in ("kl", "v_diff"):
-        if k in metrics:
-            out[f"{k}_mean"] = jnp.mean(metrics.pop(k))
-    out.update({k: v for k, v in metrics.items() if v.ndim == 0})
-    return new_state, out
+        if k in per_traj:
+            out[f"{k}_mean"] = float(np.mean(layout.gather([m[k] for m in micro_metrics])))
+    for k in micro_metrics[0]:
+        if k not in per_traj:
+            out[k] = float(sum(np.asarray(m[k]) for m in micro_metrics))
+    return out
 
 
-def jit_train_step(
-    graphdef,
-    optimizer,
-    cfg: StepConfig,
-    state: TrainState,
-    batch: Trajectories,
-    mesh: Mesh | None = None,
-):
-    """`train_step` jitted with donated state and, given a mesh, explicit in/out shardings."""
-    fn = functools.partial(train_step, graphdef, optimizer, cfg)
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=(0,))
-    s_sh, b_sh = state_sharding(state, optimizer, mesh), batch_sharding(batch, mesh)
-    w_sh = NamedSharding(mesh, logical_to_spec(("act_batch",), (batch.tokens.shape[0],), mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        fn, in_shardings=(s_sh, b_sh, w_sh), out_shardings=(s_sh, replicated), donate_argnums=(0,)
-    )
+class Updater:
+    """The update and the reference pass as jitted programs, one per micro-batch shape.
+
+        updater = Updater(graphdef, optimizer, cfg, mesh, state)
+        state, metrics = updater.update(state, micro, layout, norm)    # micro: host Packed list
+        logp, v = updater.reference(state.ref_params, micro)           # host [R, L] / [R, M] lists
+
+    With a mesh, parameters keep their `state_sharding` layout, micro-batches are split by rows over
+    the data axes (placed from host arrays that every process holds whole), the state and the
+    gradient accumulator are donated."""
+
+    def __init__(self, graphdef, optimizer: optax.GradientTransformation, cfg: StepConfig,
+                 mesh: Mesh | None, state: TrainState):
+        self.mesh = mesh
+        accumulate = functools.partial(self._accumulate, graphdef, cfg)
+        apply = functools.partial(apply_gradients, optimizer)
+        reference = functools.partial(reference_stats, graphdef, cfg=cfg)
+        if mesh is None:
+            self._zeros = jax.jit(_zeros)
+            self._accumulate_fn = jax.jit(accumulate, donate_argnums=(0,))
+            self._apply_fn = jax.jit(apply, donate_argnums=(0,))
+            self._reference_fn = jax.jit(reference)
+            return
+        s_sh = state_sharding(state, optimizer, mesh)
+        b_sh, replicated = packed_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+        norm_sh = LossNorm(replicated, replicated, replicated)
+        self._zeros = jax.jit(_zeros, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
+        def accumulate_in_layout(*args):  # the accumulator keeps the parameters' layout
+            grads, value, metrics = accumulate(*args)
+            return jax.lax.with_sharding_constraint(grads, s_sh.params), value, metrics
+
+        self._accumulate_fn = jax.jit(
+            accumulate_in_layout, in_shardings=(s_sh.params, s_sh.params, b_sh, norm_sh), donate_argnums=(0,))
+        self._apply_fn = jax.jit(apply, in_shardings=(s_sh, s_sh.params, replicated),
+                                 out_shardings=(s_sh, replicated), donate_argnums=(0,))
+        self._reference_fn = jax.jit(reference, in_shardings=(s_sh.ref_params, b_sh))
+
+    @staticmethod
+    def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm):
+        value, g, metrics = micro_loss_and_grads(graphdef, cfg, params, mb, norm)
+        return jax.tree.map(jnp.add, grads, g), value, metrics
+
+    def put(self, mb: Packed) -> Packed:
+        """A host micro-batch onto the mesh (the same arrays on every process)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, mb)
+        sharding = packed_sharding(self.mesh)
+        return jax.tree.map(lambda x: to_global(x, sharding), mb)
+
+    def update(self, state: TrainState, micro: Sequence[Packed], layout: Layout, norm: LossNorm):
+        """One update from host micro-batches; returns (state, host metrics incl. seconds)."""
+        start = time.perf_counter()
+        grads = self._zeros(state.params)
+        loss, metrics = 0.0, []
+        for mb in micro:
+            grads, value, m = self._accumulate_fn(grads, state.params, self.put(mb), norm)
+            loss, metrics = loss + value, metrics + [m]
+        state, out = self._apply_fn(state, grads, loss)
+        host = summarize(loss, metrics, layout, norm)
+        host.update({k: float(v) for k, v in jax.device_get(out).items()})
+        seconds = time.perf_counter() - start
+        real = int(layout.length.sum())
+        host.update(seconds=seconds, tokens_per_s=real / seconds, micro_batches=float(len(micro)),
+                    tokens_processed=float(layout.tokens_processed),
+                    padding_fraction=1.0 - real / max(layout.tokens_processed, 1))
+        return state, host
+
+    def reference(self, ref_params: nnx.State, micro: Sequence[Packed]):
+        """Reference terms of every micro-batch: lists of host logp [R, L] and v [R, M]."""
+        outs = [self._reference_fn(ref_params, self.put(mb)) for mb in micro]
+        return [to_host(lp) for lp, _ in outs], [to_host(v) for _, v in outs]
 
 
-def timed_update(step_fn, state: TrainState, batch: Trajectories, weights: Array):
-    """Runs one jitted update and adds wall-clock `seconds` and `tokens_per_s` (all tokens of the
-    batch, prompt included) to its host-side metrics."""
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch, weights)
-    metrics = jax.device_get(metrics)
-    seconds = time.perf_counter() - start
-    tokens = float(jnp.sum(batch.attn_mask))
-    metrics = {**metrics, "seconds": seconds, "tokens_per_s": tokens / seconds}
-    return state, metrics
+def _zeros(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

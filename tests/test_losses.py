@@ -1,4 +1,5 @@
-"""Losses and reward transforms against plain numpy/Python loops on random data."""
+"""Losses and reward transforms against plain numpy/Python loops on random data, padded (one
+trajectory per row) and packed (several per row) alike."""
 
 import functools
 
@@ -7,17 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reval_jax import losses as L
 from reval_jax.batch import Trajectories
-from reval_jax.losses import (
-    GRPO_AGGREGATIONS,
-    LOSSES,
-    LossNorm,
-    grpo_advantages,
-    grpo_loss,
-    reval_loss,
-    tbrm_loss,
-    transform_rewards,
-)
+from reval_jax.losses import GRPO_AGGREGATIONS, LossNorm, grpo_advantages, transform_rewards
+from reval_jax.packing import Budget, pack, pack_rows
 
 BETA = 0.05
 B, T = 6, 12
@@ -65,6 +59,23 @@ def policy_inputs(batch: Trajectories, seed: int):
     logp = np.where(batch.response_mask, np.minimum(logp, 0.0), 7.0).astype(np.float32)
     v = (np.asarray(batch.ref_v) + rng.normal(0.0, 0.5, batch.batch_size)).astype(np.float32)
     return logp, v
+
+
+def on_rows(fn):
+    """A loss called on a padded batch: one trajectory per row (M = 1); per-trajectory metrics
+    come back as [B]."""
+
+    def call(logp, v, batch, norm, *, weights=None, advantages=None, **kwargs):
+        rows = pack_rows(batch, weights=weights, advantages=advantages)
+        v = None if v is None else jnp.asarray(v)[:, None]
+        loss, metrics = fn(logp, v, rows, norm, **kwargs)
+        return loss, {k: (x[:, 0] if jnp.ndim(x) == 2 else x) for k, x in metrics.items()}
+
+    return call
+
+
+LOSSES = {name: on_rows(fn) for name, fn in L.LOSSES.items()}
+reval_loss, tbrm_loss, grpo_loss = LOSSES["reval"], LOSSES["tbrm"], LOSSES["grpo"]
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -206,7 +217,8 @@ def test_grpo_matches_loop(aggregation):
     batch, logp, old = grpo_inputs(5)
     max_len = T + 5
     norm = LossNorm.for_batch(batch, max_response_length=max_len)
-    loss, metrics = grpo_loss(logp, None, batch, norm, old_logp=old, aggregation=aggregation)
+    loss, metrics = grpo_loss(logp, None, batch, norm, old_logp=old, aggregation=aggregation,
+                              advantages=batch.reward)
     expected = loop_grpo(logp, old, batch.reward, batch, aggregation, max_len)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     # The data exercises both clip bounds, the dual clip and the IS cap, on both signs of A.
@@ -217,7 +229,7 @@ def test_grpo_matches_loop(aggregation):
 
 def test_grpo_clip_metrics_match_loop():
     batch, logp, old = grpo_inputs(6)
-    _, metrics = grpo_loss(logp, None, batch, LossNorm.for_batch(batch), old_logp=old)
+    _, metrics = grpo_loss(logp, None, batch, LossNorm.for_batch(batch), old_logp=old, advantages=batch.reward)
     low = high = dual = count = 0
     for i, j in zip(*np.nonzero(batch.response_mask), strict=True):
         a = float(batch.reward[i])
@@ -240,7 +252,7 @@ def test_grpo_on_policy_defaults_and_gradient():
     norm = LossNorm.for_batch(batch)
 
     def loss_fn(lp):
-        return grpo_loss(lp, None, batch, norm)[0]
+        return grpo_loss(lp, None, batch, norm, advantages=batch.reward)[0]
 
     loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logp))
     w = np.minimum(np.exp(logp - batch.sampler_logp), 2.0)
@@ -266,7 +278,8 @@ def test_micro_batch_contributions_sum_to_full_batch(kind, kwargs):
     v = policy_inputs(batch, 8)[1]
     norm = LossNorm.for_batch(batch, max_response_length=T + 3)
     if kind == "grpo":
-        fn = lambda b, idx: grpo_loss(logp[idx], v[idx], b, norm, **kwargs, old_logp=old[idx])
+        fn = lambda b, idx: grpo_loss(logp[idx], v[idx], b, norm, **kwargs, old_logp=old[idx],
+                                      advantages=b.reward)
     else:
         fn = lambda b, idx: LOSSES[kind](logp[idx], v[idx], b, norm, beta=BETA)
     full, full_metrics = fn(batch, np.arange(8))
@@ -286,10 +299,62 @@ def test_losses_jit():
     batch = make_batch(9)
     logp, v = policy_inputs(batch, 9)
     norm = LossNorm.for_batch(batch)
-    fn = jax.jit(functools.partial(reval_loss, beta=BETA))
-    jitted, _ = fn(logp, v, jax.tree.map(jnp.asarray, batch), norm)
+    fn = jax.jit(functools.partial(L.reval_loss, beta=BETA))
+    jitted, _ = fn(logp, v[:, None], jax.tree.map(jnp.asarray, pack_rows(batch)), norm)
     eager, _ = reval_loss(logp, v, batch, norm, beta=BETA)
     np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+
+def packed_inputs(batch: Trajectories, logp, v, row_len: int, carrier="sampler_logp", **kwargs):
+    """`batch` packed into rows of `row_len` tokens, with the policy's logp [B, T] and v [B] moved
+    the same way (logp rides in a token field the loss under test does not read: `carrier`)."""
+    moved = batch.replace(**{carrier: np.asarray(logp, np.float32)})
+    micro, layout = pack(moved, Budget(row_len=row_len, micro_batches=1), **kwargs)
+    (mb,) = micro
+    packed_logp = getattr(mb, carrier)
+    original = pack(batch, Budget(row_len=row_len, micro_batches=1))[0][0]
+    mb = mb.replace(**{carrier: getattr(original, carrier)})
+    v_slots = np.zeros(mb.valid.shape, np.float32)
+    v_slots[layout.row, layout.slot] = v
+    return mb, packed_logp, v_slots, layout
+
+
+@pytest.mark.parametrize(("kind", "kwargs"), CASES)
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_packed_rows_give_the_same_delta_and_loss(kind, kwargs, left_pad):
+    """Several trajectories per row (segment sums, per-slot values) equal one per row."""
+    batch, logp, old = grpo_inputs(12)
+    if left_pad:
+        batch = make_batch(12, b=8, left_pad=True).replace(raw_reward=batch.raw_reward, reward=batch.reward)
+        logp = policy_inputs(batch, 12)[0]
+    v = policy_inputs(batch, 12)[1]
+    weights = np.random.default_rng(3).uniform(0.5, 1.0, 8).astype(np.float32)
+    norm = LossNorm.for_batch(batch, max_response_length=T + 3)
+    carrier = "ref_logp" if kind == "grpo" else "sampler_logp"
+    mb, packed_logp, v_slots, layout = packed_inputs(batch, logp, v, row_len=2 * T, carrier=carrier,
+                                                     weights=weights, advantages=batch.reward)
+    assert mb.valid.sum(axis=1).max() >= 2  # rows really hold several trajectories
+    extra = {"advantages": batch.reward} if kind == "grpo" else {"beta": BETA}
+    if kind != "grpo":
+        unpacked, m_unpacked = LOSSES[kind](logp, v, batch, norm, weights=weights, **extra)
+        packed, m_packed = L.LOSSES[kind](packed_logp, v_slots, mb, norm, beta=BETA)
+        for name in ("delta", "kl", "v_diff"):
+            np.testing.assert_allclose(layout.gather([m_packed[name]]), m_unpacked[name], atol=1e-5, err_msg=name)
+    else:
+        unpacked, _ = LOSSES[kind](logp, v, batch, norm, **extra, **kwargs)
+        packed, _ = L.LOSSES[kind](packed_logp, v_slots, mb, norm, **kwargs)
+    np.testing.assert_allclose(packed, unpacked, rtol=1e-5, atol=1e-7)
+
+
+def test_norm_of_packed_and_padded_batches_agree():
+    batch = make_batch(13)
+    mb, *_ = packed_inputs(batch, np.zeros(batch.tokens.shape), np.zeros(B), row_len=2 * T)
+    a, b = LossNorm.for_batch(batch, max_response_length=T), LossNorm.for_batch(mb, max_response_length=T)
+    assert float(a.num_sequences) == float(b.num_sequences) == B
+    assert float(a.num_tokens) == float(b.num_tokens) == batch.response_mask.sum()
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -59,8 +59,8 @@ def test_config_errors_name_the_field(data_file, tmp_path):
         train.run(tiny_config(data_file, **{"model.path": "/nope"}), str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         train.run(tiny_config(data_file, **{"data.train_files": ("/nope.jsonl",)}), str(tmp_path))
-    with pytest.raises(ValueError, match="config.micro_batches: 3 does not divide"):
-        train.run(tiny_config(data_file, micro_batches=3), str(tmp_path))
+    with pytest.raises(ValueError, match="config.tokens_per_device: 10 tokens do not hold one packed row of 76"):
+        train.run(tiny_config(data_file, tokens_per_device=10), str(tmp_path))
 
 
 def test_command_line_rejects_a_mistyped_field(tmp_path):

@@ -11,17 +11,17 @@ from flax import nnx
 from models import tiny_model
 
 from reval_jax.batch import Trajectories
-from reval_jax.losses import transform_rewards
+from reval_jax.losses import LossNorm, grpo_advantages, transform_rewards
+from reval_jax.packing import Budget, pack, pack_rows
 from reval_jax.sharding import make_mesh, state_shardings
 from reval_jax.train_step import (
     OptimizerConfig,
     StepConfig,
-    batch_sharding,
+    Updater,
     init_state,
-    jit_train_step,
     loss_and_grads,
     make_optimizer,
-    reference_stats,
+    packed_sharding,
     reset_reference,
 )
 
@@ -70,23 +70,26 @@ def setup(cfg: StepConfig, lr=1e-3, seed=0, optimizer=None):
     return graphdef, optimizer, init_state(params, optimizer)
 
 
-@functools.cache
-def _ref_fn(graphdef, cfg):
-    return jax.jit(functools.partial(reference_stats, graphdef, cfg=cfg))
+def budget(micro_batches=1, devices=1, row_len=P + A, max_segments=4):
+    """Rows as long as a padded trajectory: the random lengths pack 2-3 trajectories per row."""
+    return Budget(row_len=row_len, micro_batches=micro_batches, devices=devices, max_segments=max_segments)
 
 
-def with_reference(graphdef, state, batch, cfg):
-    ref_logp, ref_v = _ref_fn(graphdef, cfg)(state.ref_params, batch)
-    return batch.replace(ref_logp=ref_logp, ref_v=ref_v)
+def with_reference(updater, state, batch, micro_batches=1, devices=1):
+    micro, layout = pack(jax.device_get(batch), budget(micro_batches, devices))
+    logps, vs = updater.reference(state.ref_params, micro)
+    return batch.replace(ref_logp=jnp.asarray(layout.unpack_tokens(logps)), ref_v=jnp.asarray(layout.gather(vs)))
 
 
-def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None):
+def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None, micro_batches=1):
     graphdef, optimizer, state = setup(cfg, lr, optimizer=optimizer)
-    batch = with_reference(graphdef, state, batch, cfg)
-    step = jit_train_step(graphdef, optimizer, cfg, state, batch, mesh)
-    weights = jnp.ones(batch.tokens.shape[0], jnp.float32)
-    new_state, metrics = step(state, batch, weights)
-    return new_state, jax.device_get(metrics)
+    devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    updater = Updater(graphdef, optimizer, cfg, mesh, state)
+    batch = jax.device_get(with_reference(updater, state, batch, micro_batches, devices))
+    advantages = grpo_advantages(batch.raw_reward, batch.group_id) if cfg.loss == "grpo" else None
+    micro, layout = pack(batch, budget(micro_batches, devices), advantages=advantages)
+    norm = LossNorm.for_batch(batch)
+    return updater.update(state, micro, layout, norm)
 
 
 def test_calibrated_initialisation_reval_zero_tbrm_not():
@@ -106,8 +109,8 @@ def test_gradient_is_eq4_plus_the_value_term():
     from reval_jax.losses import LossNorm, reval_loss
 
     cfg = StepConfig(loss="reval", beta=0.5)
-    graphdef, _, state = setup(cfg)
-    batch = with_reference(graphdef, state, make_batch(seed=1), cfg)
+    graphdef, optimizer, state = setup(cfg)
+    batch = with_reference(Updater(graphdef, optimizer, cfg, None, state), state, make_batch(seed=1))
     other = jax.tree.map(lambda p: p * 1.05, state.params)  # policy ≠ reference
     norm = LossNorm.for_batch(batch)
 
@@ -129,15 +132,16 @@ def test_gradient_is_eq4_plus_the_value_term():
             batch.response_mask,
             batch.s1_index,
         )
-        return reval_loss(s.logp, s.v0, batch, norm, beta=cfg.beta)[0]
+        return reval_loss(s.logp, s.v0[:, None], pack_rows(batch), norm, beta=cfg.beta)[0]
 
     logp_tau, v = stats(other)
     delta = (v - batch.ref_v) + logp_tau - jnp.sum(batch.ref_logp, -1) - batch.reward / cfg.beta
     B = batch.tokens.shape[0]
 
-    def surrogate(params):
+    def surrogate(params):  # δ from this program's own forward, so both sides share its rounding
         lp, vv = stats(params)
-        c = jax.lax.stop_gradient(2.0 * delta / B)
+        d = (vv - batch.ref_v) + lp - jnp.sum(batch.ref_logp, -1) - batch.reward / cfg.beta
+        c = jax.lax.stop_gradient(2.0 * d / B)
         return jnp.sum(c * lp) + jnp.sum(c * vv)
 
     g_auto = jax.jit(jax.grad(loss))(other)
@@ -156,17 +160,19 @@ def test_left_and_right_padded_layouts_give_the_same_delta():
     np.testing.assert_allclose(m_left["grad_norm"], m_right["grad_norm"], rtol=1e-4)
 
 
-def grads_of(cfg, batch, mesh=None):
-    """(loss, gradients) of `loss_and_grads`, jitted, optionally with everything sharded."""
-    graphdef, _, state = setup(cfg)
-    batch = with_reference(graphdef, state, batch, cfg)
-    params, weights = state.params, jnp.ones(batch.tokens.shape[0], jnp.float32)
+def grads_of(cfg, batch, mesh=None, micro_batches=1):
+    """(loss, gradients) of `loss_and_grads` over the packed micro-batches, jitted whole, optionally
+    with everything sharded."""
+    graphdef, optimizer, state = setup(cfg)
+    devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = jax.device_get(with_reference(Updater(graphdef, optimizer, cfg, None, state), state, batch))
+    advantages = grpo_advantages(batch.raw_reward, batch.group_id) if cfg.loss == "grpo" else None
+    micro, _ = pack(batch, budget(micro_batches, devices), advantages=advantages)
+    params, norm = state.params, LossNorm.for_batch(batch)
     if mesh is not None:
         params = jax.device_put(params, state_shardings(params, mesh))
-        batch = jax.device_put(batch, batch_sharding(batch, mesh))
-    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, graphdef, cfg))(
-        params, batch, weights
-    )
+        micro = jax.device_put(micro, packed_sharding(mesh))
+    loss, grads, _ = jax.jit(functools.partial(loss_and_grads, graphdef, cfg))(params, micro, norm)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -180,7 +186,7 @@ def assert_same_grads(g1, g2):
 def test_gradient_accumulation_equals_the_full_batch(loss):
     batch = make_batch(seed=3)
     l1, g1 = grads_of(StepConfig(loss=loss, beta=0.1), batch)
-    l4, g4 = grads_of(StepConfig(loss=loss, beta=0.1, micro_batches=4), batch)
+    l4, g4 = grads_of(StepConfig(loss=loss, beta=0.1), batch, micro_batches=3)
     np.testing.assert_allclose(l4, l1, rtol=1e-5, atol=1e-7)
     assert_same_grads(g1, g4)
 
@@ -191,18 +197,42 @@ def test_non_finite_gradient_skips_the_step():
     batch = batch.replace(reward=batch.reward.at[3].set(jnp.nan))
     graphdef, optimizer, state = setup(cfg)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    batch = with_reference(graphdef, state, batch, cfg)
-    step = jit_train_step(graphdef, optimizer, cfg, state, batch)
-    weights = jnp.ones(batch.tokens.shape[0])
-    state, m = step(state, batch, weights)
+    updater = Updater(graphdef, optimizer, cfg, None, state)
+    batch = jax.device_get(with_reference(updater, state, batch))
+
+    def step(state, batch):
+        micro, layout = pack(batch, budget())
+        return updater.update(state, micro, layout, LossNorm.for_batch(batch))
+
+    state, m = step(state, batch)
     assert m["skipped"] == 1 and int(state.skipped) == 1 and int(state.step) == 0
-    state, _ = step(state, batch, weights)
+    state, _ = step(state, batch)
     assert int(state.skipped_in_a_row) == 2
     after = jax.tree.map(np.asarray, (state.params, state.opt_state))
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
-    state, m = step(state, batch.replace(reward=jnp.zeros_like(batch.reward)), weights)
+    state, m = step(state, batch.replace(reward=np.zeros_like(batch.reward)))
     assert m["skipped"] == 0 and int(state.skipped_in_a_row) == 0 and int(state.step) == 1
+
+
+def test_non_finite_result_skips_the_step():
+    """A finite gradient whose update makes the optimizer state non-finite (a corrupted moment)
+    is skipped too: parameters and optimizer state keep their finite values."""
+    cfg = StepConfig(loss="reval", beta=0.1)
+    graphdef, optimizer, state = setup(cfg)
+    mu = state.opt_state[1][0].mu
+    bad = jax.tree.map(lambda x: x, mu)
+    bad["q_proj"].set_value(mu["q_proj"][...].at[0, 0, 0, 0].set(jnp.inf))
+    adam = state.opt_state[1][0]._replace(mu=bad)
+    state = state.replace(opt_state=(state.opt_state[0], (adam, *state.opt_state[1][1:])))
+    updater = Updater(graphdef, optimizer, cfg, None, state)
+    batch = jax.device_get(with_reference(updater, state, make_batch(seed=4)))
+    before = jax.tree.map(np.asarray, state.params)
+    micro, layout = pack(batch, budget())
+    state, m = updater.update(state, micro, layout, LossNorm.for_batch(batch))
+    assert np.isfinite(m["grad_norm"]) and m["skipped"] == 1 and int(state.step) == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.asarray, state.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_reference_reset_copies_the_policy_and_bumps_the_version():
@@ -230,16 +260,31 @@ def test_bfloat16_reference_is_kept_in_bfloat16():
 @pytest.mark.parametrize("loss", ["reval", "grpo"])
 def test_sharded_step_equals_single_device(loss):
     batch = make_batch(seed=6)
-    cfg = StepConfig(loss=loss, beta=0.1, micro_batches=2)
+    cfg = StepConfig(loss=loss, beta=0.1)
     mesh = make_mesh((2, 2, 2))
-    l1, g1 = grads_of(cfg, batch)
-    l8, g8 = grads_of(cfg, batch, mesh)
+    l1, g1 = grads_of(cfg, batch, micro_batches=2)
+    l8, g8 = grads_of(cfg, batch, mesh, micro_batches=2)
     np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-7)
     assert_same_grads(g1, g8)
-    # and the whole jitted step with explicit shardings keeps the parameters in their layout
-    single, m1 = run_step(cfg, batch)
-    sharded, m8 = run_step(cfg, batch, mesh=mesh)
+    # and the whole update with explicit shardings keeps the parameters in their layout
+    single, m1 = run_step(cfg, batch, micro_batches=2)
+    sharded, m8 = run_step(cfg, batch, mesh=mesh, micro_batches=2)
     assert sharded.params["gate_proj"][...].sharding.spec == jax.sharding.PartitionSpec(
         None, "fsdp", "tensor"
     )
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+
+def test_token_budget_sizes_micro_batches_by_devices():
+    """tokens_per_device sets rows per micro-batch (a multiple of the data-parallel devices); the
+    packed update processes at most the budget's tokens and few more than the real ones."""
+    batch = jax.device_get(make_batch(B=32, seed=7))
+    real = int(np.asarray(batch.attn_mask).sum())
+    b = Budget(row_len=P + A, tokens_per_device=2 * (P + A), devices=4)
+    micro, layout = pack(batch, b)
+    assert [mb.tokens.shape for mb in micro[:-1]] == [(8, P + A)] * (len(micro) - 1)
+    assert all(mb.tokens.shape[0] % 4 == 0 for mb in micro)
+    assert layout.tokens_processed == sum(mb.tokens.size for mb in micro)
+    assert real <= layout.tokens_processed < 2 * real  # padded: 32 × 16 = 512 tokens
+    np.testing.assert_array_equal(layout.unpack_tokens([mb.tokens for mb in micro]),
+                                  np.where(batch.attn_mask, batch.tokens, 0))
