@@ -95,7 +95,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         bad("tokens_per_device / micro_batches", "must be >= 0")
     if not (config.tokens_per_device or config.micro_batches):
         bad("tokens_per_device", "0 with micro_batches 0: set a token budget per device (or micro_batches)")
-    row_len = sequence_length(config)
+    row_len = row_length(config)
+    if config.row_tokens and config.row_tokens < sequence_length(config):
+        bad("row_tokens", f"{config.row_tokens} cannot hold the longest trajectory of {sequence_length(config)} "
+            "tokens (prompt bucket + sampling.max_new_tokens): raise it, or 0 for one sequence per row")
     if config.tokens_per_device and not config.micro_batches and config.tokens_per_device < row_len:
         bad("tokens_per_device", f"{config.tokens_per_device} tokens do not hold one packed row of {row_len} "
             f"(prompt bucket + sampling.max_new_tokens): raise it to at least {row_len}, ideally a multiple")
@@ -123,9 +126,14 @@ def sequence_length(config) -> int:
     return bucket_length(config.data.max_prompt_len, tuple(config.sampling.buckets)) + config.sampling.max_new_tokens
 
 
+def row_length(config) -> int:
+    """Tokens per packed row: config.row_tokens, or one sequence length."""
+    return config.row_tokens or sequence_length(config)
+
+
 def packing_budget(config, mesh) -> Budget:
     """How the update, the reference pass and the stale-reference recompute pack their rows."""
-    return Budget(row_len=sequence_length(config), tokens_per_device=config.tokens_per_device,
+    return Budget(row_len=row_length(config), tokens_per_device=config.tokens_per_device,
                   micro_batches=config.micro_batches, devices=mesh.shape["data"] * mesh.shape["fsdp"],
                   max_segments=config.max_segments_per_row)
 
