@@ -30,9 +30,10 @@ from reval_jax import distributed
 from reval_jax.batch import Trajectories, concatenate
 from reval_jax.distributed import to_global, to_host
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
+from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
-from reval_jax.sharding import make_mesh, named_sharding
+from reval_jax.sharding import named_sharding
 from reval_jax.train_step import (
     OptimizerConfig,
     StepConfig,
@@ -112,18 +113,6 @@ def apply_algorithm_defaults(config: ml_collections.ConfigDict) -> list[str]:
     return changes
 
 
-def make_run_mesh(config):
-    return make_mesh(tuple(config.mesh))
-
-
-def load_policy(config, mesh, path: str | None = None):
-    """The policy model (sharded on `mesh`) and its tokenizer from a local HF directory."""
-    from reval_jax.hf import load_hf
-
-    return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
-                   dtype=config.model.dtype, remat=config.model.remat)
-
-
 def step_config(config) -> StepConfig:
     return StepConfig(
         loss=config.algorithm, beta=config.beta, stop_grad_v=config.stop_grad_v,
@@ -168,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- model, optimizer, state
     mesh = make_run_mesh(config)
-    policy, tokenizer = load_policy(config, mesh)
+    policy, tokenizer = load_hf_policy(config, mesh)
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
     state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
@@ -334,11 +323,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
                 if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
-                    ckpt.wait()
+                    ckpt.wait()  # every step on disk was saved from a finite state (or verified)
                     raise RuntimeError(
                         f"stopping at iteration {iteration}: {int(state.skipped_in_a_row)} updates in a row had a "
                         f"non-finite loss or gradient (config.max_skipped_in_a_row={config.max_skipped_in_a_row}). "
-                        f"The last good checkpoint ({ckpt.steps()[-1] if ckpt.steps() else 'none'}) in "
+                        f"The last good checkpoint ({ckpt.last_good() or 'none'}) in "
                         f"{ckpt.directory} is kept; check beta, the learning rate and the rewards.")
                 if config.reference.reset_every and int(state.step) % config.reference.reset_every == 0 \
                         and not m["skipped"]:
