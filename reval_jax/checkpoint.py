@@ -216,6 +216,15 @@ class Checkpointer:
             "directory, then rerun the same command to resume from the latest of them."
         )
 
+    def poll(self) -> None:
+        """Raises CheckpointError if the background write of the last save has ended in an error,
+        without waiting for a write still under way. On several processes it does nothing (they
+        could see the end of the write at different iterations and part ways); there the next save
+        or the end of the run reports the failure, naming the same step."""
+        if self.writing is None or jax.process_count() > 1 or self.manager.is_saving_in_progress():
+            return
+        self.wait()
+
     def wait(self) -> None:
         """Waits for the last save to be written; raises CheckpointError naming it if it failed."""
         try:
@@ -226,11 +235,14 @@ class Checkpointer:
             raise CheckpointError(self._save_failed(self.writing, e)) from e
 
     def _abandon(self) -> None:
-        """After a failed write: nothing is left to wait for, so closing does not wait again."""
+        """After a failed write: nothing is left to wait for (so closing does not wait again), and
+        what the write left of its step is moved aside, so that the kept steps are all complete."""
         try:
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001, S110 — the error is being reported by the caller
             pass
+        if self.writing is not None and (self.directory / str(self.writing)).exists():
+            self._quarantine(self.writing, print)
 
     def last_good(self) -> int | None:
         """The newest step that is complete on disk (every step is saved from a finite, checksummed

@@ -279,6 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if config.eval.every and restored is None:
             run_eval(0)
         for iteration in range(start, config.num_iterations + 1):
+            ckpt.poll()  # a failed background write of the last checkpoint stops the run here
             # --- generate: prompts -> sampler -> rewards
             t0 = time.perf_counter()
             examples = next(data_iter)

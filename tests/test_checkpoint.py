@@ -163,6 +163,32 @@ def test_full_disk_is_reported_and_earlier_checkpoints_stay(data_file, tmp_path,
     train.run(tiny_config(data_file, num_iterations=2), str(tmp_path))  # resumes from 1 fine
 
 
+def test_a_failed_background_write_stops_the_run_at_once_naming_its_step(data_file, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    original_save, original_finalize = ocp.CheckpointManager.save, ocp.CheckpointManager._finalize_checkpoint
+
+    def failing_finalize(self, step):  # in Orbax's background thread, after the arrays are written
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original_finalize(self, step)
+
+    def save(self, step, *args, **kwargs):
+        saved = original_save(self, step, *args, **kwargs)
+        while step == 2 and self.is_saving_in_progress():  # a write that fails quickly
+            time.sleep(0.01)
+        return saved
+
+    monkeypatch.setattr(ocp.CheckpointManager, "_finalize_checkpoint", failing_finalize)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint 2 .* No space left on device.*intact \(\[1\]\)"):
+        train.run(tiny_config(data_file, num_iterations=6), str(tmp_path))
+    monkeypatch.undo()
+    # stopped before training iteration 3
+    assert [r["iteration"] for r in metric_records(tmp_path) if r["kind"] == "train"] == [1, 2]
+    assert Checkpointer(tmp_path / "checkpoints").steps() == [1]
+
+
 def test_restore_onto_a_different_mesh(data_file, tmp_path):
     train.run(tiny_config(data_file, num_iterations=1), str(tmp_path))
     config = tiny_config(data_file, num_iterations=2, mesh=(2, 2, 2))
