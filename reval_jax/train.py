@@ -139,7 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     from reval_jax.checkpoint import Checkpointer, config_differences
     from reval_jax.data import prompt_batches
     from reval_jax.evaluate import evaluate, load_benchmarks, score_rollout, settings_from_config
-    from reval_jax.metrics import MetricsWriter, truncate_after
+    from reval_jax.metrics import MetricsWriter
     from reval_jax.rewards import RewardScorer, RewardStats
     from reval_jax.templates import stop_token_ids
 
@@ -249,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         buffer.load_state_dict(restored.buffer)
         data_iter.set_state(restored.meta["data"])
         scorer.restore_stats(RewardStats(**restored.meta["verifier"]))
-        dropped = truncate_after(workdir, restored.iteration) if writer.enabled else 0
+        dropped = writer.rewind(restored.iteration)  # metrics.jsonl and TensorBoard events
         print(f"resumed from checkpoint {restored.iteration} in {ckpt.directory} "
               f"({dropped} later metric records dropped)")
         for diff in config_differences(restored.meta["config"], json_config):

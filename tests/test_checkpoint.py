@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, metric_records, tiny_config
+from helpers import REPO_ROOT, metric_records, tb_scalars, tiny_config
 
 from reval_jax import train
 from reval_jax.checkpoint import Checkpointer, CheckpointError
@@ -306,6 +306,8 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(six, data_fi
     assert (workdir / "checkpoints.corrupt" / "6").is_dir()
     train_rows = [r["iteration"] for r in metric_records(workdir) if r["kind"] == "train"]
     assert train_rows == [1, 2, 3, 4, 5, 6, 7]
+    loss_steps = sorted(step for tag, step, _ in tb_scalars(workdir) if tag == "train/loss")
+    assert loss_steps == train_rows  # the events of 5 and 6 from before the resume are gone
 
 
 def test_a_checkpoint_without_checksums_is_accepted_with_a_warning(six, data_file, tmp_path, capsys):
