@@ -196,7 +196,7 @@ class Checkpointer:
                              "state": state_sums, "buffer": buffer_sums}
         try:
             self.writing = iteration
-            self.manager.save(
+            written = self.manager.save(
                 iteration,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
@@ -206,7 +206,9 @@ class Checkpointer:
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(self._save_failed(iteration, e)) from e
-        return True
+        if not written:  # Orbax writes no step that is not newer than the newest on disk
+            log(f"checkpoint {iteration} not written: {self.directory} already holds {self.steps()}")
+        return bool(written)
 
     def _save_failed(self, iteration: int | None, e: Exception) -> str:
         kept = [s for s in self.steps() if s != iteration]
