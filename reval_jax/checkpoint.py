@@ -3,27 +3,38 @@
 A checkpoint at iteration i holds everything the rest of the run depends on:
   state   TrainState: policy, optimizer, reference parameters and version, update/skip counters
   buffer  the replay buffer (trajectories, priorities, use counts, its RNG state)
-  meta    JSON: iteration, the grain data-iterator state, reward-verifier counters, the config
+  meta    JSON: iteration, the grain data-iterator state, reward-verifier counters, the config,
+          and `checksums`: one fingerprint per array leaf of state and buffer (see `fingerprints`)
 Sampling seeds derive from (seed, iteration), so nothing else is random.
 
 Saves are asynchronous (Orbax copies device arrays to host, then writes in a background thread) and
-atomic (a step directory appears only once complete), keeping the last `keep`. Restoring walks from
-the newest step to older ones and skips, with a report, any step that fails to load (partial or
-corrupt). Restoring takes the *current* run's shardings as target, so a checkpoint written on one
-mesh loads onto another.
+atomic (a step directory appears only once complete), keeping the last `keep`. Before a save the
+state is fingerprinted on device (one jitted pass that also checks that params and optimizer state
+are finite: a non-finite state is never saved). Restoring walks from the newest step to older ones
+and skips, with a report naming the step, any step that fails to load (partial, truncated, missing
+files) or whose restored values do not match its checksums (bit flips inside array data); the
+training run moves such a step aside to `checkpoints.corrupt/` so that the run can write that step
+again. A step written before checksums existed is accepted with a warning. Restoring takes the
+*current* run's shardings as target, so a checkpoint written on one mesh loads onto another (the
+fingerprints do not depend on the sharding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUM_FORMAT = 1
 
 
 @dataclasses.dataclass
@@ -38,9 +49,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the message says where, why, and what is still intact."""
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint step loaded but its values do not match the checksums it was saved with."""
+
+
 def _abstract(tree):
     """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
     def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return np.asarray(x)  # numpy leaves restore as numpy
@@ -48,78 +65,260 @@ def _abstract(tree):
     return jax.tree.map(one, tree)
 
 
+# ----------------------------------------------------------------------------- checksums
+
+
+def _mix(h):
+    """murmur3's 32-bit finalizer: a bijection of uint32 that spreads every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x) -> jax.Array:
+    """The bits of `x` as uint32 words (one per element; 8-byte dtypes give a trailing [2])."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+def _device_checksum(x) -> jax.Array:
+    """[2] uint32 of an array, independent of its sharding (integer sums mod 2^32 do not depend on
+    the order of the reduction): a = Σ_i w_i·x_i with odd weights w_i = mix(i)|1, so that changing any
+    one word always changes `a`; b = Σ_i mix(x_i + mix(i ^ φ)), a non-linear second lane."""
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)  # flat position of each word
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    a = jnp.sum(w * (_mix(index) | jnp.uint32(1)), dtype=jnp.uint32)
+    b = jnp.sum(_mix(w + _mix(index ^ jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    return jnp.stack([a, b])
+
+
+@jax.jit
+def _device_fingerprints(leaves: list) -> tuple[list, jax.Array]:
+    sums = [_device_checksum(x) for x in leaves]
+    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return sums, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def fingerprints(tree) -> tuple[dict[str, str], bool]:
+    """Per-leaf checksums `{key path: hex}` of a tree of arrays, and whether every floating leaf is
+    finite. jax.Array leaves (sharded, on any number of hosts) are reduced on device in one jitted
+    pass, so a multi-host state never leaves its devices; numpy leaves are hashed on host (blake2b)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    device = [(n, x) for n, (_, x) in zip(names, flat, strict=True) if isinstance(x, jax.Array)]
+    out: dict[str, str] = {}
+    finite = True
+    if device:
+        sums, ok = _device_fingerprints([x for _, x in device])
+        finite = bool(ok)
+        for (name, x), s in zip(device, sums, strict=True):
+            a, b = (int(v) for v in np.asarray(s))
+            out[name] = f"{x.dtype}{list(x.shape)}:{a:08x}{b:08x}"
+    for name, (_, x) in zip(names, flat, strict=True):
+        if not isinstance(x, jax.Array):
+            x = np.asarray(x)
+            digest = hashlib.blake2b(x.tobytes(), digest_size=8)
+            out[name] = f"{x.dtype}{list(x.shape)}:{digest.hexdigest()}"
+            if np.issubdtype(x.dtype, np.inexact):
+                finite = finite and bool(np.isfinite(x).all())
+    return out, finite
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def verify(meta: dict, **items) -> list[str] | None:
+    """The names of the restored leaves whose values do not match the checksums stored in `meta`
+    (an empty list: all match); None if the checkpoint predates checksums. `items` are the restored
+    trees by item name (state=..., buffer=...); items not given are not checked."""
+    saved = meta.get("checksums")
+    if saved is None:
+        return None
+    bad = [] if saved.get("meta") == _meta_checksum(meta) else ["meta"]
+    for item, tree in items.items():
+        want = saved.get(item, {})
+        got, _ = fingerprints(tree)
+        bad += [f"{item}{k}" for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+    return bad
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+
 class Checkpointer:
     """Orbax CheckpointManager for one workdir's `checkpoints/` directory."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(
+            options=ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                 cleanup_tmp_directories=True,
             ),
         )
+        self.writing: int | None = None  # the step whose (async) write is under way or last done
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, iteration: int, state, buffer: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def save(self, iteration: int, state, buffer: dict[str, np.ndarray], meta: dict[str, Any],
+             log=print) -> bool:
         """Starts writing checkpoint `iteration`; returns once the arrays are copied off device.
 
-        A failed write (full disk, permissions) raises CheckpointError naming the directory; the
-        earlier complete checkpoints are left as they are."""
+        The state is fingerprinted first; a state whose params or optimizer state are not finite is
+        not saved (returns False, and says so). A failed write (full disk, permissions) raises
+        CheckpointError naming the step and the directory; the earlier complete checkpoints are left
+        as they are."""
+        self.wait()  # surfaces an error of the previous async save, naming its step
+        state_sums, finite = fingerprints(state)
+        if not finite:
+            log(f"not saving checkpoint {iteration}: the parameters or optimizer state are not finite; "
+                f"the checkpoints kept in {self.directory} are {self.steps() or 'none'}")
+            return False
+        buffer_sums, _ = fingerprints(buffer)
+        meta = {**meta, "iteration": iteration}
+        meta["checksums"] = {"format": CHECKSUM_FORMAT, "meta": _meta_checksum(meta),
+                             "state": state_sums, "buffer": buffer_sums}
         try:
-            self.manager.wait_until_finished()  # surfaces an error of the previous async save
-            self.manager.save(
+            self.writing = iteration
+            written = self.manager.save(
                 iteration,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
                     buffer=ocp.args.StandardSave(buffer),
-                    meta=ocp.args.JsonSave({**meta, "iteration": iteration}),
+                    meta=ocp.args.JsonSave(meta),
                 ),
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(self._save_failed(iteration, e)) from e
+        if not written:  # Orbax writes no step that is not newer than the newest on disk
+            log(f"checkpoint {iteration} not written: {self.directory} already holds {self.steps()}")
+        return bool(written)
 
-    def _save_failed(self, iteration: int, e: Exception) -> str:
-        kept = self.steps()
+    def _save_failed(self, iteration: int | None, e: Exception) -> str:
+        kept = [s for s in self.steps() if s != iteration]
         return (
             f"saving checkpoint {iteration} to {self.directory} failed: {type(e).__name__}: {e}. "
             f"Earlier checkpoints are intact ({kept or 'none'}); free disk space or fix the "
             "directory, then rerun the same command to resume from the latest of them."
         )
 
+    def poll(self) -> None:
+        """Raises CheckpointError if the background write of the last save has ended in an error,
+        without waiting for a write still under way. On several processes it does nothing (they
+        could see the end of the write at different iterations and part ways); there the next save
+        or the end of the run reports the failure, naming the same step."""
+        if self.writing is None or jax.process_count() > 1 or self.manager.is_saving_in_progress():
+            return
+        self.wait()
+
     def wait(self) -> None:
+        """Waits for the last save to be written; raises CheckpointError naming it if it failed."""
         try:
             self.manager.wait_until_finished()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(self._save_failed(self.manager.latest_step() or -1, e)) from e
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._abandon()
+            raise CheckpointError(self._save_failed(self.writing, e)) from e
+
+    def _abandon(self) -> None:
+        """After a failed write: nothing is left to wait for (so closing does not wait again), and
+        what the write left of its step is moved aside, so that the kept steps are all complete."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001, S110 — the error is being reported by the caller
+            pass
+        if self.writing is not None and (self.directory / str(self.writing)).exists():
+            self._quarantine(self.writing, print)
+
+    def last_good(self) -> int | None:
+        """The newest step that is complete on disk (every step is saved from a finite, checksummed
+        state, and restore verifies it)."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def restore(self, step: int, state_like, buffer_like: dict[str, np.ndarray] | None = None):
+        """Step `step` onto the shardings of `state_like`, verified against its checksums. Raises
+        (CorruptCheckpoint on a checksum mismatch) if it is not usable; returns the Orbax result
+        and whether checksums were verified (False: a checkpoint older than checksums)."""
+        items = {"state": ocp.args.StandardRestore(_abstract(state_like)), "meta": ocp.args.JsonRestore()}
+        if buffer_like is not None:
+            items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like))
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        trees = {"state": out.state, **({"buffer": out.buffer} if buffer_like is not None else {})}
+        bad = verify(dict(out.meta), **trees)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise CorruptCheckpoint(f"values do not match the checksums saved with them: {shown}")
+        return out, bad is not None
 
     def restore_latest(self, state_like, buffer_like: dict[str, np.ndarray], log=print) -> Restored | None:
-        """The newest checkpoint that loads, onto the shardings of `state_like`; None if there is none.
-        Steps that fail to load are reported and skipped."""
+        """The newest checkpoint that loads and matches its checksums, onto the shardings of
+        `state_like`; None if there is none. Steps that do not are reported and moved aside to
+        `checkpoints.corrupt/` (so that the run can write those steps again)."""
         for step in reversed(self.steps()):
             try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(_abstract(state_like)),
-                        buffer=ocp.args.StandardRestore(_abstract(buffer_like)),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
+                out, verified = self.restore(step, state_like, buffer_like)
             except Exception as e:  # noqa: BLE001 — any failure to read means: not usable
                 log(f"checkpoint {step} in {self.directory} is corrupt or partial and is skipped "
                     f"({type(e).__name__}: {str(e)[:300]})")
+                self._quarantine(step, log)
                 continue
+            if not verified:
+                log(f"warning: checkpoint {step} in {self.directory} predates checksums; restored unverified")
             return Restored(iteration=int(out.meta["iteration"]), state=out.state,
                             buffer=dict(out.buffer), meta=dict(out.meta))
         return None
 
+    def _quarantine(self, step: int, log) -> None:
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + ".corrupt") / str(step)
+            if aside.exists():
+                shutil.rmtree(aside)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), aside)
+            log(f"moved checkpoint {step} aside to {aside}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"reval_jax quarantine {step}")
+        self.manager.reload()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+
+
+def find_checkpoints(path: str | os.PathLike) -> tuple[Path, int | None]:
+    """`(checkpoints directory, step or None)` of a path given by a user: a step directory
+    `checkpoints/<i>`, a `checkpoints/` directory, or a workdir holding `checkpoints/`."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if (path / "state").exists() and path.name.isdigit():  # a step directory
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():  # a workdir
+        return path / "checkpoints", None
+    return path, None
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -132,34 +331,3 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         elif json.dumps(a, default=str) != json.dumps(b, default=str):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-def load_policy(checkpoint_dir: str | os.PathLike, config, mesh):
-    """The policy model of a training checkpoint (a step directory `checkpoints/<i>`, or a
-    `checkpoints/` directory whose newest loadable step is taken), placed on `mesh`, with its
-    tokenizer from `config.model.path`."""
-    from flax import nnx
-
-    from reval_jax import train
-    from reval_jax.train_step import OptimizerConfig, init_state, make_optimizer, state_sharding
-
-    path = Path(checkpoint_dir).absolute()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if (path / "state").exists():  # a step directory
-        only = int(path.name)
-        path = path.parent
-    else:
-        only = None
-    model, tokenizer = train.load_policy(config, mesh)
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, ref_dtype=config.model.ref_dtype or None), params)
-    shardings = state_sharding(abstract, optimizer, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps()) if only is None else [only]
-    if not steps:
-        raise FileNotFoundError(f"{path}: no complete checkpoint found")
-    out = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return nnx.merge(graphdef, out.state.params), tokenizer

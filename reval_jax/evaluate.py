@@ -110,20 +110,18 @@ def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
 def main(argv):
     from absl import flags
 
-    from reval_jax import train
+    from reval_jax.policy import load_checkpoint_policy, load_hf_policy, make_run_mesh
     from reval_jax.templates import stop_token_ids
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     config = FLAGS.config
-    mesh = train.make_run_mesh(config)
+    mesh = make_run_mesh(config)
     if FLAGS.checkpoint:
-        from reval_jax import checkpoint
-
-        model, tokenizer = checkpoint.load_policy(FLAGS.checkpoint, config, mesh)
+        model, tokenizer = load_checkpoint_policy(FLAGS.checkpoint, config, mesh)
     else:
-        model, tokenizer = train.load_policy(config, mesh, path=FLAGS.hf or None)
+        model, tokenizer = load_hf_policy(config, mesh, path=FLAGS.hf or None)
     benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
                                  limit=config.eval.limit, seed=config.seed,
                                  max_prompt_len=config.data.max_prompt_len,
@@ -145,7 +143,8 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
-    flags.DEFINE_string("checkpoint", "", "Training checkpoint directory to evaluate.")
+    flags.DEFINE_string("checkpoint", "", "Training checkpoint to evaluate: a workdir, its checkpoints/ "
+                        "directory (the newest usable step) or one step directory.")
     flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,6 +1,6 @@
 """Export a training checkpoint to a Hugging Face directory.
 
-    python -m reval_jax.export --checkpoint=runs/x/checkpoints[/<iteration>] --out=DIR [--dtype=bfloat16]
+    python -m reval_jax.export --checkpoint=runs/x[/checkpoints[/<iteration>]] --out=DIR [--dtype=bfloat16]
 
 The run's `config.json` (in the workdir above `checkpoints/`) supplies the model architecture and
 tokenizer (`model.path`); `--config` overrides it. The result loads with
@@ -28,12 +28,11 @@ def workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
 
 def export(checkpoint: str, out: str, *, config=None, dtype: str | None = None,
            max_shard_size: str = "5GB") -> Path:
-    from reval_jax import checkpoint as ckpt
     from reval_jax.hf import save_hf
-    from reval_jax.sharding import make_mesh
+    from reval_jax.policy import load_checkpoint_policy, make_run_mesh
 
     config = config or workdir_config(checkpoint)
-    model, tokenizer = ckpt.load_policy(checkpoint, config, make_mesh(tuple(config.mesh)))
+    model, tokenizer = load_checkpoint_policy(checkpoint, config, make_run_mesh(config))
     return save_hf(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size)
 
 
@@ -54,7 +53,8 @@ if __name__ == "__main__":
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Run config (default: the run's config.json).")
-    flags.DEFINE_string("checkpoint", None, "checkpoints/ directory or one step directory in it.")
+    flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ directory (the newest usable "
+                        "step) or one step directory in it.")
     flags.DEFINE_string("out", None, "Output Hugging Face directory.")
     flags.DEFINE_string("dtype", "", "Saved dtype (default: the parameter dtype).")
     flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")

@@ -51,15 +51,37 @@ class MetricsWriter:
         record = {"kind": kind, "iteration": int(iteration), **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "iteration":
-                self.tb.add_scalar(f"{kind}/{k}", v, iteration)
+        self._add_scalars(record)
         self.tb.flush()
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if isinstance(v, int | float)},
                            step=int(iteration))
         shown = [f"{k}={_fmt(record[k])}" for k in echo if k in record]
         print(f"[{kind} {iteration:>5}] " + " ".join(shown), file=self.stream, flush=True)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
+        for k, v in record.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "iteration":
+                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["iteration"])
+
+    def rewind(self, iteration: int) -> int:
+        """On resume from checkpoint `iteration`: drops the records past it from metrics.jsonl and
+        rewrites the TensorBoard events from what is kept (old event files are removed, so that no
+        step appears twice). Returns how many records were dropped."""
+        if not self.enabled:
+            return 0
+        dropped = truncate_after(self.workdir, iteration, stream=self.stream)
+        from tensorboardX import SummaryWriter
+
+        self.tb.close()
+        tb_dir = self.workdir / "tb"
+        for f in tb_dir.glob("events.out.tfevents.*"):
+            f.unlink()
+        self.tb = SummaryWriter(str(tb_dir))
+        for record in read_metrics(self.workdir, stream=self.stream):
+            self._add_scalars(record)
+        self.tb.flush()
+        return dropped
 
     def close(self):
         if self.tb is not None:
@@ -74,20 +96,39 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+def _read_records(path: Path, stream) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file. A partial last line (a run killed mid-write) is dropped
+    with a warning; a bad line elsewhere is an error naming it."""
+    lines = path.read_text().splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record ({e}): {line[:80]!r}") from e
+            print(f"warning: {path}:{number}: dropping a partial last record (the run was stopped "
+                  f"while writing it): {line[:80]!r}", file=stream or sys.stderr)
+    return out
+
+
+def read_metrics(workdir: str | os.PathLike, *, stream=None) -> list[dict[str, Any]]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics file; is {workdir} a reval_jax workdir?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_records(path, stream)
 
 
-def truncate_after(workdir: str | os.PathLike, iteration: int) -> int:
-    """Drops records past `iteration` (written after the checkpoint a run resumes from), so that a
-    resumed run's metrics file equals an uninterrupted one's. Returns how many were dropped."""
+def truncate_after(workdir: str | os.PathLike, iteration: int, *, stream=None) -> int:
+    """Drops records past `iteration` (written after the checkpoint a run resumes from), and a
+    partial last line, so that a resumed run's metrics file equals an uninterrupted one's. Returns
+    how many records were dropped."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line)["iteration"] <= iteration]
-    path.write_text("".join(line + "\n" for line in keep))
-    return len(lines) - len(keep)
+    records = _read_records(path, stream)
+    keep = [r for r in records if r["iteration"] <= iteration]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return len(records) - len(keep)

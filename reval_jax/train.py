@@ -31,9 +31,9 @@ from reval_jax.batch import Trajectories, concatenate
 from reval_jax.distributed import to_host
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantages, transform_rewards
 from reval_jax.packing import Budget, pack
+from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
-from reval_jax.sharding import make_mesh
 from reval_jax.train_step import (
     OptimizerConfig,
     StepConfig,
@@ -148,18 +148,6 @@ def enable_compile_cache(config, workdir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def make_run_mesh(config):
-    return make_mesh(tuple(config.mesh))
-
-
-def load_policy(config, mesh, path: str | None = None):
-    """The policy model (sharded on `mesh`) and its tokenizer from a local HF directory."""
-    from reval_jax.hf import load_hf
-
-    return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
-                   dtype=config.model.dtype, remat=config.model.remat)
-
-
 def step_config(config) -> StepConfig:
     return StepConfig(
         loss=config.algorithm, beta=config.beta, stop_grad_v=config.stop_grad_v,
@@ -179,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     from reval_jax.checkpoint import Checkpointer, config_differences
     from reval_jax.data import prompt_batches
     from reval_jax.evaluate import evaluate, load_benchmarks, score_rollout, settings_from_config
-    from reval_jax.metrics import MetricsWriter, truncate_after
+    from reval_jax.metrics import MetricsWriter
     from reval_jax.rewards import RewardScorer, RewardStats
     from reval_jax.templates import stop_token_ids
 
@@ -198,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- model, optimizer, state
     mesh = make_run_mesh(config)
-    policy, tokenizer = load_policy(config, mesh)
+    policy, tokenizer = load_hf_policy(config, mesh)
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
     state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
@@ -281,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         buffer.load_state_dict(restored.buffer)
         data_iter.set_state(restored.meta["data"])
         scorer.restore_stats(RewardStats(**restored.meta["verifier"]))
-        dropped = truncate_after(workdir, restored.iteration) if writer.enabled else 0
+        dropped = writer.rewind(restored.iteration)  # metrics.jsonl and TensorBoard events
         print(f"resumed from checkpoint {restored.iteration} in {ckpt.directory} "
               f"({dropped} later metric records dropped)")
         for diff in config_differences(restored.meta["config"], json_config):
@@ -310,6 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if config.eval.every and restored is None:
             run_eval(0)
         for iteration in range(start, config.num_iterations + 1):
+            ckpt.poll()  # a failed background write of the last checkpoint stops the run here
             # --- generate: prompts -> sampler -> rewards
             t0 = time.perf_counter()
             examples = next(data_iter)
@@ -352,11 +341,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
                 if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
-                    ckpt.wait()
+                    ckpt.wait()  # every step on disk was saved from a finite state (or verified)
                     raise RuntimeError(
                         f"stopping at iteration {iteration}: {int(state.skipped_in_a_row)} updates in a row had a "
                         f"non-finite loss or gradient (config.max_skipped_in_a_row={config.max_skipped_in_a_row}). "
-                        f"The last good checkpoint ({ckpt.steps()[-1] if ckpt.steps() else 'none'}) in "
+                        f"The last good checkpoint ({ckpt.last_good() or 'none'}) in "
                         f"{ckpt.directory} is kept; check beta, the learning rate and the rewards.")
                 if config.reference.reset_every and int(state.step) % config.reference.reset_every == 0 \
                         and not m["skipped"]:

@@ -107,3 +107,23 @@ def metric_records(workdir) -> list[dict]:
         r = json.loads(line)
         out.append({k: v for k, v in r.items() if not k.endswith(TIMING_SUFFIXES)})
     return out
+
+
+def tb_scalars(workdir) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in every event file of `workdir/tb`, read back from the
+    TFRecord framing (u64 length, u32 crc, Event proto, u32 crc)."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for path in sorted((Path(workdir) / "tb").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + n])
+            at += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
