@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from reval_jax import hlo
@@ -87,3 +88,65 @@ ENTRY %main (p: f32[16]) -> f32[128] {
 """
     report = hlo.collectives(text)
     assert report.bytes["all-gather"] == 128 * 4 and len(report.collectives) == 1
+
+
+# ----------------------------------------------------------------------------- the checker end to end
+
+
+def _tiny_config():
+    from configs import base
+
+    c = base.get_config()
+    c.model.path = ""
+    c.model.preset = "tiny"
+    c.data.max_prompt_len = 16
+    c.data.prompts_per_iteration = 8
+    c.sampling.num_samples = 2
+    c.sampling.max_new_tokens = 16
+    c.sampling.buckets = (16,)
+    c.replay.updates_per_iteration = 2
+    c.micro_batches = 2
+    return c
+
+
+def test_checker_reports_every_program_on_a_tiny_config():
+    from reval_jax import scale
+
+    config = _tiny_config()
+    report = scale.check(config, jax.devices()[:8])
+    setup, programs = report["setup"], {r["program"]: r for r in report["programs"]}
+    assert setup["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert (setup["update_batch"], setup["seq_len"]) == (16, 32)
+    assert sorted(programs) == sorted(scale.PROGRAMS)
+    for r in programs.values():
+        assert "error" not in r, r
+        m = r["memory"]
+        assert m["argument"] > 0 and m["temp"] > 0
+        assert m["peak"] == m["argument"] + m["output"] + m["temp"] - m["alias"] > 0  # CPU
+        assert r["collective_bytes_per_round"] == r["collective_bytes"] * r["runs"]
+        assert r["model_flops"] > 0 and r["xla_flops"] > 0
+
+    update = programs["update"]
+    assert update["collectives"]["all-gather"] > 0  # fsdp: every layer's weights are gathered
+    assert update["runs"] == 2  # K updates per round
+    # the micro-batch scan (2) and the layer scan (L = 2) are known loops, multiplied in
+    assert [2, "known_trip_count"] in update["loops"]
+    assert update["memory"]["alias"] > 0  # the state is donated
+
+    decode = programs["decode"]
+    assert decode["loop_bound"] == 16 and [16, "condition"] in decode["loops"]
+    step, total = decode["collective_bytes_per_step"], decode["collective_bytes"]
+    assert step > 0 and total == decode["collective_bytes_outside_loop"] + 16 * step
+    assert decode["model_flops"] == 16 * decode["model_flops_per_step"]
+    assert "decode x 16" in scale.format_report(report)
+
+
+def test_model_shapes_need_a_preset_or_a_model_directory():
+    from reval_jax import scale
+
+    config = _tiny_config()
+    config.model.preset = ""
+    with pytest.raises(ValueError, match="model.preset"):
+        scale.model_config(config)
+    config.model.preset = "qwen2.5-math-7b"
+    assert scale.model_config(config).num_layers == 28
