@@ -53,6 +53,7 @@ class Collective:
     computation: str  # the computation it sits in
     bytes: int  # per device, one execution (see the module docstring)
     count: int  # executions per program run: product of enclosing loop trip counts
+    op_name: str = ""  # the jax op it came from (metadata op_name), for finding it in the source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,10 @@ class Report:
         for c in self.collectives:
             out[c.kind] += c.bytes * c.count
         return out
+
+    def largest(self, n: int = 3) -> list[Collective]:
+        """The n collectives with the most bytes × count."""
+        return sorted(self.collectives, key=lambda c: -c.bytes * c.count)[:n]
 
     @property
     def total_bytes(self) -> int:
@@ -232,7 +237,9 @@ def collectives(text: str, *, infer: bool = True) -> Report:
                 continue  # an async pair is counted at its -start
             kind = _kind(ins.opcode)
             if kind:
-                found.append(Collective(kind, ins.name, comp, _collective_bytes(ins, shapes), count))
+                op = re.search(r'op_name="([^"]*)"', ins.attrs)
+                found.append(Collective(kind, ins.name, comp, _collective_bytes(ins, shapes), count,
+                                        op.group(1) if op else ""))
             calls = [(m.group(1), m.group(2)) for m in _CALLS.finditer(ins.attrs)]
             branches = _BRANCHES.search(ins.attrs)
             if branches:

@@ -358,8 +358,9 @@ def _fits_error(message: str) -> bool:
                                       "exceeds the memory", "HBM"))
 
 
-def measure(p: Program, platform: str) -> dict:
-    """Compiles `p` and returns its figures (per device; see the module docstring)."""
+def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
+    """Compiles `p` and returns its figures (per device; see the module docstring); with `dump_hlo`,
+    writes the compiled HLO text to <dump_hlo>/<program>.hlo.txt."""
     from reval_jax import hlo
 
     start = time.perf_counter()
@@ -381,9 +382,13 @@ def measure(p: Program, platform: str) -> dict:
     memory["peak"] = memory["xla_peak"] if platform == "tpu" and memory["xla_peak"] else (
         memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
     text = compiled.as_text()
+    if dump_hlo:
+        Path(dump_hlo).mkdir(parents=True, exist_ok=True)
+        (Path(dump_hlo) / f"{p.name}.hlo.txt").write_text(text)
     report = hlo.collectives(text)
     out.update(memory=memory, collectives=report.bytes, collective_bytes=report.total_bytes,
-               loops=[[loop.trip_count, loop.source] for loop in report.loops])
+               loops=[[loop.trip_count, loop.source] for loop in report.loops],
+               largest=[[c.kind, c.bytes, c.count, c.op_name] for c in report.largest(3)])
     if p.loop_bound:  # the data-dependent loop counted once (+ outside) vs bound times (+ outside)
         once = hlo.collectives(text, infer=False).bytes
         step = {k: (report.bytes[k] - once[k]) // max(p.loop_bound - 1, 1) for k in once}
@@ -397,7 +402,7 @@ def measure(p: Program, platform: str) -> dict:
     return out
 
 
-def check(config, devices, programs=PROGRAMS) -> dict:
+def check(config, devices, programs=PROGRAMS, dump_hlo: str = "") -> dict:
     """Builds and measures `programs` of `config` on `devices`. Returns {"setup": ..., "programs":
     [one `measure` dict each]} (the Python API behind the CLI)."""
     import jax
@@ -413,7 +418,7 @@ def check(config, devices, programs=PROGRAMS) -> dict:
     }
     results = []
     for name in programs:
-        results.append(measure(BUILDERS[name](s), devices[0].platform))
+        results.append(measure(BUILDERS[name](s), devices[0].platform, dump_hlo))
         print(f"  {name}: compiled in {results[-1]['compile_s']:.1f} s", file=sys.stderr, flush=True)
     return {"setup": setup, "programs": results}
 
@@ -462,6 +467,10 @@ def format_report(report: dict) -> str:
             per_round = "" if suffix == " / step" else _si(total * r["runs"])
             lines.append(f"{r['program'] + suffix:<16}" + "".join(col(_si(c[k])) for k in kinds)
                          + col(_si(total)) + col(r["runs"]) + col(per_round))
+    lines += ["", "largest collectives (bytes x count, jax op)"]
+    for r in report["programs"]:
+        for kind, nbytes, count, op in r.get("largest", []):
+            lines.append(f"{r['program']:<12}{kind:<20}{_si(nbytes):>10} x {count:<6} {op[-90:]}")
     lines += ["", "FLOP per execution, all devices: model (analytic) | XLA cost_analysis x devices (it counts "
               "a loop body once)"]
     for r in report["programs"]:
@@ -491,7 +500,7 @@ def main(argv):
     if unknown:
         raise ValueError(f"--programs: unknown {unknown}; choose from {PROGRAMS}")
     devices = devices_for(FLAGS.platform, FLAGS.devices, FLAGS.topology)
-    report = check(FLAGS.config, devices, programs)
+    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo)
     report["setup"]["command"] = " ".join(["python -m reval_jax.scale", *sys.argv[1:]])
     print(format_report(report))
     if FLAGS.json:
@@ -508,5 +517,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("topology", "", "TPU topology name overriding the default, e.g. v5p:2x2x2.")
     flags.DEFINE_string("programs", ",".join(PROGRAMS), "Comma-separated programs to compile.")
     flags.DEFINE_string("json", "", "Also write the report as JSON here.")
+    flags.DEFINE_string("dump_hlo", "", "Write each compiled program's HLO text into this directory.")
     flags.mark_flags_as_required(["config"])
     app.run(main)
