@@ -16,10 +16,12 @@ on one device, not the wire traffic of a particular algorithm. Async pairs are c
 the `-start` (whose tuple result also holds the operand and context scalars; those are dropped),
 never at the `-done`.
 
-Trip counts: `backend_config` `known_trip_count` when XLA found one; otherwise, with
-`infer=True`, the constant c of the loop condition's `compare(i, c)` (direction LT: c, LE: c + 1),
-assuming the induction variable starts at 0 with step 1 — for a data-dependent condition such as
-`step < A & ~all(done)` that is the bound A, not the trips actually run. A loop with neither
+Trip counts: `backend_config` `known_trip_count` when XLA found one (CPU); otherwise, with
+`infer=True`, from the loop condition's `compare(i, c)`: c − i₀ for LT, c − i₀ + 1 for LE, where i₀
+is the induction variable's initial value when the while's init tuple holds a constant there
+(else 0), and the step is assumed to be 1 (the TPU compiler attaches no known_trip_count; its
+windowed-einsum loops start at 0 and count up by one). For a data-dependent condition such as
+`step < A & ~all(done)` with a non-constant start this is the bound A, not the trips actually run. A loop with neither
 counts once and is listed in `Report.loops` with `source="unknown"`.
 """
 
@@ -174,24 +176,41 @@ def _collective_bytes(ins: _Instr, shapes: dict[str, str]) -> int:
     return max(result, sum(array_bytes(s) for s in operands))
 
 
-def _infer_trip(cond: str, comps: dict[str, list[_Instr]]) -> int | None:
-    """The constant bound of `compare(i, c)` in a loop condition (following fused compares)."""
+def _infer_trip(cond: str, comps: dict[str, list[_Instr]]) -> tuple[int, int | None] | None:
+    """(bound, induction tuple index) of the loop condition's `compare(i, c)`: c for LT, c + 1 for LE
+    (following fused compares); the index is that of the get-tuple-element i reads, when it does."""
     for comp in _reachable(cond, comps):
-        consts = {}
+        consts, gtes = {}, {}
         for ins in comps[comp]:
             if ins.opcode == "constant" and re.fullmatch(r"[su]\d+\[\]", _base_type(ins.shape)):
                 consts[ins.name] = int(ins.args)
+            if ins.opcode == "get-tuple-element":
+                gtes[ins.name] = int(re.search(r"index=(\d+)", ins.attrs).group(1))
         for ins in comps[comp]:
             bound = [consts[o] for o in ins.operands if o in consts]
             if ins.opcode not in ("compare", "fusion") or not bound:
                 continue
             callee = _CALLS.search(ins.attrs)
             direction = _direction(ins, comps, callee.group(2) if callee else None)
+            index = next((gtes[o] for o in ins.operands if o in gtes), None)
             if direction in ("LT", "GT"):
-                return bound[0]
+                return bound[0], index
             if direction in ("LE", "GE"):
-                return bound[0] + 1
+                return bound[0] + 1, index
     return None
+
+
+def _initial_value(loop: _Instr, index: int | None, instrs: dict[str, _Instr]) -> int:
+    """The constant the loop's induction variable starts from (through copies); 0 if not constant."""
+    init = instrs.get(loop.operands[0]) if loop.operands else None
+    if index is None or init is None or init.opcode != "tuple" or index >= len(init.operands):
+        return 0
+    value = instrs.get(init.operands[index])
+    while value is not None and value.opcode == "copy" and value.operands:
+        value = instrs.get(value.operands[0])
+    if value is not None and value.opcode == "constant" and re.fullmatch(r"-?\d+", value.args.strip()):
+        return int(value.args)
+    return 0
 
 
 def _direction(ins: _Instr, comps, callee: str | None) -> str | None:
@@ -224,7 +243,8 @@ def _reachable(start: str, comps) -> list[str]:
 def collectives(text: str, *, infer: bool = True) -> Report:
     """Every collective of the module with its per-execution bytes and its execution count."""
     comps, entry = parse(text)
-    shapes = {ins.name: ins.shape for instrs in comps.values() for ins in instrs}
+    instrs = {ins.name: ins for body in comps.values() for ins in body}
+    shapes = {name: ins.shape for name, ins in instrs.items()}
     found: list[Collective] = []
     loops: list[Loop] = []
 
@@ -246,7 +266,7 @@ def collectives(text: str, *, infer: bool = True) -> Report:
                 calls += [("branch", b.strip().lstrip("%")) for b in branches.group(1).split(",")]
             if ins.opcode == "while":
                 body = dict(calls)["body"]
-                trip, source = _trip_count(ins, dict(calls)["condition"], comps, infer)
+                trip, source = _trip_count(ins, dict(calls)["condition"], comps, instrs, infer)
                 loops.append(Loop(ins.name, body, trip, source))
                 visit(dict(calls)["condition"], count * trip, stack + (comp,))
                 visit(body, count * trip, stack + (comp,))
@@ -259,12 +279,13 @@ def collectives(text: str, *, infer: bool = True) -> Report:
     return Report(tuple(found), tuple(loops))
 
 
-def _trip_count(ins: _Instr, cond: str, comps, infer: bool) -> tuple[int, str]:
+def _trip_count(ins: _Instr, cond: str, comps, instrs, infer: bool) -> tuple[int, str]:
     m = _TRIP.search(ins.attrs)
     if m:
         return int(m.group(1)), "known_trip_count"
     if infer:
-        n = _infer_trip(cond, comps)
-        if n is not None:
-            return n, "condition"
+        found = _infer_trip(cond, comps)
+        if found is not None:
+            bound, index = found
+            return max(bound - _initial_value(ins, index, instrs), 0), "condition"
     return 1, "unknown"

@@ -150,3 +150,35 @@ def test_model_shapes_need_a_preset_or_a_model_directory():
         scale.model_config(config)
     config.model.preset = "qwen2.5-math-7b"
     assert scale.model_config(config).num_layers == 28
+
+
+def test_trip_count_from_the_condition_and_the_initial_value():
+    """No known_trip_count (as on TPU): i from 2 while i < 7 runs 5 times."""
+    text = """HloModule m
+%cond (p: (s32[], f32[16])) -> pred[] {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+%body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %p = (s32[], f32[16]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[16]{0} get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %ar = f32[16]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%sum
+  ROOT %t = (s32[], f32[16]{0}) tuple(%next, %ar)
+}
+ENTRY %main (x: f32[16]) -> (s32[], f32[16]) {
+  %x = f32[16]{0} parameter(0)
+  %start = s32[] constant(2)
+  %s = s32[] copy(%start)
+  %init = (s32[], f32[16]{0}) tuple(%s, %x)
+  ROOT %w = (s32[], f32[16]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+    report = hlo.collectives(text)
+    assert [(loop.trip_count, loop.source) for loop in report.loops] == [(5, "condition")]
+    assert report.bytes["all-reduce"] == 5 * 16 * 4
+    assert hlo.collectives(text, infer=False).bytes["all-reduce"] == 16 * 4
