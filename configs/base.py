@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local Hugging Face directory (config.json, *.safetensors, tokenizer)
+    c.model.preset = ""  # reval_jax.config.PRESETS name: shapes for reval_jax.scale when model.path is absent
     c.model.param_dtype = "float32"  # master weights: float32 | bfloat16
     c.model.dtype = "bfloat16"  # compute dtype of forward passes (logits are always float32)
     c.model.remat = "full"  # none | full | dots | dots_no_batch: per-layer rematerialisation

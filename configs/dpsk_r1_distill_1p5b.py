@@ -6,6 +6,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model.path = "checkpoints/DeepSeek-R1-Distill-Qwen-1.5B"  # download it yourself
+    c.model.preset = "deepseek-r1-distill-qwen-1.5b"  # its shapes, for reval_jax.scale without the weights
     c.data.template = "r1_distill"
     c.beta = 0.002
     c.reward.transform = "binary"

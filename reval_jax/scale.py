@@ -1,0 +1,527 @@
+"""Scale checker: compiles the real programs of a run config on abstract arrays (no accelerator, no
+weights) and reports, per program, per-device memory, collective bytes and FLOPs.
+
+    python -m reval_jax.scale --config=configs/qwen7b.py [--platform=cpu|v5p|v5e|v6e] [--devices=8]
+        [--config.micro_batches=32 ...] [--programs=update,reference] [--json=PATH]
+
+Programs (one builder each, see `BUILDERS`): `update` (the jitted train step on an update batch),
+`reference` (the reference pass of train.run's fill_reference), `prefill` and `decode` (the
+sampler's `_prefill` and `_decode` on one sampler call's prompts). Each builder returns a `Program`:
+the jitted function, its abstract arguments, how often it runs per generation round, and its
+model FLOPs.
+
+Figures, all per device:
+  memory   `compiled.memory_analysis()`: argument, output, alias (output bytes that reuse donated
+           argument buffers), temp; peak = `peak_memory_in_bytes` on TPU, argument + output + temp
+           − alias on CPU (whose `peak_memory_in_bytes`, kept as xla_peak, is below its own temp).
+  collect. bytes of each collective kind for one execution, read from the compiled HLO with loop
+           trip counts multiplied in (reval_jax.hlo: max(operand, result) bytes per collective).
+           decode: "per step" is one trip of its data-dependent while loop's body; the program's
+           total is what sits outside the loop plus A = max_new_tokens trips, the bound of the loop
+           condition (it runs at most A − 1 steps, as prefill samples a_1; fewer when all rows stop).
+  flops    model FLOPs (analytic, `model_flops`) and `cost_analysis()["flops"]` for comparison (XLA
+           counts a while-loop body once there, so it undercounts scanned layers and loops).
+
+Platforms. cpu: `--xla_force_host_platform_device_count=N` fake devices (set here before jax is
+imported). v5p / v5e / v6e: a deviceless compile for that TPU topology through
+`jax.experimental.topologies`, which needs the libtpu wheel, kept out of requirements.txt:
+
+    python -m venv /work/.venv-tpu
+    /work/.venv-tpu/bin/pip install -r requirements.txt "libtpu==0.0.42.*"
+    /work/.venv-tpu/bin/python -m reval_jax.scale --config=configs/qwen7b.py --platform=v5p
+
+A TPU program that does not fit in HBM makes the compiler raise; it is reported as
+"does not fit: <first line>" and the other programs still run.
+
+Model shapes come from `model.path`/config.json when that directory exists, else from the preset
+`model.preset` (reval_jax.config.PRESETS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# TPU topology per (platform, chips); --topology overrides it.
+TOPOLOGIES = {
+    "v5p": {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4"},
+    "v5e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
+    "v6e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8"},
+}
+PROGRAMS = ("update", "reference", "prefill", "decode")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def devices_for(platform: str, count: int, topology: str = ""):
+    """`count` devices of `platform`: fake CPU devices, or the abstract chips of a TPU topology."""
+    import jax
+
+    if platform == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < count:
+            raise RuntimeError(
+                f"{len(devices)} CPU devices visible, {count} asked for: set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before jax is imported "
+                "(python -m reval_jax.scale does)"
+            )
+        return devices[:count]
+    if platform not in TOPOLOGIES:
+        raise ValueError(f"--platform={platform!r}: expected cpu or one of {sorted(TOPOLOGIES)}")
+    from jax.experimental import topologies
+
+    name = topology or f"{platform}:{TOPOLOGIES[platform].get(count, '')}"
+    if name.endswith(":"):
+        raise ValueError(f"no {platform} topology known for {count} chips; pass --topology")
+    try:
+        devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:  # no libtpu, or a name it refuses
+        raise RuntimeError(
+            f"deviceless TPU compile for {name} failed ({str(e).splitlines()[0]}); it needs the libtpu "
+            'wheel: pip install "libtpu==0.0.42.*" (see this module\'s docstring)'
+        ) from e
+    if len(devices) != count:
+        raise ValueError(f"topology {name} has {len(devices)} chips, not --devices={count}")
+    return list(devices)
+
+
+def model_config(config):
+    """ModelConfig from model.path/config.json if it exists, else from the preset model.preset."""
+    from reval_jax.config import from_hf_config, preset
+
+    overrides = dict(
+        param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
+    )
+    hf = Path(config.model.path or "/nonexistent") / "config.json"
+    if hf.exists():
+        return from_hf_config(json.loads(hf.read_text()), source=str(hf), **overrides)
+    if config.model.get("preset", ""):
+        return preset(config.model.preset, **overrides)
+    raise ValueError(
+        f"no model shapes: {hf} does not exist and config.model.preset is empty; set "
+        "--config.model.preset to a name of reval_jax.config.PRESETS or model.path to a HF directory"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every builder needs: the run config, the model, the mesh and the round's sizes."""
+
+    config: Any  # the ml_collections run config
+    cfg: Any  # ModelConfig
+    mesh: Any
+    graphdef: Any
+    params: Any  # nnx.State of ShapeDtypeStructs carrying their NamedShardings
+    seq_len: int  # T of an update batch: bucket(max_prompt_len) + max_new_tokens
+    update_batch: int  # trajectories per update
+    prompts_per_call: int  # prompts per sampler call
+    bucket: int  # P, the prompt bucket of max_prompt_len
+    max_new_tokens: int  # A
+    num_samples: int  # N samples per prompt
+
+
+def make_setup(config, devices) -> Setup:
+    import jax
+    from flax import nnx
+
+    from reval_jax.model import Qwen2
+    from reval_jax.sampler import bucket_length
+    from reval_jax.sharding import make_mesh, state_shardings
+
+    cfg = model_config(config)
+    mesh = make_mesh(tuple(config.mesh), devices=devices)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), mesh=mesh)))
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, state_shardings(abstract, mesh),
+    )
+    bucket = bucket_length(config.data.max_prompt_len, tuple(config.sampling.buckets))
+    N = config.sampling.num_samples
+    rollouts = config.data.prompts_per_iteration * N
+    per_call = (
+        max(1, config.sampling.batch_size // N) if config.sampling.batch_size
+        else config.data.prompts_per_iteration
+    )
+    return Setup(
+        config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, params=params,
+        seq_len=bucket + config.sampling.max_new_tokens,
+        update_batch=config.replay.batch_size or rollouts, prompts_per_call=per_call,
+        bucket=bucket, max_new_tokens=config.sampling.max_new_tokens, num_samples=N,
+    )
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def matmul_params(cfg) -> int:
+    """Parameters that multiply activations: every layer weight plus the unembedding (the embedding
+    lookup and the final norm do no matmul)."""
+    embed = cfg.vocab_size * cfg.hidden_size
+    return cfg.num_params() - cfg.hidden_size - (0 if cfg.tie_word_embeddings else embed)
+
+
+def model_flops(cfg, kind: str, rows: int, length: int, keys: int = 0) -> float:
+    """Analytic model FLOPs (no rematerialisation, causal attention counted once):
+      forward  = 2·P·rows·length + 2·L·N·H·rows·length²   (P = matmul_params; the causal attention
+                 term is QKᵀ + AV = 4·L·N·H per query-key pair over length²/2 pairs)
+      update   = 3 × forward (backward = 2 × forward)
+      prefill  = the forward of the layers on rows·length tokens, unembedding 1 token per row
+      decode   = one token per row attending to `keys` cached slots: 2·P·rows + 4·L·N·H·rows·keys."""
+    P, L, N, H = matmul_params(cfg), cfg.num_layers, cfg.num_heads, cfg.head_dim
+    attn = 2.0 * L * N * H * rows * length**2
+    if kind == "forward":
+        return 2.0 * P * rows * length + attn
+    if kind == "update":
+        return 3 * model_flops(cfg, "forward", rows, length)
+    if kind == "prefill":
+        unembed = cfg.vocab_size * cfg.hidden_size
+        return 2.0 * (P - unembed) * rows * length + 2.0 * unembed * rows + attn
+    if kind == "decode":
+        return 2.0 * P * rows + 4.0 * L * N * H * rows * keys
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled program of a round: `fn.lower(*args, **kwargs)` compiles it."""
+
+    name: str
+    fn: Callable  # a jax.jit-wrapped function
+    args: tuple  # abstract arguments (ShapeDtypeStruct, shardings where fn has no in_shardings)
+    runs: int  # executions per generation round
+    model_flops: float  # per execution
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    loop_bound: int = 0  # >0: the program is a data-dependent while loop run at most this often
+    note: str = ""
+
+
+def abstract_batch(s: Setup, rows: int):
+    """A Trajectories of ShapeDtypeStructs: [rows, T] per-token fields, [rows] the others."""
+    import jax
+
+    from reval_jax.batch import FIELD_DTYPES, TOKEN_FIELDS, Trajectories
+
+    return Trajectories(**{
+        name: jax.ShapeDtypeStruct((rows, s.seq_len) if name in TOKEN_FIELDS else (rows,), dtype)
+        for name, dtype in FIELD_DTYPES.items()
+    })
+
+
+def _optimizer_and_state(s: Setup):
+    import jax
+
+    from reval_jax.train_step import OptimizerConfig, init_state, make_optimizer
+
+    optimizer = make_optimizer(OptimizerConfig(**s.config.optimizer.to_dict()))
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.params)
+    state = jax.eval_shape(
+        lambda p: init_state(p, optimizer, ref_dtype=s.config.model.ref_dtype or None), plain
+    )
+    return optimizer, state
+
+
+def build_update(s: Setup) -> Program:
+    """train_step.jit_train_step on one update batch of [update_batch, seq_len]."""
+    import jax
+    import jax.numpy as jnp
+
+    from reval_jax.train import step_config
+    from reval_jax.train_step import jit_train_step
+
+    optimizer, state = _optimizer_and_state(s)
+    batch = abstract_batch(s, s.update_batch)
+    fn = jit_train_step(s.graphdef, optimizer, step_config(s.config), state, batch, s.mesh)
+    weights = jax.ShapeDtypeStruct((s.update_batch,), jnp.float32)
+    return Program(
+        "update", fn, (state, batch, weights), runs=s.config.replay.updates_per_iteration,
+        model_flops=model_flops(s.cfg, "update", s.update_batch, s.seq_len),
+        note=f"[{s.update_batch}, {s.seq_len}] in {s.config.micro_batches} micro-batch(es)",
+    )
+
+
+def build_reference(s: Setup) -> Program:
+    """reference_stats jitted as train.run's fill_reference does, on update_batch rows."""
+    import functools
+
+    import jax
+
+    from reval_jax.train import step_config
+    from reval_jax.train_step import batch_sharding, reference_stats, state_sharding
+
+    optimizer, state = _optimizer_and_state(s)
+    batch = abstract_batch(s, s.update_batch)
+    fn = jax.jit(
+        functools.partial(reference_stats, s.graphdef, cfg=step_config(s.config)),
+        in_shardings=(state_sharding(state, optimizer, s.mesh).ref_params, batch_sharding(batch, s.mesh)),
+    )
+    rollouts = s.config.data.prompts_per_iteration * s.num_samples
+    return Program(
+        "reference", fn, (state.ref_params, batch), runs=-(-rollouts // s.update_batch),
+        model_flops=model_flops(s.cfg, "forward", s.update_batch, s.seq_len),
+        note=f"[{s.update_batch}, {s.seq_len}]; more runs when stale buffer draws are recomputed",
+    )
+
+
+def _sampling_config(s: Setup):
+    from reval_jax.sampler import SamplingConfig
+
+    c = s.config.sampling
+    return SamplingConfig(
+        max_new_tokens=c.max_new_tokens, num_samples=c.num_samples, temperature=c.temperature,
+        top_k=c.top_k, top_p=c.top_p, stop_ids=(0,), buckets=tuple(c.buckets),
+    )
+
+
+def _prompt_args(s: Setup):
+    import jax
+    import jax.numpy as jnp
+
+    from reval_jax.sharding import named_sharding
+
+    B, P = s.prompts_per_call, s.bucket
+    row = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=named_sharding(s.mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)
+    )
+    seed = jax.ShapeDtypeStruct((), jnp.uint32)
+    return row((B, P), jnp.int32), row((B, P), jnp.bool_), row((B,), jnp.int32), seed
+
+
+def _calls_per_round(s: Setup) -> int:
+    return -(-s.config.data.prompts_per_iteration // s.prompts_per_call)
+
+
+def build_prefill(s: Setup) -> Program:
+    """sampler._prefill: B prompts of bucket P, cache grown to P + A slots and repeated N times."""
+    from reval_jax.sampler import _prefill
+
+    config = _sampling_config(s)
+    return Program(
+        "prefill", _prefill, (s.graphdef, s.params, *_prompt_args(s)), kwargs={"config": config},
+        runs=_calls_per_round(s),
+        model_flops=model_flops(s.cfg, "prefill", s.prompts_per_call, s.bucket),
+        note=f"[{s.prompts_per_call}, {s.bucket}] prompts -> {s.prompts_per_call * s.num_samples} rows",
+    )
+
+
+def build_decode(s: Setup) -> Program:
+    """sampler._decode: the while loop over decode steps on the state _prefill returns."""
+    import jax
+
+    from reval_jax.sampler import CACHE_AXES, _decode, _prefill
+    from reval_jax.sharding import named_sharding
+
+    config = _sampling_config(s)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.params)
+    state = jax.eval_shape(
+        lambda p, *a: _prefill(s.graphdef, p, *a, config=config), plain, *_prompt_args(s)
+    )
+    # the layout _constrain_state gives: cache [L, R, S, K, H] by CACHE_AXES, rows on act_batch
+    axes = lambda x: CACHE_AXES if x.ndim == 5 else ("act_batch",) + (None,) * (x.ndim - 1)
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=named_sharding(s.mesh, axes(x) if x.ndim else (), x.shape)
+        ),
+        state,
+    )
+    rows, A = s.prompts_per_call * s.num_samples, s.max_new_tokens
+    return Program(
+        "decode", _decode, (s.graphdef, s.params, state), kwargs={"config": config},
+        runs=_calls_per_round(s), loop_bound=A,
+        model_flops=model_flops(s.cfg, "decode", rows, 1, keys=s.bucket + A // 2),
+        note=f"{rows} rows, cache {s.bucket}+{A}; flops per step at the mean cache fill P + A/2",
+    )
+
+
+# name -> builder. A builder takes the Setup and returns a Program (or a list of them, e.g. a
+# jitted micro-step run micro_batches × K times and an apply step run K times); swap one here when
+# the program it builds changes, the measuring and the report do not care what it compiles.
+BUILDERS: dict[str, Callable[[Setup], Program | list[Program]]] = {
+    "update": build_update,
+    "reference": build_reference,
+    "prefill": build_prefill,
+    "decode": build_decode,
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _fits_error(message: str) -> bool:
+    return any(w in message for w in ("RESOURCE_EXHAUSTED", "out of memory", "Ran out of memory",
+                                      "exceeds the memory", "HBM"))
+
+
+def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
+    """Compiles `p` and returns its figures (per device; see the module docstring); with `dump_hlo`,
+    writes the compiled HLO text to <dump_hlo>/<program>.hlo.txt."""
+    from reval_jax import hlo
+
+    start = time.perf_counter()
+    out = {"program": p.name, "note": p.note, "runs": p.runs, "loop_bound": p.loop_bound,
+           "model_flops": p.model_flops}
+    try:
+        compiled = p.fn.lower(*p.args, **p.kwargs).compile()
+    except Exception as e:  # a TPU program that does not fit raises here
+        text = str(e).strip()
+        first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+        out["error"] = ("does not fit: " if _fits_error(text) else "compile failed: ") + first
+        out["compile_s"] = time.perf_counter() - start
+        return out
+    out["compile_s"] = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    memory["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    # CPU's peak_memory_in_bytes comes out below its own temp size: not a peak; use the sum there
+    memory["peak"] = memory["xla_peak"] if platform == "tpu" and memory["xla_peak"] else (
+        memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
+    text = compiled.as_text()
+    if dump_hlo:
+        Path(dump_hlo).mkdir(parents=True, exist_ok=True)
+        (Path(dump_hlo) / f"{p.name}.hlo.txt").write_text(text)
+    report = hlo.collectives(text)
+    out.update(memory=memory, collectives=report.bytes, collective_bytes=report.total_bytes,
+               loops=[[loop.trip_count, loop.source] for loop in report.loops],
+               largest=[[c.kind, c.bytes, c.count, c.op_name] for c in report.largest(3)])
+    if p.loop_bound:  # the data-dependent loop counted once (+ outside) vs bound times (+ outside)
+        once = hlo.collectives(text, infer=False).bytes
+        step = {k: (report.bytes[k] - once[k]) // max(p.loop_bound - 1, 1) for k in once}
+        out.update(collectives_per_step=step, collective_bytes_per_step=sum(step.values()),
+                   collective_bytes_outside_loop=sum(once.values()) - sum(step.values()),
+                   model_flops_per_step=p.model_flops, model_flops=p.model_flops * p.loop_bound)
+    out["collective_bytes_per_round"] = out["collective_bytes"] * p.runs
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["xla_flops"] = float((cost or {}).get("flops", 0.0))
+    return out
+
+
+def check(config, devices, programs=PROGRAMS, dump_hlo: str = "") -> dict:
+    """Builds and measures `programs` of `config` on `devices`. Returns {"setup": ..., "programs":
+    [one `measure` dict each]} (the Python API behind the CLI)."""
+    import jax
+
+    s = make_setup(config, devices)
+    setup = {
+        "devices": len(devices), "platform": devices[0].platform,
+        "device_kind": getattr(devices[0], "device_kind", ""), "mesh": dict(s.mesh.shape),
+        "model_params": s.cfg.num_params(), "seq_len": s.seq_len, "update_batch": s.update_batch,
+        "micro_batches": config.micro_batches, "prompts_per_call": s.prompts_per_call,
+        "bucket": s.bucket, "max_new_tokens": s.max_new_tokens, "remat": s.cfg.remat,
+        "param_dtype": s.cfg.param_dtype, "dtype": s.cfg.dtype, "jax": jax.__version__,
+    }
+    results = []
+    for name in programs:
+        built = BUILDERS[name](s)
+        for program in built if isinstance(built, (list, tuple)) else [built]:
+            results.append(measure(program, devices[0].platform, dump_hlo))
+            print(f"  {program.name}: compiled in {results[-1]['compile_s']:.1f} s", file=sys.stderr, flush=True)
+    return {"setup": setup, "programs": results}
+
+
+def _si(x: float, unit: str = "B") -> str:
+    """1.23e10 -> '12.3 GB' (decimal prefixes)."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table: memory and collectives per device, FLOPs summed over devices."""
+    s = report["setup"]
+    col = lambda x: f"{x:>12}"
+    lines = [
+        f"{s['devices']} x {s['platform']} {s['device_kind']}  mesh {s['mesh']}  "
+        f"{s['model_params'] / 1e9:.2f}B params ({s['param_dtype']} weights, {s['dtype']} compute, "
+        f"remat {s['remat']})  update [{s['update_batch']}, {s['seq_len']}] in {s['micro_batches']} "
+        f"micro-batch(es); sampler {s['prompts_per_call']} prompts x bucket {s['bucket']} + "
+        f"{s['max_new_tokens']}  (jax {s['jax']})",
+        "",
+        f"{'memory / device':<16}" + "".join(col(k) for k in ("argument", "output", "alias", "temp", "peak"))
+        + col("compile"),
+    ]
+    for r in report["programs"]:
+        if "error" in r:
+            lines.append(f"{r['program']:<16}{r['error']}  ({r['compile_s']:.0f} s)")
+            continue
+        m = r["memory"]
+        lines.append(f"{r['program']:<16}" + "".join(col(_si(m[k])) for k in ("argument", "output", "alias",
+                     "temp", "peak")) + col(f"{r['compile_s']:.0f} s"))
+    kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    names = ("all-gather", "all-reduce", "red-scatter", "all-to-all", "permute")
+    lines += ["", f"{'collect. / device':<16}" + "".join(col(k) for k in names)
+              + col("total") + col("runs") + col("per round")]
+    for r in report["programs"]:
+        if "error" in r:
+            continue
+        rows = [("", r["collectives"], r["collective_bytes"])]
+        if r["loop_bound"]:
+            rows = [(" / step", r["collectives_per_step"], r["collective_bytes_per_step"]),
+                    (f" x {r['loop_bound']}", r["collectives"], r["collective_bytes"])]
+        for suffix, c, total in rows:
+            per_round = "" if suffix == " / step" else _si(total * r["runs"])
+            lines.append(f"{r['program'] + suffix:<16}" + "".join(col(_si(c[k])) for k in kinds)
+                         + col(_si(total)) + col(r["runs"]) + col(per_round))
+    lines += ["", "largest collectives (bytes x count, jax op)"]
+    for r in report["programs"]:
+        for kind, nbytes, count, op in r.get("largest", []):
+            lines.append(f"{r['program']:<12}{kind:<20}{_si(nbytes):>10} x {count:<6} {op[-90:]}")
+    lines += ["", "FLOP per execution, all devices: model (analytic) | XLA cost_analysis x devices (it counts "
+              "a loop body once)"]
+    for r in report["programs"]:
+        if "error" in r:
+            continue
+        step = f" ({_si(r['model_flops_per_step'], 'FLOP')} / step)" if r["loop_bound"] else ""
+        lines.append(f"{r['program']:<12}{_si(r['model_flops'], 'FLOP'):>14}{step} | "
+                     f"{_si(r['xla_flops'] * s['devices'], 'FLOP')}   {r['note']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    if FLAGS.platform == "cpu" and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={FLAGS.devices}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    programs = [p.strip() for p in FLAGS.programs.split(",") if p.strip()]
+    unknown = sorted(set(programs) - set(PROGRAMS))
+    if unknown:
+        raise ValueError(f"--programs: unknown {unknown}; choose from {PROGRAMS}")
+    devices = devices_for(FLAGS.platform, FLAGS.devices, FLAGS.topology)
+    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo)
+    report["setup"]["command"] = " ".join(["python -m reval_jax.scale", *sys.argv[1:]])
+    print(format_report(report))
+    if FLAGS.json:
+        Path(FLAGS.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_enum("platform", "cpu", ["cpu", *TOPOLOGIES], "Compile for fake CPU devices or a TPU topology.")
+    flags.DEFINE_integer("devices", 8, "Devices (CPU) or chips (TPU).")
+    flags.DEFINE_string("topology", "", "TPU topology name overriding the default, e.g. v5p:2x2x2.")
+    flags.DEFINE_string("programs", ",".join(PROGRAMS), "Comma-separated programs to compile.")
+    flags.DEFINE_string("json", "", "Also write the report as JSON here.")
+    flags.DEFINE_string("dump_hlo", "", "Write each compiled program's HLO text into this directory.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
