@@ -15,6 +15,8 @@ all-reduce exists; the unembedding weight is gathered once per call, before the 
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -31,25 +33,58 @@ class SequenceStats:
     v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position
 
 
-def _row_logprobs(h: Array, targets: Array, w: Array, unembed, chunk: int, temperature: float) -> Array:
-    """log-softmax(unembed(h))[target] for h [R, L, D], targets [R, L], C = `chunk` positions of
-    every row at a time. Returns [R, L] f32."""
+def _row_logprobs(h: Array, targets: Array, w: Array, chunk: int, temperature: float,
+                  tensor_axis: str | None = None, row_axes=None) -> Array:
+    """log-softmax(h @ w)[target] for h [R, L, D], targets [R, L], C = `chunk` positions of every
+    row at a time. Returns [R, L] f32. With `tensor_axis` (inside shard_map), w holds this device's
+    slice of the vocabulary and the logsumexp and the picked logit are combined over that axis;
+    `row_axes` are the axes the rows are split over: w is marked as varying over them once, before
+    the loop, so its gradient is summed over devices once, not in every chunk."""
     R, L, D = h.shape
     C = min(chunk, L)
     pad = -L % C
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(R, -1, C, D).swapaxes(0, 1)  # [L/C, R, C, D]
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(R, -1, C).swapaxes(0, 1)  # [L/C, R, C]
+    if row_axes:
+        w = jax.lax.pcast(w, row_axes, to="varying")
+    V_local = w.shape[1]
+    offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * V_local
 
     @jax.checkpoint
     def one(_, xs):
         hc, tc = xs
-        logits = unembed(hc, w) / temperature  # [R, C, V] f32
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [R, C]
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]  # [R, C]
-        return None, picked - lse
+        logits = jnp.einsum("RCD,DV->RCV", hc, w, preferred_element_type=jnp.float32) / temperature
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [R, C, 1]
+        if tensor_axis is not None:
+            top = jax.lax.pmax(top, tensor_axis)
+        total = jnp.sum(jnp.exp(logits - top), axis=-1)  # [R, C]
+        local = tc - offset
+        inside = (local >= 0) & (local < V_local)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, V_local - 1)[..., None], axis=-1)[..., 0]
+        picked = jnp.where(inside, picked, 0.0)  # [R, C]
+        if tensor_axis is not None:
+            total, picked = jax.lax.psum(total, tensor_axis), jax.lax.psum(picked, tensor_axis)
+        return None, picked - (top[..., 0] + jnp.log(total))
 
     _, out = jax.lax.scan(one, None, (h, targets))  # [L/C, R, C]
     return out.swapaxes(0, 1).reshape(R, -1)[:, :L]
+
+
+def _sharded_row_logprobs(h, targets, w, mesh, chunk: int, temperature: float) -> Array:
+    """`_row_logprobs` with each device working on its own rows (shard_map over the data axes): the
+    replicated unembedding's gradient is summed over devices once, after the chunk loop, instead of
+    the compiler all-reducing a [D, V] or [rows, C, V] block for every chunk."""
+    from jax.sharding import PartitionSpec as P
+
+    from reval_jax.sharding import logical_to_spec
+
+    rows = logical_to_spec(("act_batch",), None, mesh)[0]
+    vocab = logical_to_spec(("act_vocab",), None, mesh)[0]
+    row_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+    fn = functools.partial(_row_logprobs, chunk=chunk, temperature=temperature, tensor_axis=vocab,
+                           row_axes=row_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(rows, None, None), P(rows, None), P(None, vocab)),
+                         out_specs=P(rows, None))(h, targets, w)
 
 
 def packed_stats(
@@ -66,7 +101,12 @@ def packed_stats(
     # position t predicts token t + 1: the pair (h[t], tokens[t + 1]) lands at t + 1. Pairs that
     # straddle two segments land on a segment's first token, a prompt token: masked below.
     next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [R, L]
-    logp = _row_logprobs(h, next_tokens, w, model.unembed, chunk, temperature)
+    mesh = model.mesh
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if mesh is not None and tokens.shape[0] % dp == 0 and model.cfg.vocab_size % mesh.shape["tensor"] == 0:
+        logp = _sharded_row_logprobs(h, next_tokens, w, mesh, chunk, temperature)
+    else:
+        logp = _row_logprobs(h, next_tokens, w, chunk, temperature)
     logp = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))  # [R, L], aligned with tokens
     logp = jnp.where(response_mask, logp, 0.0)
 

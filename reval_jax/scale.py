@@ -2,13 +2,16 @@
 weights) and reports, per program, per-device memory, collective bytes and FLOPs.
 
     python -m reval_jax.scale --config=configs/qwen7b.py [--platform=cpu|v5p|v5e|v6e] [--devices=8]
-        [--config.micro_batches=32 ...] [--programs=update,reference] [--json=PATH]
+        [--mean_tokens=682] [--config.tokens_per_device=16384 ...] [--programs=update,reference] [--json=PATH]
 
-Programs (one builder each, see `BUILDERS`): `update` (the jitted train step on an update batch),
-`reference` (the reference pass of train.run's fill_reference), `prefill` and `decode` (the
-sampler's `_prefill` and `_decode` on one sampler call's prompts). Each builder returns a `Program`:
-the jitted function, its abstract arguments, how often it runs per generation round, and its
-model FLOPs.
+Programs (one builder each, see `BUILDERS`): `update` (train_step.Updater's micro-step on one packed
+micro-batch, run once per micro-batch, and its apply step, once per update), `reference` (the
+Updater's reference pass on one packed micro-batch), `prefill` and `decode` (the sampler's
+`_prefill` and `_decode` on one sampler call's prompts). Each builder returns a `Program`: the
+jitted function, its abstract arguments, how often it runs per generation round, and its model
+FLOPs. How many packed micro-batches a round needs depends on the trajectories' lengths:
+`--mean_tokens` gives the average (prompt + response); by default every trajectory is assumed to
+be full length (the worst case).
 
 Figures, all per device:
   memory   `compiled.memory_analysis()`: argument, output, alias (output bytes that reuse donated
@@ -125,9 +128,14 @@ class Setup:
     bucket: int  # P, the prompt bucket of max_prompt_len
     max_new_tokens: int  # A
     num_samples: int  # N samples per prompt
+    budget: Any  # packing.Budget of the update and reference passes
+    rows_per_micro_batch: int  # rows of one packed micro-batch (all devices)
+    mean_tokens: int  # tokens of an average trajectory (the sizes of a round's micro-batches)
 
 
-def make_setup(config, devices) -> Setup:
+def make_setup(config, devices, mean_tokens: int = 0) -> Setup:
+    """`mean_tokens`: the average trajectory length (prompt + response) that sets how many packed
+    micro-batches an update needs; 0 = the worst case, every trajectory at full length."""
     import jax
     from flax import nnx
 
@@ -149,11 +157,20 @@ def make_setup(config, devices) -> Setup:
         max(1, config.sampling.batch_size // N) if config.sampling.batch_size
         else config.data.prompts_per_iteration
     )
+    from reval_jax.train import packing_budget
+
+    budget = packing_budget(config, mesh)
+    seq_len = bucket + config.sampling.max_new_tokens
+    update_batch = config.replay.batch_size or rollouts
+    rows = budget.rows_per_micro_batch
+    if not rows:  # an explicit micro_batches: the worst case, every trajectory a whole row
+        per_micro = -(-update_batch // budget.micro_batches)  # trajectories (= rows) per micro-batch
+        rows = -(-per_micro // budget.devices) * budget.devices
     return Setup(
-        config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, params=params,
-        seq_len=bucket + config.sampling.max_new_tokens,
-        update_batch=config.replay.batch_size or rollouts, prompts_per_call=per_call,
-        bucket=bucket, max_new_tokens=config.sampling.max_new_tokens, num_samples=N,
+        config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, seq_len=seq_len,
+        update_batch=update_batch, prompts_per_call=per_call, bucket=bucket,
+        max_new_tokens=config.sampling.max_new_tokens, num_samples=N, budget=budget,
+        rows_per_micro_batch=rows, mean_tokens=mean_tokens or seq_len,
     )
 
 
@@ -167,19 +184,20 @@ def matmul_params(cfg) -> int:
     return cfg.num_params() - cfg.hidden_size - (0 if cfg.tie_word_embeddings else embed)
 
 
-def model_flops(cfg, kind: str, rows: int, length: int, keys: int = 0) -> float:
+def model_flops(cfg, kind: str, rows: int, length: int, keys: int = 0, segment: int = 0) -> float:
     """Analytic model FLOPs (no rematerialisation, causal attention counted once):
-      forward  = 2·P·rows·length + 2·L·N·H·rows·length²   (P = matmul_params; the causal attention
-                 term is QKᵀ + AV = 4·L·N·H per query-key pair over length²/2 pairs)
+      forward  = 2·P·rows·length + 2·L·N·H·rows·length·segment   (P = matmul_params; the causal
+                 attention term is QKᵀ + AV = 4·L·N·H per query-key pair over segment²/2 pairs of
+                 each of the length/segment sequences packed in a row; segment = length unpacked)
       update   = 3 × forward (backward = 2 × forward)
       prefill  = the forward of the layers on rows·length tokens, unembedding 1 token per row
       decode   = one token per row attending to `keys` cached slots: 2·P·rows + 4·L·N·H·rows·keys."""
     P, L, N, H = matmul_params(cfg), cfg.num_layers, cfg.num_heads, cfg.head_dim
-    attn = 2.0 * L * N * H * rows * length**2
+    attn = 2.0 * L * N * H * rows * length * (segment or length)
     if kind == "forward":
         return 2.0 * P * rows * length + attn
     if kind == "update":
-        return 3 * model_flops(cfg, "forward", rows, length)
+        return 3 * model_flops(cfg, "forward", rows, length, segment=segment)
     if kind == "prefill":
         unembed = cfg.vocab_size * cfg.hidden_size
         return 2.0 * (P - unembed) * rows * length + 2.0 * unembed * rows + attn
@@ -205,16 +223,15 @@ class Program:
     note: str = ""
 
 
-def abstract_batch(s: Setup, rows: int):
-    """A Trajectories of ShapeDtypeStructs: [rows, T] per-token fields, [rows] the others."""
+def abstract_packed(s: Setup, rows: int):
+    """A packed micro-batch of ShapeDtypeStructs: [rows, row_len] tokens, [rows, M] slots."""
     import jax
 
-    from reval_jax.batch import FIELD_DTYPES, TOKEN_FIELDS, Trajectories
+    from reval_jax.packing import DTYPES, TOKEN_FIELDS, Packed
 
-    return Trajectories(**{
-        name: jax.ShapeDtypeStruct((rows, s.seq_len) if name in TOKEN_FIELDS else (rows,), dtype)
-        for name, dtype in FIELD_DTYPES.items()
-    })
+    L, M = s.budget.row_len, s.budget.max_segments
+    return Packed(**{name: jax.ShapeDtypeStruct((rows, L) if name in TOKEN_FIELDS else (rows, M), dtype)
+                     for name, dtype in DTYPES.items()})
 
 
 def _optimizer_and_state(s: Setup):
@@ -230,45 +247,63 @@ def _optimizer_and_state(s: Setup):
     return optimizer, state
 
 
-def build_update(s: Setup) -> Program:
-    """train_step.jit_train_step on one update batch of [update_batch, seq_len]."""
+def _updater(s: Setup):
+    from reval_jax.train import step_config
+    from reval_jax.train_step import Updater
+
+    optimizer, state = _optimizer_and_state(s)
+    return Updater(s.graphdef, optimizer, step_config(s.config), s.mesh, state), state
+
+
+def micro_batches_for(s: Setup, trajectories: int) -> int:
+    """Micro-batches of `trajectories` packed ones: Σ tokens / tokens per micro-batch, with every
+    trajectory `s.mean_tokens` long (ideal packing; the packer's measured overhead is ~4%, see
+    benchmarks/packing_bench.py), or the explicit config.micro_batches."""
+    if s.budget.micro_batches:
+        return s.budget.micro_batches
+    per_micro = s.rows_per_micro_batch * s.budget.row_len
+    return max(1, -(-trajectories * s.mean_tokens // per_micro))
+
+
+def build_update(s: Setup) -> list[Program]:
+    """Updater's two programs: the micro-step (forward, backward, gradients added to the donated
+    accumulator) on one packed micro-batch, run once per micro-batch, and the apply step."""
     import jax
     import jax.numpy as jnp
 
-    from reval_jax.train import step_config
-    from reval_jax.train_step import jit_train_step
+    from reval_jax.losses import LossNorm
 
-    optimizer, state = _optimizer_and_state(s)
-    batch = abstract_batch(s, s.update_batch)
-    fn = jit_train_step(s.graphdef, optimizer, step_config(s.config), state, batch, s.mesh)
-    weights = jax.ShapeDtypeStruct((s.update_batch,), jnp.float32)
-    return Program(
-        "update", fn, (state, batch, weights), runs=s.config.replay.updates_per_iteration,
-        model_flops=model_flops(s.cfg, "update", s.update_batch, s.seq_len),
-        note=f"[{s.update_batch}, {s.seq_len}] in {s.config.micro_batches} micro-batch(es)",
-    )
+    updater, state = _updater(s)
+    rows, K = s.rows_per_micro_batch, s.config.replay.updates_per_iteration
+    n = micro_batches_for(s, s.update_batch)
+    grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), state.params)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    norm = LossNorm(scalar, scalar, scalar)
+    tokens = rows * s.budget.row_len
+    return [
+        Program(
+            "update micro-step", updater._accumulate_fn, (grads, state.params, abstract_packed(s, rows), norm),
+            runs=n * K, model_flops=model_flops(s.cfg, "update", rows, s.budget.row_len, segment=s.mean_tokens),
+            note=f"[{rows}, {s.budget.row_len}] packed rows ({tokens // len(s.mesh.devices.flat)} tokens/device); "
+                 f"{n} micro-batch(es) x {K} updates of {s.update_batch} trajectories of ~{s.mean_tokens} tokens",
+        ),
+        Program("update apply", updater._apply_fn, (state, grads, scalar), runs=K, model_flops=0.0,
+                note="clip + AdamW + finite checks, once per update"),
+    ]
 
 
 def build_reference(s: Setup) -> Program:
-    """reference_stats jitted as train.run's fill_reference does, on update_batch rows."""
-    import functools
-
-    import jax
-
-    from reval_jax.train import step_config
-    from reval_jax.train_step import batch_sharding, reference_stats, state_sharding
-
-    optimizer, state = _optimizer_and_state(s)
-    batch = abstract_batch(s, s.update_batch)
-    fn = jax.jit(
-        functools.partial(reference_stats, s.graphdef, cfg=step_config(s.config)),
-        in_shardings=(state_sharding(state, optimizer, s.mesh).ref_params, batch_sharding(batch, s.mesh)),
-    )
+    """Updater's reference pass on one packed micro-batch, run once per micro-batch of a round's
+    fresh rollouts (stale buffer draws add more runs)."""
+    updater, state = _updater(s)
+    rows = s.rows_per_micro_batch
     rollouts = s.config.data.prompts_per_iteration * s.num_samples
+    n = micro_batches_for(s, rollouts)
     return Program(
-        "reference", fn, (state.ref_params, batch), runs=-(-rollouts // s.update_batch),
-        model_flops=model_flops(s.cfg, "forward", s.update_batch, s.seq_len),
-        note=f"[{s.update_batch}, {s.seq_len}]; more runs when stale buffer draws are recomputed",
+        "reference", updater._reference_fn, (state.ref_params, abstract_packed(s, rows)), runs=n,
+        model_flops=model_flops(s.cfg, "forward", rows, s.budget.row_len, segment=s.mean_tokens),
+        note=f"[{rows}, {s.budget.row_len}] packed rows; {n} micro-batch(es) per round; more when stale "
+             "buffer draws are recomputed",
     )
 
 
@@ -405,17 +440,19 @@ def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
     return out
 
 
-def check(config, devices, programs=PROGRAMS, dump_hlo: str = "") -> dict:
+def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: int = 0) -> dict:
     """Builds and measures `programs` of `config` on `devices`. Returns {"setup": ..., "programs":
-    [one `measure` dict each]} (the Python API behind the CLI)."""
+    [one `measure` dict each]} (the Python API behind the CLI). `mean_tokens`: see make_setup."""
     import jax
 
-    s = make_setup(config, devices)
+    s = make_setup(config, devices, mean_tokens)
     setup = {
         "devices": len(devices), "platform": devices[0].platform,
         "device_kind": getattr(devices[0], "device_kind", ""), "mesh": dict(s.mesh.shape),
         "model_params": s.cfg.num_params(), "seq_len": s.seq_len, "update_batch": s.update_batch,
-        "micro_batches": config.micro_batches, "prompts_per_call": s.prompts_per_call,
+        "micro_batches": config.micro_batches, "tokens_per_device": config.tokens_per_device,
+        "row_len": s.budget.row_len, "rows_per_micro_batch": s.rows_per_micro_batch,
+        "mean_tokens": s.mean_tokens, "prompts_per_call": s.prompts_per_call,
         "bucket": s.bucket, "max_new_tokens": s.max_new_tokens, "remat": s.cfg.remat,
         "param_dtype": s.cfg.param_dtype, "dtype": s.cfg.dtype, "jax": jax.__version__,
     }
@@ -505,7 +542,7 @@ def main(argv):
     if unknown:
         raise ValueError(f"--programs: unknown {unknown}; choose from {PROGRAMS}")
     devices = devices_for(FLAGS.platform, FLAGS.devices, FLAGS.topology)
-    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo)
+    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo, FLAGS.mean_tokens)
     report["setup"]["command"] = " ".join(["python -m reval_jax.scale", *sys.argv[1:]])
     print(format_report(report))
     if FLAGS.json:
@@ -523,5 +560,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("programs", ",".join(PROGRAMS), "Comma-separated programs to compile.")
     flags.DEFINE_string("json", "", "Also write the report as JSON here.")
     flags.DEFINE_string("dump_hlo", "", "Write each compiled program's HLO text into this directory.")
+    flags.DEFINE_integer("mean_tokens", 0, "Average trajectory tokens (prompt + response), which sets the packed "
+                         "micro-batches per update; 0 = every trajectory at full length (the worst case).")
     flags.mark_flags_as_required(["config"])
     app.run(main)

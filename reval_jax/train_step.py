@@ -166,7 +166,7 @@ def packed_sharding(mesh: Mesh) -> NamedSharding:
 def _stats(graphdef, params, mb: Packed, cfg: StepConfig):
     """(logp [R, L], v [R, M]) of the parameters `params` on a packed micro-batch."""
     dtype = jnp.dtype(nnx.merge(graphdef, params).cfg.dtype)
-    model = nnx.merge(graphdef, _cast(params, dtype))  # gathers move compute-dtype weights
+    model = nnx.merge(graphdef, _cast(params, dtype))
     return batch_stats(model, mb, chunk=cfg.chunk, temperature=cfg.temperature)
 
 
