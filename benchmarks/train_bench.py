@@ -23,7 +23,7 @@ that all first-step losses agree (relative difference < 1e-4; a side process giv
 loss stops before timing anything if not) and reports the median over processes of each side's
 median s/step, tokens/s and the ratio:
 
-    python benchmarks/train_bench.py --rounds 2 --steps 9             # docs/bench_train.md
+    python benchmarks/train_bench.py --rounds 3 --steps 9 --torch-logits-to-keep   # docs/bench_train.md
     python benchmarks/train_bench.py --side=jax --steps 9             # one side alone, by hand
     python benchmarks/train_bench.py --tiny                           # smoke test, tiny shapes
     python benchmarks/train_bench.py --interleaved                    # the old design: BIASED
