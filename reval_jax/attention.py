@@ -65,22 +65,22 @@ def attention(
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     if impl == "einsum":
-        return einsum_attention(q, k, v, allowed_mask(q_segment_ids, kv_segment_ids, q_offset))
+        return _einsum(q, k, v, allowed_mask(q_segment_ids, kv_segment_ids, q_offset))
     if impl == "chunked":
-        return chunked_attention(
+        return _chunked(
             q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q=block_q, block_kv=block_kv
         )
     if impl in ("xla", "cudnn"):
-        return dot_product_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, impl)
+        return _dot_product(q, k, v, q_segment_ids, kv_segment_ids, q_offset, impl)
     if not isinstance(q_offset, int):
         # splash's causal mask is static: a traced offset (prefill at the cache index) goes chunked
-        return chunked_attention(
+        return _chunked(
             q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q=block_q, block_kv=block_kv
         )
-    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, mesh=mesh, block=block_q)
+    return _splash(q, k, v, q_segment_ids, kv_segment_ids, q_offset, mesh=mesh, block=block_q)
 
 
-def einsum_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
+def _einsum(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     """The reference, with float32 scores [B, K, G, T, S]; allowed [B, T, S] bool."""
     B, T, N, H = q.shape
     K = k.shape[2]
@@ -96,7 +96,7 @@ def einsum_attention(q: Array, k: Array, v: Array, allowed: Array) -> Array:
 # ----------------------------------------------------------------------------- jax.nn (xla / cudnn)
 
 
-def dot_product_attention(
+def _dot_product(
     q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array,
     q_offset: int | Array, implementation: str,
 ) -> Array:
@@ -156,7 +156,7 @@ def _block_mask(qs: Array, ks: Array, q_slot: Array, k_slot: Array) -> Array:
     return (same & causal)[:, None, None]  # [B, 1, 1, bq, bk]
 
 
-def chunked_attention(
+def _chunked(
     q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array,
     q_offset: int | Array = 0, *, block_q: int = 512, block_kv: int = 512,
 ) -> Array:
@@ -173,7 +173,7 @@ def chunked_attention(
     S, K = k.shape[1], k.shape[2]
     if T <= block_q and S <= block_kv:
         allowed = allowed_mask(q_segment_ids, kv_segment_ids, q_offset)  # [B, T, S]
-        out = einsum_attention(q, k, v, allowed)  # [B, T, N, H]
+        out = _einsum(q, k, v, allowed)  # [B, T, N, H]
         return jnp.where(allowed.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
     bq, bk = min(block_q, T), min(block_kv, S)
     q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
@@ -287,7 +287,7 @@ def _flash_bwd(bq, bk, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def heads_spec(mesh: Mesh, q: Array, k: Array) -> tuple[PartitionSpec, PartitionSpec]:
+def _heads_spec(mesh: Mesh, q: Array, k: Array) -> tuple[PartitionSpec, PartitionSpec]:
     """shard_map specs of q [B, T, N, H] and k/v [B, S, K, H] from sharding.RULES: heads are split
     only where the kv heads are split the same way, so each shard keeps whole groups."""
     from reval_jax.sharding import logical_to_spec
@@ -304,7 +304,7 @@ def heads_spec(mesh: Mesh, q: Array, k: Array) -> tuple[PartitionSpec, Partition
 # ----------------------------------------------------------------------------- splash (TPU)
 
 
-def splash_attention(
+def _splash(
     q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, q_offset: int = 0,
     *, mesh: Mesh | None = None, block: int = 512,
 ) -> Array:
@@ -337,7 +337,7 @@ def splash_attention(
 
     if mesh is None:
         return local(q, k, v, q_segment_ids, kv_segment_ids)
-    q_spec, k_spec = heads_spec(mesh, q, k)
+    q_spec, k_spec = _heads_spec(mesh, q, k)
     seg_spec = PartitionSpec(q_spec[0], None)
     return jax.shard_map(
         local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec, seg_spec), out_specs=q_spec,

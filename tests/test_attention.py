@@ -15,10 +15,10 @@ from reval_jax.config import preset
 from reval_jax.model import init_cache
 
 F32_TOL = 1e-5  # max abs difference in float32; never loosened
-# bfloat16 keeps 8 significant bits: outputs of magnitude ~1-3 are rounded to steps of 2^-7..2^-6,
+# bfloat16 keeps 8 significant bits: outputs of magnitude 1-4 are rounded to steps of 2^-7..2^-6,
 # and einsum rounds the normalised probabilities to bf16 while chunked rounds the unnormalised
-# block probabilities, so the two differ by a few bf16 steps of the output: 3 · 2^-6.
-BF16_TOL = 3 * 2**-6
+# block probabilities, so the two differ by a bf16 step or two of the output (2^-6 measured).
+BF16_TOL = 2**-5
 B, T, N, K, H = 3, 37, 4, 2, 8  # T not a multiple of the block
 BLOCK = 16
 
