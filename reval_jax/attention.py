@@ -17,7 +17,8 @@ Implementations (`IMPLEMENTATIONS`, chosen by name, see docs/attention.md):
            it builds [B, N, T, S] scores and exists to check that plumbing on any backend.
   cudnn    jax.nn.dot_product_attention(implementation="cudnn"): GPU only.
   splash   the Pallas TPU splash-attention kernel (SegmentIds + CausalMask), TPU only.
-  auto     splash on TPU, cudnn on GPU, chunked elsewhere (jax.default_backend() at trace time).
+  auto     splash on TPU, cudnn on GPU (16-bit inputs; float32 takes chunked), chunked elsewhere,
+           from jax.default_backend() at trace time.
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ NEG_INF = -1e30  # finite: a fully masked row (a padding query) gives a uniform,
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
 
 
-def resolve(implementation: str) -> str:
-    """The concrete implementation that `implementation` names on the current default backend."""
+def resolve(implementation: str, dtype=None) -> str:
+    """The concrete implementation that `implementation` names on the current default backend; auto
+    takes cudnn only for 16-bit inputs (cuDNN flash attention has no float32 kernel)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        return AUTO.get(jax.default_backend(), "chunked")
-    return implementation
+    if implementation != "auto":
+        return implementation
+    impl = AUTO.get(jax.default_backend(), "chunked")
+    if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "chunked"
+    return impl
 
 
 def allowed_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: int | Array = 0) -> Array:
@@ -61,7 +66,7 @@ def attention(
     """q [B, T, N, H], k/v [B, S, K, H] with N = K·G; segment ids [B, T] / [B, S] int32 (0 = padding).
     Returns [B, T, N, H] in q's dtype. `mesh` is only used by splash (a Pallas call is partitioned by
     shard_map over the batch and head axes of sharding.RULES)."""
-    impl = resolve(implementation)
+    impl = resolve(implementation, q.dtype)
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     if impl == "einsum":

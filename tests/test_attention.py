@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from models import tiny_model
 
-from reval_jax.attention import allowed_mask, attention, resolve
+from reval_jax.attention import AUTO, allowed_mask, attention, resolve
 from reval_jax.config import preset
 from reval_jax.model import init_cache
 
@@ -107,8 +107,10 @@ def test_allowed_mask_is_causal_within_segments():
     np.testing.assert_array_equal(np.asarray(allowed_mask(seg, seg))[0], expected)
 
 
-def test_names_are_validated_and_auto_is_chunked_on_cpu():
+def test_names_are_validated_and_auto_is_chunked_on_cpu(monkeypatch):
     assert resolve("auto") == "chunked"
+    monkeypatch.setitem(AUTO, "cpu", "cudnn")  # as on a GPU: cuDNN only for 16-bit inputs
+    assert resolve("auto", jnp.bfloat16) == "cudnn" and resolve("auto", jnp.float32) == "chunked"
     with pytest.raises(ValueError, match="einsum.*chunked.*splash"):
         resolve("flash")
     with pytest.raises(ValueError, match="expected one of"):
