@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights: float32 | bfloat16
     c.model.dtype = "bfloat16"  # compute dtype of forward passes (logits are always float32)
     c.model.remat = "full"  # none | full | dots | dots_no_batch: per-layer rematerialisation
+    c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN, else chunked) | chunked | cudnn | splash | xla | einsum
     c.model.ref_dtype = ""  # reference-policy storage dtype; "" = same as param_dtype
 
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor) device mesh; one -1 takes the remaining devices

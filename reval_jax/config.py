@@ -12,6 +12,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("auto", "einsum", "chunked", "xla", "cudnn", "splash")  # = attention.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations; logits are always float32
     remat: str = "none"  # rematerialisation policy of each scanned layer, one of REMAT_POLICIES
+    attention: str = "auto"  # attention kernel of training and prefill, one of ATTENTION
+    attention_block: int = 512  # query and key block of the chunked kernel (docs/attention.md)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -40,6 +43,10 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {DTYPES}")

@@ -183,11 +183,13 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
 
 def load_hf(
     path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str | None = None,
-    dtype: str | None = None, remat: str | None = None, load_tokenizer: bool = True,
+    dtype: str | None = None, remat: str | None = None, attention: str | None = None,
+    load_tokenizer: bool = True,
 ):
     """Loads a local Hugging Face Qwen2 directory. Returns `(model, tokenizer)`.
 
-    `param_dtype` / `dtype` / `remat` override the ModelConfig fields (defaults: float32). With a
+    `param_dtype` / `dtype` / `remat` / `attention` override the ModelConfig fields (defaults:
+    float32, attention "auto"). With a
     `mesh`, every parameter is created directly in its sharded layout."""
     path = Path(path)
     if not path.is_dir():
@@ -195,7 +197,8 @@ def load_hf(
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: missing; a Hugging Face model directory needs one")
-    overrides = {k: v for k, v in dict(param_dtype=param_dtype, dtype=dtype, remat=remat).items() if v}
+    overrides = dict(param_dtype=param_dtype, dtype=dtype, remat=remat, attention=attention)
+    overrides = {k: v for k, v in overrides.items() if v}
     cfg = from_hf_config(json.loads(config_file.read_text()), source=str(config_file), **overrides)
     st = SafetensorsDir(path)
     d = dims(cfg)

@@ -8,9 +8,12 @@ all, so compile time does not grow with depth; each step can be rematerialised (
 Logits are always float32, whatever the compute dtype.
 
 Padding: `mask [B, T]` marks real tokens; positions default to `cumsum(mask) - 1`, so left- and
-right-padded batches give the same logits at real tokens. Decoding: `init_cache` preallocates a
-`Cache`; calling the model with `cache=` writes the new keys/values at slot `cache.index` and attends
-to every valid slot at or before each query's own slot (prefill and single-step decode alike).
+right-padded batches give the same logits at real tokens. Packing: `segment_ids [B, T]` (1, 2, ...;
+0 = padding) with per-segment `positions` put several sequences in one row; none attends to another.
+Attention is `reval_jax.attention.attention` with `ModelConfig.attention` (docs/attention.md).
+Decoding: `init_cache` preallocates a `Cache`; calling the model with `cache=` writes the new
+keys/values at slot `cache.index` and attends to every valid slot at or before each query's own slot
+(prefill through the configured kernel, short decode steps through einsum over the cache).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from reval_jax.attention import attention
 from reval_jax.config import ModelConfig
 from reval_jax.sharding import constrain
 
 Array = jax.Array
-NEG_INF = -1e30  # finite: a fully masked row (a padding query) gives a uniform, not NaN, softmax
+DECODE_EINSUM_MAX_T = 16  # cached steps of at most this many tokens attend by einsum over the cache
 
 # name -> (shape, logical axes, init) of each stacked layer parameter; shapes use the alphabet.
 LAYER_PARAMS = {
@@ -108,12 +112,12 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 def _block(
     x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, layer: Array, *,
-    cfg: ModelConfig, mesh: Mesh | None, positions: Array, allowed: Array, index: Array | None,
+    cfg: ModelConfig, mesh: Mesh | None, positions: Array, q_segment_ids: Array, index: Array | None,
+    kv_segment_ids: Array,
 ):
     """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS and the caches,
     when given, are the stacked [L, B, S, K, H] ones of every layer."""
-    B, T, _ = x.shape
-    K, G, H = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+    T = x.shape[1]
     dt = x.dtype
 
     h = rms_norm(x, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
@@ -132,11 +136,13 @@ def _block(
         k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
         v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
 
-    q = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(allowed[:, None, None], scores * H**-0.5, NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)  # [B, T, N, H]
+    # training and prefill: the configured kernel; a short decode step: einsum, scores [B, N, T, S]
+    impl = "einsum" if k_cache is not None and T <= DECODE_EINSUM_MAX_T else cfg.attention
+    out = attention(
+        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_offset=0 if index is None else index, implementation=impl, mesh=mesh,
+        block_q=cfg.attention_block, block_kv=cfg.attention_block,
+    )  # [B, T, N, H]
     x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
 
@@ -172,32 +178,36 @@ class Qwen2(nnx.Module):
         self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
         segment_ids: Array | None = None, cache: Cache | None = None,
     ) -> tuple[Array, Cache | None]:
-        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache. `segment_ids`
-        [B, T] (without a cache) packs several sequences per row: a token attends only to earlier
-        tokens of its own segment, 0 marks padding; pass per-segment `positions` with it."""
+        """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache.
+
+        segment_ids [B, T] int32 (0 = padding) packs several sequences per row: a token attends
+        only to earlier tokens of its own segment; pass per-segment positions with them. Without
+        them the segments are `mask` (one per row). With a cache, keys are the valid slots."""
         cfg, mesh = self.cfg, self.mesh
         B, T = tokens.shape
         dt = jnp.dtype(cfg.dtype)
         mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are not supported with a KV cache")
         if positions is None:
             start = 0 if cache is None else jnp.sum(cache.valid, axis=-1, keepdims=True)
             positions = start + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         positions = positions.astype(jnp.int32)
 
-        if cache is None:  # causal over this call's tokens, within a segment, padding keys masked
-            seg = mask.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-            causal = jnp.arange(T)[None, :, None] >= jnp.arange(T)[None, None, :]  # [1, T, S]
-            allowed = causal & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)  # [B, T, S]
-            index = None
-        else:  # queries sit at slots index..index+T-1 of the cache
+        if cache is None:  # causal over this call's tokens, within each segment
+            q_seg = mask.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            kv_seg, index = q_seg, None
+        else:  # queries sit at slots index..index+T-1 of the cache; keys are its valid slots
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            q_slot, k_slot = index + jnp.arange(T), jnp.arange(cache.valid.shape[1])
-            allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]  # [B, T, S]
+            q_seg, kv_seg = mask.astype(jnp.int32), valid.astype(jnp.int32)  # [B, T], [B, S]
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
         x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
-        block = functools.partial(_block, cfg=cfg, mesh=mesh, positions=positions, allowed=allowed, index=index)
+        block = functools.partial(
+            _block, cfg=cfg, mesh=mesh, positions=positions, q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg, index=index,
+        )
 
         def step(carry, layer):  # the caches travel in the carry so that XLA updates them in place
             x, kc, vc = carry
@@ -235,10 +245,12 @@ class Qwen2(nnx.Module):
 
     def __call__(
         self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
-        cache: Cache | None = None,
+        segment_ids: Array | None = None, cache: Cache | None = None,
     ):
         """logits [B, T, V] float32; with `cache`, returns (logits, updated cache)."""
-        h, new_cache = self.hidden_states(tokens, positions=positions, mask=mask, cache=cache)
+        h, new_cache = self.hidden_states(
+            tokens, positions=positions, mask=mask, segment_ids=segment_ids, cache=cache
+        )
         logits = self.unembed(h)
         return logits if cache is None else (logits, new_cache)
 

@@ -24,7 +24,8 @@ def load_hf_policy(config, mesh, path: str | None = None):
     from reval_jax.hf import load_hf
 
     return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
-                   dtype=config.model.dtype, remat=config.model.remat)
+                   dtype=config.model.dtype, remat=config.model.remat,
+                   attention=config.model.get("attention", "auto"))
 
 
 def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=print):

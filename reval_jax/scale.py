@@ -100,7 +100,8 @@ def model_config(config):
     from reval_jax.config import from_hf_config, preset
 
     overrides = dict(
-        param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat
+        param_dtype=config.model.param_dtype, dtype=config.model.dtype, remat=config.model.remat,
+        attention=config.model.get("attention", "auto"),
     )
     hf = Path(config.model.path or "/nonexistent") / "config.json"
     if hf.exists():
