@@ -386,6 +386,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return last
 
 
+def default_workdir(config_file: str) -> str:
+    """runs/<config file stem>: `configs/tiny.py` (or `configs/tiny.py:arg`) -> `runs/tiny`."""
+    return os.path.join("runs", Path(config_file.split(":", 1)[0]).stem)
+
+
 def main(argv):
     from absl import flags
 
@@ -393,7 +398,8 @@ def main(argv):
         raise ValueError(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    workdir = FLAGS.workdir or os.path.join("runs", Path(FLAGS["config"].value).stem)
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    print(f"workdir {workdir}")
     run(FLAGS.config, workdir)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,23 @@ def test_command_line_rejects_a_mistyped_field(tmp_path):
     )
     assert proc.returncode != 0
     assert "transfrom" in proc.stderr
+
+
+def _cli_env(data_file):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
+            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
+
+
+def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_path):
+    """--workdir is optional: the run goes to runs/<config file stem> under the current directory."""
+    (tmp_path / "mini.py").write_text((Path(REPO_ROOT) / "tests" / "run_config.py").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "reval_jax.train", "--config=mini.py", "--config.num_iterations=1"],
+        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read(tmp_path / "runs" / "mini")
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1]
+    assert (tmp_path / "runs" / "mini" / "config.json").exists()
 
 
 def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
