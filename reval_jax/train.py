@@ -156,15 +156,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     changes = apply_algorithm_defaults(config)
     check_config(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    json_config = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
-    writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
-                           enabled=jax.process_index() == 0)
     for c in changes:
         print(f"algorithm {config.algorithm} implies {c}")
+    # nothing is written to the workdir before the model, the data and the evaluation sets have
+    # loaded: a start that fails its checks leaves an existing run's record as it was
 
     # --- model, optimizer, state
     mesh = make_run_mesh(config)
@@ -225,11 +220,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         list(config.data.train_files), tokenizer, config.data.template, config.data.max_prompt_len,
         config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
         answer_key=config.data.answer_key)  # every process reads the same global batch
-    buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
-                          prioritized=config.replay.prioritized, alpha=config.replay.alpha,
-                          beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
-    scorer = RewardScorer(config.reward.name, template=config.data.template,
-                          num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
     benchmarks = {}
     if config.eval.every:
         benchmarks = load_benchmarks(list(config.eval.files), tokenizer, config.data.template,
@@ -237,7 +227,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                      max_prompt_len=config.data.max_prompt_len,
                                      problem_key=config.data.problem_key,
                                      answer_key=config.data.answer_key)
+    buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
+                          prioritized=config.replay.prioritized, alpha=config.replay.alpha,
+                          beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
+    scorer = RewardScorer(config.reward.name, template=config.data.template,
+                          num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
     eval_settings = settings_from_config(config, stops)
+
+    # --- the run's record: everything above loaded, so this start is valid
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    json_config = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
+    writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
+                           enabled=jax.process_index() == 0)
 
     def run_eval(iteration: int):
         model = nnx.merge(graphdef, state.params)

@@ -64,6 +64,27 @@ def test_config_errors_name_the_field(data_file, tmp_path):
         train.run(tiny_config(data_file, micro_batches=3), str(tmp_path))
 
 
+def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
+    """Every check (model directory, weights, data, evaluation files) runs before anything is
+    written: a bad start in an existing run's workdir leaves config.json byte for byte."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    record = b'{"algorithm": "reval", "model": {"path": "/somewhere/good"}}'
+    (workdir / "config.json").write_bytes(record)
+    empty_model = tmp_path / "empty_model"
+    empty_model.mkdir()
+    no_rows = tmp_path / "no_rows.jsonl"
+    no_rows.write_text('{"problem": "", "answer": "1"}\n')
+    bad_starts = [({"model.path": str(empty_model)}, "config.json"),
+                  ({"data.train_files": (str(no_rows),)}, "no usable rows"),
+                  ({"eval.every": 1, "eval.files": (str(no_rows),)}, "no usable rows")]
+    for overrides, message in bad_starts:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.run(tiny_config(data_file, **overrides), str(workdir))
+        assert (workdir / "config.json").read_bytes() == record
+        assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json"]
+
+
 def test_command_line_rejects_a_mistyped_field(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
