@@ -249,11 +249,31 @@ def load_tokenizer_dir(path: str | os.PathLike):
     if tokenizer_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         # A plain `tokenizers` tokenizer (e.g. the project's char tokenizer): AutoTokenizer would
         # pick the class of config.json's model_type (Qwen2Tokenizer) and rebuild its pre-tokenizer.
+        # Needed for directories saved before `save_tokenizer` (the embedded tiny_arith model);
+        # newer exports load the same either way.
         return transformers.PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 # ----------------------------------------------------------------------------- save
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """The tokenizer files, loadable by `AutoTokenizer.from_pretrained(path)` anywhere: the
+    project's character tokenizer is written in its byte-level spelling (same ids; see
+    `tokenizer.byte_level_char_tokenizer`), and load-time options (`local_files_only`, `is_local`)
+    are not saved as if they were the tokenizer's."""
+    from reval_jax.tokenizer import byte_level_char_tokenizer, is_char_tokenizer
+
+    if is_char_tokenizer(tokenizer):
+        tokenizer = byte_level_char_tokenizer(tokenizer)
+    tokenizer.save_pretrained(str(path))
+    config_file = path / "tokenizer_config.json"
+    if config_file.exists():
+        tokenizer_config = json.loads(config_file.read_text())
+        for key in ("local_files_only", "is_local"):
+            tokenizer_config.pop(key, None)
+        config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def _host_slices(model: Qwen2) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...], Rule]]:
@@ -339,6 +359,6 @@ def save_hf(
                 {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")
                  if getattr(tokenizer, f"{k}_id", None) is not None}
             )
-            tokenizer.save_pretrained(str(path))
+            save_tokenizer(tokenizer, path)
         (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
     return path
