@@ -6,7 +6,9 @@ Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-p
 buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
 The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
 what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
-every update), unless `config.algorithm_defaults` is False.
+every update; regression: the centered reward of Eq. 8), unless `config.algorithm_defaults` is False,
+in which case `check_config` refuses a regression run without the centered reward and a GRPO run
+with more than one update per round (old log-probs are not stored: ρ ≡ 1).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from reval_jax.train_step import (
 
 ALGORITHM_DEFAULTS = {
     "reval": {},
-    "regression": {},
+    "regression": {"reward.transform": "centered"},  # Eq. 8: r̂ = r − mean_group(r), nothing else
     "tbrm": {"reward.transform": "binary", "reference.reset_every": 0,
              "replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
     "grpo": {"replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
@@ -71,6 +73,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         bad("reward.transform", f"{config.reward.transform!r} is not one of {REWARD_TRANSFORMS}")
     if config.replay.schedule not in ("on_policy_first", "buffer_only"):
         bad("replay.schedule", f"{config.replay.schedule!r}: use on_policy_first or buffer_only")
+    if config.algorithm == "regression" and config.reward.transform != "centered":
+        bad("reward.transform", f"{config.reward.transform!r}: the regression variant (Eq. 8) is defined "
+            "with r̂ = r − group mean; use 'centered' (algorithm_defaults=True sets it)")
+    if config.algorithm == "grpo" and config.replay.updates_per_iteration > 1:
+        bad("replay.updates_per_iteration", f"{config.replay.updates_per_iteration}: GRPO does not store the "
+            "old log-probs (its ratio is 1, the clip never acts), so it takes one update per round; use 1")
     if config.replay.on_reset not in ("recompute", "flush"):
         bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
     if not config.model.path:

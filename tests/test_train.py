@@ -64,6 +64,24 @@ def test_config_errors_name_the_field(data_file, tmp_path):
         train.run(tiny_config(data_file, micro_batches=3), str(tmp_path))
 
 
+def test_algorithm_defaults_follow_the_spec(data_file):
+    """Regression (Eq. 8) runs on r − group mean; GRPO takes one update per round (ρ ≡ 1)."""
+    config = tiny_config(data_file, algorithm="regression", **{"reward.transform": "binary"})
+    assert train.apply_algorithm_defaults(config) == ["reward.transform: 'binary' -> 'centered'"]
+    train.check_config(config)
+    config = tiny_config(data_file, algorithm="regression", algorithm_defaults=False,
+                         **{"reward.transform": "plus_minus_one"})
+    with pytest.raises(ValueError, match="config.reward.transform: 'plus_minus_one': the regression variant"):
+        train.check_config(config)
+    config = tiny_config(data_file, algorithm="grpo", algorithm_defaults=False,
+                         **{"replay.updates_per_iteration": 2})
+    with pytest.raises(ValueError, match="config.replay.updates_per_iteration: 2: GRPO does not store"):
+        train.check_config(config)
+    config = tiny_config(data_file, algorithm="grpo", **{"replay.updates_per_iteration": 2})
+    train.apply_algorithm_defaults(config)
+    train.check_config(config)
+
+
 def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
     """Every check (model directory, weights, data, evaluation files) runs before anything is
     written: a bad start in an existing run's workdir leaves config.json byte for byte."""
