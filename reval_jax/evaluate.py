@@ -18,6 +18,7 @@ import numpy as np
 
 from reval_jax.data import PromptExample, load_eval_set
 from reval_jax.distributed import all_gather_rows, process_share, to_host
+from reval_jax.errors import UserError
 from reval_jax.rewards import RewardScorer
 from reval_jax.sampler import Rollout, SamplingConfig, generate
 
@@ -115,7 +116,7 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     config = FLAGS.config
     mesh = train.make_run_mesh(config)
     if FLAGS.checkpoint:
@@ -141,12 +142,14 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from reval_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
     flags.DEFINE_string("checkpoint", "", "Training checkpoint directory to evaluate.")
     flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl(main)

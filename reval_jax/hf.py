@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reval_jax.config import ModelConfig, from_hf_config, to_hf_config
+from reval_jax.errors import UserError
 from reval_jax.model import Qwen2, dims
 from reval_jax.sharding import state_shardings
 
@@ -167,7 +168,7 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
         found.discard("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path}: checkpoint tensors do not match a {cfg.num_layers}-layer Qwen2 config: "
             f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -175,7 +176,7 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
         )
     for name, shape in expected.items():
         if st.shape(name) != shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: shape mismatch for tensor {name}: config.json implies {shape}, "
                 f"the checkpoint has {st.shape(name)}"
             )
@@ -302,7 +303,7 @@ def _parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '200MB'")
+        raise UserError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '200MB'")
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 

@@ -10,9 +10,9 @@ Writes `reward.png` (train accuracy and reward against generation rounds), `eval
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from reval_jax.errors import UserError
 from reval_jax.metrics import read_metrics
 
 PANELS = {
@@ -74,21 +74,29 @@ def plot(workdirs: list[str], out: str | None = None) -> list[Path]:
     return written
 
 
+USAGE = "usage: python -m reval_jax.plot WORKDIR [WORKDIR ...] [--out=DIR]"
+
+
 def main(argv: list[str]) -> None:
     out = None
     dirs = []
     for arg in argv:
+        if arg in ("-h", "--help", "-help", "--helpfull"):
+            print(__doc__.strip() + "\n\n" + USAGE)
+            return
         if arg.startswith("--out="):
             out = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise SystemExit(f"unknown option {arg}; usage: python -m reval_jax.plot WORKDIR... [--out=DIR]")
+            raise UserError(f"unknown option {arg}; {USAGE}")
         else:
             dirs.append(arg)
     if not dirs:
-        raise SystemExit("usage: python -m reval_jax.plot WORKDIR [WORKDIR ...] [--out=DIR]")
+        raise UserError(f"no workdir given; {USAGE}")
     for path in plot(dirs, out):
         print(path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from reval_jax import cli
+
+    cli.run_plain(main)

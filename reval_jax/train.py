@@ -31,6 +31,7 @@ from tqdm import tqdm
 from reval_jax import distributed
 from reval_jax.batch import Trajectories, concatenate
 from reval_jax.distributed import to_global, to_host
+from reval_jax.errors import UserError
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, transform_rewards
 from reval_jax.replay import ReplayBuffer
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
@@ -65,7 +66,7 @@ TRAIN_ECHO = ("accuracy", "loss", "delta_abs_max", "kl_mean", "grad_norm", "resp
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses a config that cannot run, naming the field and what to do."""
     def bad(field, msg):
-        raise ValueError(f"config.{field}: {msg}")
+        raise UserError(f"config.{field}: {msg}")
 
     if config.algorithm not in LOSSES:
         bad("algorithm", f"{config.algorithm!r} is not one of {sorted(LOSSES)}")
@@ -407,7 +408,7 @@ def main(argv):
     from absl import flags
 
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     FLAGS = flags.FLAGS
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
@@ -416,8 +417,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from reval_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and plots go (default runs/<config>).")
@@ -426,4 +429,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run (with --coordinator_address).")
     flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl(main)

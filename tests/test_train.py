@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_pat
     records = read(tmp_path / "runs" / "mini")
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1]
     assert (tmp_path / "runs" / "mini" / "config.json").exists()
+    # quiet by default: no absl/Orbax INFO lines ("I1202 00:00:00.0 ... Closing _NonBlocking...")
+    output = proc.stdout + proc.stderr
+    assert re.search(r"(?m)^I\d{4} ", output) is None and "_NonBlockingMetadataStore" not in output, output[-3000:]
 
 
 def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
