@@ -143,6 +143,15 @@ def step_config(config) -> StepConfig:
     )
 
 
+def progress_line(iteration: int, total: int, durations: list[float]) -> str:
+    """`iteration i/N (3.2s; about 4m10s left)`: the estimate averages the iterations run so far,
+    leaving out the first (it compiles) once there are others."""
+    steady = durations[1:] or durations
+    left = round(float(np.mean(steady)) * (total - iteration))
+    eta = f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+    return f"iteration {iteration}/{total} ({durations[-1]:.1f}s; about {eta} left)"
+
+
 def _pad_rows(batch: Trajectories, rows: int) -> Trajectories:
     """Repeat the last row so that a batch has exactly `rows` rows (one compiled shape)."""
     n = batch.batch_size
@@ -299,12 +308,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     step_fn = None
     last: dict[str, float] = {}
+    durations: list[float] = []
+    if start > config.num_iterations:
+        print(f"{workdir} is a finished run (checkpoint {start - 1}, num_iterations={config.num_iterations}): "
+              f"nothing to train. Delete {workdir} for a fresh run, or raise --config.num_iterations to go on.")
     try:
         if config.eval.every and restored is None:
+            print("evaluating the initial policy (the first sampler call compiles: slow)", flush=True)
             run_eval(0)
         for iteration in range(start, config.num_iterations + 1):
             # --- generate: prompts -> sampler -> rewards
             t0 = time.perf_counter()
+            if iteration == start:
+                print(f"iteration {iteration}/{config.num_iterations}: compiling the sampler and the train step "
+                      "(the first iteration is slow)", flush=True)
             examples = next(data_iter)
             model = nnx.merge(graphdef, state.params)
             base_id = iteration * config.data.prompts_per_iteration
@@ -383,6 +400,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if iteration % config.checkpoint.every == 0 or iteration == config.num_iterations or stop_signal \
                     or reached:
                 save(iteration)
+            durations.append(time.perf_counter() - t0)
+            print(progress_line(iteration, config.num_iterations, durations), flush=True)
             if stop_signal:
                 print(f"stopped after iteration {iteration}; rerun the same command to resume")
                 break

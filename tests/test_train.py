@@ -65,6 +65,12 @@ def test_config_errors_name_the_field(data_file, tmp_path):
         train.run(tiny_config(data_file, micro_batches=3), str(tmp_path))
 
 
+def test_progress_line_estimates_time_left_without_the_compiling_iteration():
+    assert train.progress_line(1, 60, [30.0]) == "iteration 1/60 (30.0s; about 29m30s left)"
+    assert train.progress_line(3, 60, [30.0, 4.0, 2.0]) == "iteration 3/60 (2.0s; about 2m51s left)"
+    assert train.progress_line(2, 2000, [30.0, 4.0]) == "iteration 2/2000 (4.0s; about 2h13m left)"
+
+
 def test_algorithm_defaults_follow_the_spec(data_file):
     """Regression (Eq. 8) runs on r − group mean; GRPO takes one update per round (ρ ≡ 1)."""
     config = tiny_config(data_file, algorithm="regression", **{"reward.transform": "binary"})
@@ -129,6 +135,13 @@ def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read(tmp_path / "runs" / "mini")
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1]
+    assert "iteration 1/1: compiling" in proc.stdout and "iteration 1/1 (" in proc.stdout
+    again = subprocess.run(  # the same command on the finished run says so and trains nothing
+        [sys.executable, "-m", "reval_jax.train", "--config=mini.py", "--config.num_iterations=1"],
+        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is a finished run" in again.stdout and "compiling" not in again.stdout
+    assert read(tmp_path / "runs" / "mini") == records
     assert (tmp_path / "runs" / "mini" / "config.json").exists()
     # quiet by default: no absl/Orbax INFO lines ("I1202 00:00:00.0 ... Closing _NonBlocking...")
     output = proc.stdout + proc.stderr
