@@ -142,10 +142,11 @@ def byte_level_char_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     for t in spec["added_tokens"]:
         token = AddedToken(t["content"], special=t["special"], normalized=False)
         (backend.add_special_tokens if t["special"] else backend.add_tokens)([token])
+    named = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+             if getattr(tokenizer, k) is not None}
     out = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
-        unk_token=tokenizer.unk_token, bos_token=tokenizer.bos_token,
-        extra_special_tokens=[t for t in (IM_START, IM_END) if t in special],
+        tokenizer_object=backend, extra_special_tokens=[t for t in (IM_START, IM_END) if t in special],
+        **named,
     )
     out.chat_template = tokenizer.chat_template
     return out
