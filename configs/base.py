@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_files = (f"{SHARED}/math_train.jsonl",)  # JSONL or Parquet prompt files
     c.data.problem_key = "problem"  # column holding the problem text
-    c.data.answer_key = "answer"  # column holding the ground-truth answer
+    c.data.answer_key = "answer"  # column holding the ground-truth answer (a number is used as its string)
+    c.data.strict = False  # True: a JSONL line that is not valid JSON is an error (else skipped and counted)
     c.data.template = "qwen_math"  # prompt template: r1_distill | qwen_math | plain
     c.data.max_prompt_len = 1024  # prompts longer than this (in tokens) are dropped and counted
     c.data.prompts_per_iteration = 128  # prompts per generation round (global, all processes)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from reval_jax.errors import UserError
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("auto", "einsum", "chunked", "xla", "cudnn", "splash")  # = attention.IMPLEMENTATIONS
@@ -38,18 +40,18 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise UserError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+            raise UserError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTION}")
+            raise UserError(f"attention={self.attention!r}: expected one of {ATTENTION}")
         if self.attention_block < 1:
-            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
+            raise UserError(f"attention_block={self.attention_block} must be >= 1")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {DTYPES}")
+                raise UserError(f"{name}={getattr(self, name)!r}: expected one of {DTYPES}")
 
     @property
     def num_groups(self) -> int:  # G
@@ -98,7 +100,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
 
 
@@ -113,15 +115,15 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **overrid
     if model_type not in SUPPORTED_MODEL_TYPES or (
         archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)
     ):
-        raise ValueError(
+        raise UserError(
             f"{source}: unsupported model (model_type={model_type!r}, architectures={archs}); "
             f"reval_jax supports model_type {SUPPORTED_MODEL_TYPES} / architectures "
             f"{SUPPORTED_ARCHITECTURES}. See docs/adding_a_model_family.md to add another."
         )
     if hf.get("rope_scaling"):
-        raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']} is not supported yet")
+        raise UserError(f"{source}: rope_scaling={hf['rope_scaling']} is not supported yet")
     if hf.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        raise UserError(f"{source}: use_sliding_window=true is not supported")
     missing = [
         k
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -129,7 +131,7 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **overrid
         if k not in hf
     ]
     if missing:
-        raise ValueError(f"{source}: missing required fields {missing}")
+        raise UserError(f"{source}: missing required fields {missing}")
     num_heads = hf["num_attention_heads"]
     rope_params = hf.get("rope_parameters") or {}
     return ModelConfig(

@@ -2,9 +2,12 @@
 
 Input files are JSON Lines (``.jsonl``, or ``.json`` holding JSON Lines or one JSON array of
 objects) or Parquet (``.parquet``), with a problem and an answer column whose names are
-configurable (``problem``/``answer`` in ``/work/shared/data/math``, see its README). Rows whose
-problem or answer is missing, empty or not a string are skipped and counted; prompts longer than
-``max_prompt_len`` tokens (after the prompt template) are dropped and counted.
+configurable (``problem``/``answer`` in ``/work/shared/data/math``, see its README). A numeric
+answer (``"answer": 6``) is used as its string. Rows whose problem or answer is missing, empty or not
+a string (or number), and JSON Lines lines that are not valid JSON, are skipped and counted (the
+invalid lines by number, in ``DataStats.invalid_lines``; ``strict=True`` makes an invalid line an
+error); prompts longer than ``max_prompt_len`` tokens (after the prompt template) are dropped and
+counted.
 
 Training prompts come from ``prompt_batches``: a ``grain`` pipeline that shuffles with a seed,
 repeats over epochs (each epoch in a different order, all fixed by the seed) and yields lists of
@@ -27,6 +30,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from reval_jax.errors import UserError
 from reval_jax.templates import apply_template
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -49,10 +53,11 @@ class DataStats:
 
     files: tuple[str, ...]
     rows_read: int  # rows in the files
-    skipped_missing: int  # problem or answer missing, empty or not a string
+    skipped_missing: int  # problem or answer missing, empty or not a string; or not valid JSON
     dropped_too_long: int  # templated prompt longer than max_prompt_len tokens
     kept: int  # examples returned
     skipped_by_limit: int = 0  # valid rows left out by an evaluation cap (load_eval_set)
+    invalid_lines: tuple[str, ...] = ()  # "file:line" of JSON Lines lines that are not valid JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +74,14 @@ def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[st
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
     if not paths:
-        raise ValueError("no data files given")
+        raise UserError("no data files given")
     return paths
 
 
-def _read_records(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The rows of one file as dicts (only ``keys``, where present)."""
+def _read_records(path: str, keys: Sequence[str], strict: bool = False,
+                  invalid: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of one file as dicts (only ``keys``, where present). A JSON Lines line that is not
+    valid JSON is an empty row, its ``"file:line"`` appended to ``invalid`` (an error if ``strict``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     lower = path.lower()
@@ -86,7 +93,7 @@ def _read_records(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
             try:
                 records = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not a valid JSON array ({e})") from e
+                raise UserError(f"{path}: not a valid JSON array ({e})") from e
         else:
             records = []
             for line_number, line in enumerate(text.split("\n"), start=1):
@@ -95,7 +102,12 @@ def _read_records(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from e
+                    if strict:
+                        raise UserError(f"{path}:{line_number}: not valid JSON ({e}); "
+                                        "data.strict=False skips and counts such lines") from e
+                    records.append({})
+                    if invalid is not None:
+                        invalid.append(f"{path}:{line_number}")
         return [record if isinstance(record, dict) else {} for record in records]
     if lower.endswith(PARQUET_SUFFIXES):
         import pyarrow.parquet as pq
@@ -105,7 +117,7 @@ def _read_records(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
         if table.num_columns == 0:
             return [{} for _ in range(pq.read_metadata(path).num_rows)]
         return table.to_pylist()
-    raise ValueError(
+    raise UserError(
         f"unsupported data file {path!r}: expected one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}"
     )
 
@@ -114,25 +126,35 @@ def _valid(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+def _as_answer(value: Any) -> Any:
+    """A numeric answer (``6``, ``2.5``) as its string; anything else unchanged."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+        return str(value)
+    return value
+
+
 def read_rows(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     problem_key: str = "problem",
     answer_key: str = "answer",
     id_key: str = "id",
+    strict: bool = False,
+    invalid: list[str] | None = None,
 ) -> tuple[list[ProblemRow], int, int]:
     """Valid rows of the files in order, the number of rows read and of rows skipped.
 
     A row's id is its ``id_key`` value when that is a non-empty string, else ``"{file}:{row}"``.
-    Raises if a file is missing or if no valid row is left.
+    Invalid JSON lines are skipped (their ``"file:line"`` appended to ``invalid``) unless
+    ``strict``. Raises if a file is missing or if no valid row is left.
     """
     paths = _as_paths(paths)
     rows: list[ProblemRow] = []
     rows_read = skipped = 0
     for path in paths:
-        records = _read_records(path, (problem_key, answer_key, id_key))
+        records = _read_records(path, (problem_key, answer_key, id_key), strict, invalid)
         rows_read += len(records)
         for i, record in enumerate(records):
-            problem, answer = record.get(problem_key), record.get(answer_key)
+            problem, answer = record.get(problem_key), _as_answer(record.get(answer_key))
             if not (_valid(problem) and _valid(answer)):
                 skipped += 1
                 continue
@@ -140,7 +162,7 @@ def read_rows(
             row_id = row_id if _valid(row_id) else f"{os.path.basename(path)}:{i}"
             rows.append(ProblemRow(row_id, problem, answer.strip()))
     if not rows:
-        raise ValueError(
+        raise UserError(
             f"no usable rows in {paths}: {rows_read} rows read, {skipped} without a non-empty "
             f"string in both {problem_key!r} and {answer_key!r}"
         )
@@ -168,19 +190,22 @@ def load_examples(
     max_prompt_len: int | None,
     problem_key: str = "problem",
     answer_key: str = "answer",
+    strict: bool = False,
 ) -> tuple[list[PromptExample], DataStats]:
     """All usable examples of the files, in file order, with the loading counts.
 
     Raises if no example is left (every row invalid, or every prompt too long).
     """
     paths = _as_paths(paths)
-    rows, rows_read, skipped = read_rows(paths, problem_key, answer_key)
+    invalid: list[str] = []
+    rows, rows_read, skipped = read_rows(paths, problem_key, answer_key, strict=strict, invalid=invalid)
     examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len)
     if not examples:
-        raise ValueError(
+        raise UserError(
             f"every prompt of {paths} is longer than max_prompt_len={max_prompt_len} tokens"
         )
-    stats = DataStats(tuple(paths), rows_read, skipped, too_long, len(examples))
+    stats = DataStats(tuple(paths), rows_read, skipped, too_long, len(examples),
+                      invalid_lines=tuple(invalid))
     return examples, stats
 
 
@@ -205,7 +230,7 @@ def batch_iterator(
     Everything runs in the calling thread, so ``get_state()`` is exactly the next batch.
     """
     if not examples:
-        raise ValueError("no examples to iterate over")
+        raise UserError("no examples to iterate over")
     if prompts_per_batch < 1 or prompts_per_batch % process_count:
         raise ValueError(
             f"prompts_per_batch={prompts_per_batch} must be a positive multiple of "
@@ -233,10 +258,11 @@ def prompt_batches(
     answer_key: str = "answer",
     process_index: int = 0,
     process_count: int = 1,
+    strict: bool = False,
 ) -> tuple[grain.DatasetIterator, DataStats]:
     """Training prompts: ``load_examples`` then an endless ``batch_iterator`` over them."""
     examples, stats = load_examples(
-        paths, tokenizer, template, max_prompt_len, problem_key, answer_key
+        paths, tokenizer, template, max_prompt_len, problem_key, answer_key, strict=strict
     )
     iterator = batch_iterator(
         examples, prompts_per_batch, seed, process_index=process_index, process_count=process_count
@@ -253,6 +279,7 @@ def load_eval_set(
     max_prompt_len: int | None = None,
     problem_key: str = "problem",
     answer_key: str = "answer",
+    strict: bool = False,
 ) -> tuple[list[PromptExample], DataStats]:
     """A benchmark: the first ``limit`` valid problems after a shuffle with ``seed`` (all of them,
     in file order, when ``limit`` is None).
@@ -261,18 +288,19 @@ def load_eval_set(
     tokenising, and prompts longer than ``max_prompt_len`` are then dropped and counted.
     """
     paths = _as_paths(path)
-    rows, rows_read, skipped = read_rows(paths, problem_key, answer_key)
+    invalid: list[str] = []
+    rows, rows_read, skipped = read_rows(paths, problem_key, answer_key, strict=strict, invalid=invalid)
     capped = 0
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+            raise UserError(f"limit must be >= 1 or None, got {limit}")
         order = np.random.default_rng(seed).permutation(len(rows))
         capped = max(0, len(rows) - limit)
         rows = [rows[i] for i in order[:limit]]
     examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len)
     if not examples:
-        raise ValueError(
+        raise UserError(
             f"every prompt of {paths} is longer than max_prompt_len={max_prompt_len} tokens"
         )
-    stats = DataStats(tuple(paths), rows_read, skipped, too_long, len(examples), capped)
+    stats = DataStats(tuple(paths), rows_read, skipped, too_long, len(examples), capped, tuple(invalid))
     return examples, stats

@@ -18,6 +18,7 @@ import numpy as np
 
 from reval_jax.data import PromptExample, load_eval_set
 from reval_jax.distributed import all_gather_rows, process_share, to_host
+from reval_jax.errors import UserError
 from reval_jax.rewards import RewardScorer
 from reval_jax.sampler import Rollout, SamplingConfig, generate
 
@@ -87,13 +88,13 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
 
 def load_benchmarks(files: Sequence[str], tokenizer, template: str, *, limit: int, seed: int,
                     max_prompt_len: int, problem_key: str = "problem",
-                    answer_key: str = "answer") -> dict[str, list[PromptExample]]:
+                    answer_key: str = "answer", strict: bool = False) -> dict[str, list[PromptExample]]:
     """Each file's fixed-seed subset of `limit` problems (0 = all), named by the file stem."""
     out = {}
     for path in files:
         examples, _ = load_eval_set(path, tokenizer, template, limit=limit or None, seed=seed,
                                     max_prompt_len=max_prompt_len, problem_key=problem_key,
-                                    answer_key=answer_key)
+                                    answer_key=answer_key, strict=strict)
         out[Path(path).stem] = examples
     return out
 
@@ -115,7 +116,7 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     config = FLAGS.config
     mesh = make_run_mesh(config)
     if FLAGS.checkpoint:
@@ -125,7 +126,8 @@ def main(argv):
     benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
                                  limit=config.eval.limit, seed=config.seed,
                                  max_prompt_len=config.data.max_prompt_len,
-                                 problem_key=config.data.problem_key, answer_key=config.data.answer_key)
+                                 problem_key=config.data.problem_key, answer_key=config.data.answer_key,
+                                 strict=config.data.strict)
     settings = settings_from_config(config, stop_token_ids(tokenizer))
     with RewardScorer(config.reward.name, template=config.data.template,
                       num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as scorer:
@@ -138,8 +140,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from reval_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
@@ -147,4 +151,4 @@ if __name__ == "__main__":
                         "directory (the newest usable step) or one step directory.")
     flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl(main)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import ml_collections
 
+from reval_jax.errors import UserError
+
 
 def workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
     """The config.json of the run that wrote `checkpoint` (a checkpoints/ or step directory)."""
@@ -41,7 +43,7 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     config = FLAGS.config if FLAGS["config"].value else None
     path = export(FLAGS.checkpoint, FLAGS.out, config=config, dtype=FLAGS.dtype or None,
                   max_shard_size=FLAGS.max_shard_size)
@@ -49,8 +51,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from reval_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Run config (default: the run's config.json).")
     flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ directory (the newest usable "
@@ -59,4 +63,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("dtype", "", "Saved dtype (default: the parameter dtype).")
     flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")
     flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main)
+    cli.run_absl(main)

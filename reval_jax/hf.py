@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reval_jax.config import ModelConfig, from_hf_config, to_hf_config
+from reval_jax.errors import UserError
 from reval_jax.model import Qwen2, dims
 from reval_jax.sharding import state_shardings
 
@@ -167,7 +168,7 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
         found.discard("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path}: checkpoint tensors do not match a {cfg.num_layers}-layer Qwen2 config: "
             f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
@@ -175,7 +176,7 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
         )
     for name, shape in expected.items():
         if st.shape(name) != shape:
-            raise ValueError(
+            raise UserError(
                 f"{path}: shape mismatch for tensor {name}: config.json implies {shape}, "
                 f"the checkpoint has {st.shape(name)}"
             )
@@ -252,11 +253,31 @@ def load_tokenizer_dir(path: str | os.PathLike):
     if tokenizer_class in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         # A plain `tokenizers` tokenizer (e.g. the project's char tokenizer): AutoTokenizer would
         # pick the class of config.json's model_type (Qwen2Tokenizer) and rebuild its pre-tokenizer.
+        # Needed for directories saved before `save_tokenizer` (the embedded tiny_arith model);
+        # newer exports load the same either way.
         return transformers.PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 # ----------------------------------------------------------------------------- save
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """The tokenizer files, loadable by `AutoTokenizer.from_pretrained(path)` anywhere: the
+    project's character tokenizer is written in its byte-level spelling (same ids; see
+    `tokenizer.byte_level_char_tokenizer`), and load-time options (`local_files_only`, `is_local`)
+    are not saved as if they were the tokenizer's."""
+    from reval_jax.tokenizer import byte_level_char_tokenizer, is_char_tokenizer
+
+    if is_char_tokenizer(tokenizer):
+        tokenizer = byte_level_char_tokenizer(tokenizer)
+    tokenizer.save_pretrained(str(path))
+    config_file = path / "tokenizer_config.json"
+    if config_file.exists():
+        tokenizer_config = json.loads(config_file.read_text())
+        for key in ("local_files_only", "is_local"):
+            tokenizer_config.pop(key, None)
+        config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def _host_slices(model: Qwen2) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...], Rule]]:
@@ -285,7 +306,7 @@ def _parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '200MB'")
+        raise UserError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '200MB'")
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
@@ -342,6 +363,6 @@ def save_hf(
                 {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")
                  if getattr(tokenizer, f"{k}_id", None) is not None}
             )
-            tokenizer.save_pretrained(str(path))
+            save_tokenizer(tokenizer, path)
         (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
     return path

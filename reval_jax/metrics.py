@@ -1,11 +1,14 @@
 """Run metrics: one writer for stdout, `metrics.jsonl` in the workdir, TensorBoard event files and,
-optionally, Weights & Biases. Each record is flat: {"iteration": i, "kind": "train"|"eval", ...}."""
+optionally, Weights & Biases. Each record is flat: {"iteration": i, "kind": "train"|"eval", ...}.
+TensorBoard tags are the record's names made legal (`eval/avg@4` -> `eval/avg_at_4`); the JSONL
+names are unchanged."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible
     return value
+
+
+def tensorboard_tag(name: str) -> str:
+    """`name` with only the characters TensorBoard accepts (letters, digits, _ - . /)."""
+    return re.sub(r"[^-/\w.]", "_", name.replace("@", "_at_"))
 
 
 class MetricsWriter:
@@ -62,7 +70,7 @@ class MetricsWriter:
     def _add_scalars(self, record: dict[str, Any]) -> None:
         for k, v in record.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "iteration":
-                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["iteration"])
+                self.tb.add_scalar(tensorboard_tag(f"{record['kind']}/{k}"), v, record["iteration"])
 
     def rewind(self, iteration: int) -> int:
         """On resume from checkpoint `iteration`: drops the records past it from metrics.jsonl and

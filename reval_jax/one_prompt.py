@@ -226,4 +226,6 @@ def plot(results, levels, settings, cap, path):
 
 
 if __name__ == "__main__":
-    main()
+    from reval_jax import cli
+
+    cli.run_plain(main)

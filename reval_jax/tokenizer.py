@@ -12,11 +12,14 @@ Ids are a pure function of ``alphabet``:
     0 <|endoftext|>  1 <|im_start|>  2 <|im_end|>  3 <think>  4 </think>  5 <unk>
     6..261 the bytes <0x00>..<0xFF>  262.. the characters of the alphabet, in order
 
-Nothing is downloaded. ``save_pretrained`` writes a directory that ``AutoTokenizer.from_pretrained``
-loads offline.
+Nothing is downloaded. ``save_hf`` exports it through ``byte_level_char_tokenizer`` (the same ids,
+spelled the ByteLevel way), because ``AutoTokenizer`` builds a ``Qwen2Tokenizer`` for a Qwen2 model
+directory whatever ``tokenizer_config.json`` says.
 """
 
 from __future__ import annotations
+
+import json
 
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
@@ -75,3 +78,75 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     )
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what ``pre_tokenizers.ByteLevel`` produces)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def is_char_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is this module's character tokenizer in its original (byte-fallback) form."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    return (spec["model"].get("type") == "BPE" and spec["model"].get("byte_fallback") is True
+            and not spec["model"].get("merges") and spec.get("pre_tokenizer") is None
+            and "<0x00>" in spec["model"]["vocab"])
+
+
+def byte_level_char_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
+    """The same character tokenizer (same ids for every string) written the byte-level way, for export.
+
+    ``AutoTokenizer`` builds a ``Qwen2Tokenizer`` for any directory whose config.json says
+    ``model_type: qwen2`` (whatever ``tokenizer_class`` says), and that class re-creates a ByteLevel
+    pre-tokenizer over the saved vocabulary. With the original vocabulary (" ", "\\n" as themselves)
+    it dropped spaces and newlines. Here each vocabulary entry is renamed to its ByteLevel spelling
+    (" " -> "Ġ", "\\n" -> "Ċ", byte token ``<0xE2>`` -> "â", ...; ids unchanged; a byte token whose
+    character has its own token keeps its ``<0xNN>`` name), with a ByteLevel pre-tokenizer and
+    decoder: a string's ids are then the same through this tokenizer, through ``Qwen2Tokenizer`` and
+    through the original (``Qwen2Tokenizer`` also NFC-normalises, which only matters for decomposed
+    Unicode).
+    """
+    from tokenizers import pre_tokenizers
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    byte_chars = _bytes_to_unicode()
+    special = {t["content"] for t in spec["added_tokens"]}
+    renamed: dict[str, int] = {}
+    for token, i in vocab.items():
+        if token in special:
+            renamed[token] = i
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            continue  # placed below, once the characters have their names
+        else:
+            renamed["".join(byte_chars[b] for b in token.encode("utf-8"))] = i
+    for token, i in vocab.items():
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            name = byte_chars[int(token[3:5], 16)]
+            renamed[name if name not in renamed else token] = i
+    model = models.BPE(vocab=renamed, merges=[], unk_token=spec["model"].get("unk_token"))
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    for t in spec["added_tokens"]:
+        token = AddedToken(t["content"], special=t["special"], normalized=False)
+        (backend.add_special_tokens if t["special"] else backend.add_tokens)([token])
+    named = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+             if getattr(tokenizer, k) is not None}
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=backend, extra_special_tokens=[t for t in (IM_START, IM_END) if t in special],
+        **named,
+    )
+    out.chat_template = tokenizer.chat_template
+    return out

@@ -410,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval_problems", type=int, default=512,
                         help="problems per level for the success rates printed at the end; 0 skips")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # its own progress
     start = time.time()
     out = build(args.out, args.seed, PretrainConfig(steps=args.steps))
     logging.info("wrote %s in %.0fs", out, time.time() - start)
@@ -428,4 +428,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from reval_jax import cli
+
+    cli.run_plain(main)

@@ -6,7 +6,9 @@ Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-p
 buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
 The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
 what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
-every update), unless `config.algorithm_defaults` is False.
+every update; regression: the centered reward of Eq. 8), unless `config.algorithm_defaults` is False,
+in which case `check_config` refuses a regression run without the centered reward and a GRPO run
+with more than one update per round (old log-probs are not stored: ρ ≡ 1).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from reval_jax import distributed
 from reval_jax.batch import Trajectories, concatenate
 from reval_jax.distributed import to_host
+from reval_jax.errors import UserError
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantages, transform_rewards
 from reval_jax.packing import Budget, pack
 from reval_jax.policy import load_hf_policy, make_run_mesh
@@ -46,7 +49,7 @@ from reval_jax.train_step import (
 
 ALGORITHM_DEFAULTS = {
     "reval": {},
-    "regression": {},
+    "regression": {"reward.transform": "centered"},  # Eq. 8: r̂ = r − mean_group(r), nothing else
     "tbrm": {"reward.transform": "binary", "reference.reset_every": 0,
              "replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
     "grpo": {"replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
@@ -61,7 +64,7 @@ TRAIN_ECHO = ("accuracy", "loss", "delta_abs_max", "kl_mean", "grad_norm", "resp
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses a config that cannot run, naming the field and what to do."""
     def bad(field, msg):
-        raise ValueError(f"config.{field}: {msg}")
+        raise UserError(f"config.{field}: {msg}")
 
     if config.algorithm not in LOSSES:
         bad("algorithm", f"{config.algorithm!r} is not one of {sorted(LOSSES)}")
@@ -69,6 +72,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         bad("reward.transform", f"{config.reward.transform!r} is not one of {REWARD_TRANSFORMS}")
     if config.replay.schedule not in ("on_policy_first", "buffer_only"):
         bad("replay.schedule", f"{config.replay.schedule!r}: use on_policy_first or buffer_only")
+    if config.algorithm == "regression" and config.reward.transform != "centered":
+        bad("reward.transform", f"{config.reward.transform!r}: the regression variant (Eq. 8) is defined "
+            "with r̂ = r − group mean; use 'centered' (algorithm_defaults=True sets it)")
+    if config.algorithm == "grpo" and config.replay.updates_per_iteration > 1:
+        bad("replay.updates_per_iteration", f"{config.replay.updates_per_iteration}: GRPO does not store the "
+            "old log-probs (its ratio is 1, the clip never acts), so it takes one update per round; use 1")
     if config.replay.on_reset not in ("recompute", "flush"):
         bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
     if not config.model.path:
@@ -158,6 +167,15 @@ def step_config(config) -> StepConfig:
     )
 
 
+def progress_line(iteration: int, total: int, durations: list[float]) -> str:
+    """`iteration i/N (3.2s; about 4m10s left)`: the estimate averages the iterations run so far,
+    leaving out the first (it compiles) once there are others."""
+    steady = durations[1:] or durations
+    left = round(float(np.mean(steady)) * (total - iteration))
+    eta = f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+    return f"iteration {iteration}/{total} ({durations[-1]:.1f}s; about {eta} left)"
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -173,16 +191,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     changes = apply_algorithm_defaults(config)
     check_config(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    enable_compile_cache(config, workdir)
-    json_config = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
-    writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
-                           enabled=jax.process_index() == 0)
     for c in changes:
         print(f"algorithm {config.algorithm} implies {c}")
+    # nothing is written to the workdir before the model, the data and the evaluation sets have
+    # loaded: a start that fails its checks leaves an existing run's record as it was (only the
+    # compilation cache, config.compile_cache, may gain entries)
+    enable_compile_cache(config, Path(workdir))
 
     # --- model, optimizer, state
     mesh = make_run_mesh(config)
@@ -233,20 +247,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_iter, data_stats = prompt_batches(
         list(config.data.train_files), tokenizer, config.data.template, config.data.max_prompt_len,
         config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
-        answer_key=config.data.answer_key)  # every process reads the same global batch
-    buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
-                          prioritized=config.replay.prioritized, alpha=config.replay.alpha,
-                          beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
-    scorer = RewardScorer(config.reward.name, template=config.data.template,
-                          num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
+        answer_key=config.data.answer_key, strict=config.data.strict)  # every process reads the same batch
     benchmarks = {}
     if config.eval.every:
         benchmarks = load_benchmarks(list(config.eval.files), tokenizer, config.data.template,
                                      limit=config.eval.limit, seed=config.seed,
                                      max_prompt_len=config.data.max_prompt_len,
                                      problem_key=config.data.problem_key,
-                                     answer_key=config.data.answer_key)
+                                     answer_key=config.data.answer_key, strict=config.data.strict)
+    buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
+                          prioritized=config.replay.prioritized, alpha=config.replay.alpha,
+                          beta_is=config.replay.beta_is, pad_id=sampling.pad_id)
+    scorer = RewardScorer(config.reward.name, template=config.data.template,
+                          num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s)
     eval_settings = settings_from_config(config, stops)
+
+    # --- the run's record: everything above loaded, so this start is valid
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    json_config = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
+    writer = MetricsWriter(workdir, wandb_project=config.wandb_project, config=config.to_dict(),
+                           enabled=jax.process_index() == 0)
 
     def run_eval(iteration: int):
         model = nnx.merge(graphdef, state.params)
@@ -294,13 +317,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     last: dict[str, float] = {}
+    durations: list[float] = []
+    if start > config.num_iterations:
+        print(f"{workdir} is a finished run (checkpoint {start - 1}, num_iterations={config.num_iterations}): "
+              f"nothing to train. Delete {workdir} for a fresh run, or raise --config.num_iterations to go on.")
     try:
         if config.eval.every and restored is None:
+            print("evaluating the initial policy (the first sampler call compiles: slow)", flush=True)
             run_eval(0)
         for iteration in range(start, config.num_iterations + 1):
             ckpt.poll()  # a failed background write of the last checkpoint stops the run here
             # --- generate: prompts -> sampler -> rewards
             t0 = time.perf_counter()
+            if iteration == start:
+                print(f"iteration {iteration}/{config.num_iterations}: compiling the sampler and the train step "
+                      "(the first iteration is slow)", flush=True)
             examples = next(data_iter)
             model = nnx.merge(graphdef, state.params)
             base_id = iteration * config.data.prompts_per_iteration
@@ -377,6 +408,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if iteration % config.checkpoint.every == 0 or iteration == config.num_iterations or stop_signal \
                     or reached:
                 save(iteration)
+            durations.append(time.perf_counter() - t0)
+            print(progress_line(iteration, config.num_iterations, durations), flush=True)
             if stop_signal:
                 print(f"stopped after iteration {iteration}; rerun the same command to resume")
                 break
@@ -393,20 +426,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return last
 
 
+def default_workdir(config_file: str) -> str:
+    """runs/<config file stem>: `configs/tiny.py` (or `configs/tiny.py:arg`) -> `runs/tiny`."""
+    return os.path.join("runs", Path(config_file.split(":", 1)[0]).stem)
+
+
 def main(argv):
     from absl import flags
 
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     FLAGS = flags.FLAGS
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    workdir = FLAGS.workdir or os.path.join("runs", Path(FLAGS["config"].value).stem)
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    print(f"workdir {workdir}")
     run(FLAGS.config, workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from reval_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
     flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and plots go (default runs/<config>).")
@@ -415,4 +456,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run (with --coordinator_address).")
     flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl(main)

@@ -88,14 +88,36 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
         ],
     )
     examples, stats = load_examples(path, tiny_tokenizer(), "plain", max_prompt_len=None)
-    assert ids(examples) == ["good-1", "mixed.jsonl:7"]  # a row without an id gets file:row
-    assert examples[1].answer == "10"
+    # a row without an id gets file:row; a numeric answer is used as its string
+    assert ids(examples) == ["good-1", "int-answer", "mixed.jsonl:7"]
+    assert examples[1].answer == "8" and examples[2].answer == "10"
     assert (stats.rows_read, stats.skipped_missing, stats.dropped_too_long, stats.kept) == (
         8,
-        6,
+        5,
         0,
-        2,
+        3,
     )
+
+
+def test_numeric_answers_are_strings(tmp_path):
+    path = write_jsonl(tmp_path / "nums.jsonl", [{"problem": "2*3?", "answer": 6},
+                                                  {"problem": "5/2?", "answer": 2.5},
+                                                  {"problem": "yes?", "answer": True}])
+    examples, stats = load_examples(path, tiny_tokenizer(), "plain", None)
+    assert [e.answer for e in examples] == ["6", "2.5"] and stats.skipped_missing == 1
+
+
+def test_invalid_json_line_is_skipped_and_counted_unless_strict(tmp_path):
+    path = write_jsonl(tmp_path / "some_broken.jsonl",
+                       [{"problem": "a", "answer": "b"}, "{oops", {"problem": "c", "answer": 3}])
+    examples, stats = load_examples(path, tiny_tokenizer(), "plain", None)
+    assert [e.problem for e in examples] == ["a", "c"]
+    assert (stats.rows_read, stats.skipped_missing, stats.kept) == (3, 1, 2)
+    assert stats.invalid_lines == (f"{path}:2",)
+    _, eval_stats = load_eval_set(path, tiny_tokenizer(), "plain", limit=None)
+    assert eval_stats.invalid_lines == (f"{path}:2",)
+    with pytest.raises(ValueError, match="some_broken.jsonl:2: not valid JSON"):
+        load_examples(path, tiny_tokenizer(), "plain", None, strict=True)
 
 
 def test_custom_keys_and_parquet(tmp_path):
@@ -152,7 +174,7 @@ def test_missing_unsupported_and_broken_files(tmp_path):
         load_examples(str(csv), tiny_tokenizer(), "plain", None)
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"problem": "a", "answer": "b"}, "{oops"])
     with pytest.raises(ValueError, match="broken.jsonl:2"):
-        load_examples(broken, tiny_tokenizer(), "plain", None)
+        load_examples(broken, tiny_tokenizer(), "plain", None, strict=True)
 
 
 def test_too_long_prompts_are_dropped_and_counted(tmp_path):

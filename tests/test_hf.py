@@ -94,6 +94,27 @@ def test_tokenizer_travels_with_the_model(tmp_path):
     assert tok2.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False)
 
 
+def test_exported_char_tokenizer_loads_with_auto_tokenizer(tmp_path):
+    """AutoTokenizer builds a Qwen2Tokenizer for any model_type qwen2 directory; the exported
+    files must give it the same ids as the character tokenizer (it dropped spaces and newlines)."""
+    import transformers
+
+    model, tok = reval_jax.load_hf(hf_dir(tokenizer=True))
+    out = reval_jax.save_hf(model, tok, tmp_path / "exported")
+    assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
+    auto = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = auto("a b\nc", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5 and auto.decode(ids) == "a b\nc"
+    for text in ("a b\nc", "Compute 7-3+4.\n\t 12 + 30 = \\boxed{42} é€ <think>x</think><|im_end|>"):
+        assert auto(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+        assert auto.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    _, ours = reval_jax.load_hf(out)  # load_hf's own path gives the same ids too
+    assert ours("a b\nc", add_special_tokens=False)["input_ids"] == ids
+    assert auto.eos_token_id == tok.eos_token_id and auto.pad_token_id == tok.pad_token_id
+    msgs = [{"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(msgs, tokenize=False)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

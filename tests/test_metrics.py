@@ -1,13 +1,14 @@
-"""The run record: metrics.jsonl survives a kill mid-write, and TensorBoard events of iterations a
-resume dropped are not duplicated."""
+"""The run record: metrics.jsonl survives a kill mid-write, TensorBoard events of iterations a resume
+dropped are not duplicated, JSONL names stay as given and TensorBoard tags are made legal."""
 
 import io
 import json
+import logging
 
 import pytest
 from helpers import tb_scalars
 
-from reval_jax.metrics import MetricsWriter, read_metrics, truncate_after
+from reval_jax.metrics import MetricsWriter, read_metrics, tensorboard_tag, truncate_after
 from reval_jax.plot import plot
 
 
@@ -57,3 +58,18 @@ def test_a_bad_line_in_the_middle_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
         read_metrics(tmp_path)
+
+
+def test_tensorboard_tags_are_legal_and_jsonl_names_unchanged(tmp_path, caplog):
+    assert tensorboard_tag("eval/avg@4") == "eval/avg_at_4"
+    assert tensorboard_tag("eval/math 500/avg@16") == "eval/math_500/avg_at_16"
+    writer = MetricsWriter(tmp_path)
+    tags = []
+    add_scalar = writer.tb.add_scalar
+    writer.tb.add_scalar = lambda tag, *a, **k: (tags.append(tag), add_scalar(tag, *a, **k))
+    with caplog.at_level(logging.WARNING):
+        writer.write("eval", 3, {"avg@4": 0.5, "gsm8k/avg@4": 0.25})
+    writer.close()
+    assert tags == ["eval/avg_at_4", "eval/gsm8k/avg_at_4"]
+    assert "illegal" not in caplog.text
+    assert read_metrics(tmp_path) == [{"kind": "eval", "iteration": 3, "avg@4": 0.5, "gsm8k/avg@4": 0.25}]

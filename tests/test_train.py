@@ -3,8 +3,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +65,51 @@ def test_config_errors_name_the_field(data_file, tmp_path):
         train.run(tiny_config(data_file, tokens_per_device=10), str(tmp_path))
 
 
+def test_progress_line_estimates_time_left_without_the_compiling_iteration():
+    assert train.progress_line(1, 60, [30.0]) == "iteration 1/60 (30.0s; about 29m30s left)"
+    assert train.progress_line(3, 60, [30.0, 4.0, 2.0]) == "iteration 3/60 (2.0s; about 2m51s left)"
+    assert train.progress_line(2, 2000, [30.0, 4.0]) == "iteration 2/2000 (4.0s; about 2h13m left)"
+
+
+def test_algorithm_defaults_follow_the_spec(data_file):
+    """Regression (Eq. 8) runs on r − group mean; GRPO takes one update per round (ρ ≡ 1)."""
+    config = tiny_config(data_file, algorithm="regression", **{"reward.transform": "binary"})
+    assert train.apply_algorithm_defaults(config) == ["reward.transform: 'binary' -> 'centered'"]
+    train.check_config(config)
+    config = tiny_config(data_file, algorithm="regression", algorithm_defaults=False,
+                         **{"reward.transform": "plus_minus_one"})
+    with pytest.raises(ValueError, match="config.reward.transform: 'plus_minus_one': the regression variant"):
+        train.check_config(config)
+    config = tiny_config(data_file, algorithm="grpo", algorithm_defaults=False,
+                         **{"replay.updates_per_iteration": 2})
+    with pytest.raises(ValueError, match="config.replay.updates_per_iteration: 2: GRPO does not store"):
+        train.check_config(config)
+    config = tiny_config(data_file, algorithm="grpo", **{"replay.updates_per_iteration": 2})
+    train.apply_algorithm_defaults(config)
+    train.check_config(config)
+
+
+def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
+    """Every check (model directory, weights, data, evaluation files) runs before anything is
+    written: a bad start in an existing run's workdir leaves config.json byte for byte."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    record = b'{"algorithm": "reval", "model": {"path": "/somewhere/good"}}'
+    (workdir / "config.json").write_bytes(record)
+    empty_model = tmp_path / "empty_model"
+    empty_model.mkdir()
+    no_rows = tmp_path / "no_rows.jsonl"
+    no_rows.write_text('{"problem": "", "answer": "1"}\n')
+    bad_starts = [({"model.path": str(empty_model)}, "config.json"),
+                  ({"data.train_files": (str(no_rows),)}, "no usable rows"),
+                  ({"eval.every": 1, "eval.files": (str(no_rows),)}, "no usable rows")]
+    for overrides, message in bad_starts:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train.run(tiny_config(data_file, **overrides), str(workdir))
+        assert (workdir / "config.json").read_bytes() == record
+        assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json"]
+
+
 def test_command_line_rejects_a_mistyped_field(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
@@ -72,6 +119,33 @@ def test_command_line_rejects_a_mistyped_field(tmp_path):
     )
     assert proc.returncode != 0
     assert "transfrom" in proc.stderr
+
+
+def _cli_env(data_file):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
+            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
+
+
+def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_path):
+    """--workdir is optional: the run goes to runs/<config file stem> under the current directory."""
+    (tmp_path / "mini.py").write_text((Path(REPO_ROOT) / "tests" / "run_config.py").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "reval_jax.train", "--config=mini.py", "--config.num_iterations=1"],
+        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read(tmp_path / "runs" / "mini")
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1]
+    assert "iteration 1/1: compiling" in proc.stdout and "iteration 1/1 (" in proc.stdout
+    again = subprocess.run(  # the same command on the finished run says so and trains nothing
+        [sys.executable, "-m", "reval_jax.train", "--config=mini.py", "--config.num_iterations=1"],
+        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is a finished run" in again.stdout and "compiling" not in again.stdout
+    assert read(tmp_path / "runs" / "mini") == records
+    assert (tmp_path / "runs" / "mini" / "config.json").exists()
+    # quiet by default: no absl/Orbax INFO lines ("I1202 00:00:00.0 ... Closing _NonBlocking...")
+    output = proc.stdout + proc.stderr
+    assert re.search(r"(?m)^I\d{4} ", output) is None and "_NonBlockingMetadataStore" not in output, output[-3000:]
 
 
 def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
