@@ -76,3 +76,42 @@ def test_memory_stays_far_below_the_logits_tensor():
     grad = jax.jit(jax.grad(lambda s, *a: sum(jnp.sum(x) for x in stats(s, *a))))
     backward = grad.lower(state, *args).compile().memory_analysis()
     assert backward.temp_size_in_bytes < naive_bytes / 4
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_sharded_log_probs_move_model_sized_collectives_only(mesh_shape):
+    """On a mesh, every row's chunks are unembedded on the device holding the row: the compiled
+    forward + backward has no logits-sized collective, and the unembedding's gradient is summed
+    over devices once, not once per chunk (8 chunks here). Per chunk, only the vocabulary-parallel
+    combine of a tensor axis remains: [rows, C] maxima and sums, and the [rows, C, D] input
+    gradient."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from reval_jax import hlo
+    from reval_jax.sharding import make_mesh, state_shardings
+
+    mesh = make_mesh(mesh_shape)
+    cfg = preset("tiny", vocab_size=4096, hidden_size=64, intermediate_size=64, num_layers=1,
+                 num_heads=2, num_kv_heads=2, head_dim=32, tie_word_embeddings=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: reval_jax.Qwen2(cfg, rngs=nnx.Rngs(0), mesh=mesh)))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         state, state_shardings(state, mesh))
+    B, T, chunk = 8, 256, 32
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    args = [jax.ShapeDtypeStruct((B, T), d, sharding=rows) for d in (jnp.int32, bool, bool)]
+    args.append(jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rows))
+
+    def total(state, *a):
+        s = sequence_stats(nnx.merge(graphdef, state), *a, chunk=chunk)
+        return jnp.sum(s.logp) + jnp.sum(s.v0)
+
+    text = jax.jit(jax.grad(total)).lower(state, *args).compile().as_text()
+    report = hlo.collectives(text)
+    chunks = T // chunk  # 8: a collective inside the chunk loop runs 8 times
+    rows_here = B // (mesh.shape["data"] * mesh.shape["fsdp"])
+    activation = rows_here * chunk * cfg.hidden_size * 4  # one chunk's [rows, C, D] float32
+    per_chunk = [c for c in report.largest(1000) if c.count >= chunks]
+    assert all(c.bytes <= activation for c in per_chunk), per_chunk
+    assert not per_chunk or mesh.shape["tensor"] > 1  # none at all without vocabulary parallelism
+    model_bytes = cfg.num_params() * 4  # float32 parameters (and gradients), whole
+    assert report.bytes["all-reduce"] + report.bytes["reduce-scatter"] <= 2 * model_bytes, report.largest(5)
