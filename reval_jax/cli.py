@@ -5,13 +5,14 @@
 
 Library logging (Orbax, absl, jax) shows warnings and above unless `--verbosity` (absl; e.g.
 `--verbosity=0` for INFO) or `REVAL_VERBOSITY=info` asks for more. `--help` (or `-h`) prints the
-usage and exits 0. A `UserError`, a missing file or a permission problem prints `error: <message>`
-on stderr and exits with status 2, without a traceback; every other exception is a bug and keeps
-its traceback.
+usage and exits 0. A `UserError`, a missing file, a permission problem or a read-only or full
+filesystem prints `error: <message>` on stderr and exits with status 2, without a traceback; every
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from reval_jax.errors import UserError
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?")
 USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # a read-only or full filesystem
 
 
 def quiet_logging(level: str | None = None) -> None:
@@ -33,6 +35,10 @@ def quiet_logging(level: str | None = None) -> None:
         absl_logging.set_verbosity(name.lower())
     except ImportError:  # absl is a dependency; keep this usable without it anyway
         pass
+
+
+def _is_user_error(e: OSError) -> bool:
+    return isinstance(e, USER_ERRORS) or e.errno in USER_ERRNOS
 
 
 def _report(e: BaseException) -> None:
@@ -51,7 +57,11 @@ def run_absl(main: Callable[[list[str]], None]) -> None:
             quiet_logging()
         try:
             main(argv)
-        except USER_ERRORS as e:
+        except OSError as e:
+            if not _is_user_error(e):
+                raise
+            _report(e)
+        except UserError as e:
             _report(e)
 
     argv = ["--help" if a == "-h" else a for a in sys.argv]
@@ -69,5 +79,9 @@ def run_plain(main: Callable[[list[str]], None], argv: list[str] | None = None) 
     quiet_logging()
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except USER_ERRORS as e:
+    except OSError as e:
+        if not _is_user_error(e):
+            raise
+        _report(e)
+    except UserError as e:
         _report(e)

@@ -1,6 +1,7 @@
 """The command-line entry points: --help answers with the usage, user errors are one line without a
 traceback (exit status 2), bugs keep their traceback."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -60,6 +61,13 @@ def test_user_errors_exit_2_and_bugs_keep_their_traceback(capsys):
         cli.run_plain(user_mistake, ["-1"])
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: config.beta: -1 must be > 0\n"
+
+    def read_only(argv):
+        raise OSError(errno.EROFS, "Read-only file system", "runs/x/config.json")
+
+    with pytest.raises(SystemExit):
+        cli.run_plain(read_only, [])
+    assert capsys.readouterr().err.startswith("error: [Errno 30] Read-only file system")
 
     def bug(argv):
         raise KeyError("a bug")
