@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from reval_jax.batch import Trajectories  # noqa: E402
 from reval_jax.packing import Budget, pack  # noqa: E402
+from reval_jax.sampler import bucket_length  # noqa: E402
 
 CHARS_PER_TOKEN = 3.5
 QWEN_MATH_OVERHEAD = 40  # tokens of the system turn, chat markup and the instruction sentence
@@ -120,11 +121,17 @@ def main():
     if not args.skip_demo:
         prompts, responses, bucket, max_new, row_len = demo_lengths()
         report("demo (configs/tiny.py, measured)", prompts, responses, bucket, max_new, 16384, 1, 128, row_len)
-    n = 1024 * args.updates
-    report("qwen7b (modelled)", math_prompt_lengths(rng, n, 1024), lognormal_lengths(rng, n, 600, 3072),
-           1024, 3072, 16384, 8, 1024)
-    report("r1 1.5B (modelled)", math_prompt_lengths(rng, n, 1024), lognormal_lengths(rng, n, 5000, 8192, 0.6),
-           1024, 8192, 18432, 8, 1024)
+    from configs import dpsk_r1_distill_1p5b, qwen7b
+
+    for name, module, mean, sigma in (("qwen7b (modelled)", qwen7b, 600, 1.0),
+                                      ("r1 1.5B (modelled)", dpsk_r1_distill_1p5b, 5000, 0.6)):
+        c = module.get_config()  # the shipped config's lengths and token budget, on 8 devices
+        per_update = c.data.prompts_per_iteration * c.sampling.num_samples
+        n = per_update * args.updates
+        bucket, max_new = bucket_length(c.data.max_prompt_len, c.sampling.buckets), c.sampling.max_new_tokens
+        prompts = math_prompt_lengths(rng, n, c.data.max_prompt_len)
+        responses = lognormal_lengths(rng, n, mean, max_new, sigma)
+        report(name, prompts, responses, bucket, max_new, c.tokens_per_device, 8, per_update, c.row_tokens)
 
 
 if __name__ == "__main__":
