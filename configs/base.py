@@ -85,9 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Trajectories are packed end to end into rows of (prompt bucket + max_new_tokens) tokens, so padding
     # is not computed; the update, the reference pass and the stale-reference recompute run over
     # micro-batches of packed rows (gradients accumulated exactly).
-    c.tokens_per_device = 16384  # tokens per device in one forward/backward: sets the micro-batch size
+    # tokens per device in one forward/backward: sets the micro-batch size. A call's last micro-batch may hold
+    # fewer rows per device: at most tokens_per_device // row_tokens compiled shapes, each compiled once
+    c.tokens_per_device = 16384
     c.row_tokens = 0  # tokens per packed row; 0 = one sequence (bucket + max_new_tokens); longer fit more short ones
-    c.micro_batches = 0  # explicit override: this many micro-batches per update / reference pass (0 = budget)
+    c.micro_batches = 0  # explicit micro-batches per update / reference pass (0 = budget); shapes follow the data
     c.max_segments_per_row = 16  # trajectories packed into one row at most
     c.chunk = 512  # positions of every row unembedded at a time when computing log-probs (memory vs speed)
     c.compile_cache = "jax_cache"  # persistent XLA compilation cache, relative to the workdir ("" = off)

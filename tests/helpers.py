@@ -83,6 +83,7 @@ def tiny_config(data_file, **overrides):
     c.eval.k = 2
     c.progress = False
     c.chunk = 64
+    c.tokens_per_device = 76  # one packed row (bucket 64 + 12) per device: one compiled shape per run
     c.checkpoint.every = 1
     c.checkpoint.async_save = True
     for key, value in overrides.items():
