@@ -37,14 +37,15 @@ NEG_INF = -1e30  # finite: a fully masked row (a padding query) gives a uniform,
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn"}
 
 
-def resolve(implementation: str, dtype=None) -> str:
-    """The concrete implementation that `implementation` names on the current default backend; auto
-    takes cudnn only for 16-bit inputs (cuDNN flash attention has no float32 kernel)."""
+def resolve(implementation: str, dtype=None, platform: str | None = None) -> str:
+    """The concrete implementation that `implementation` names on `platform` (the mesh's devices;
+    default: the default backend, which a deviceless TPU compile does not change); auto takes cudnn
+    only for 16-bit inputs (cuDNN flash attention has no float32 kernel)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    impl = AUTO.get(jax.default_backend(), "chunked")
+    impl = AUTO.get(platform or jax.default_backend(), "chunked")
     if impl == "cudnn" and dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return "chunked"
     return impl
@@ -66,7 +67,7 @@ def attention(
     """q [B, T, N, H], k/v [B, S, K, H] with N = K·G; segment ids [B, T] / [B, S] int32 (0 = padding).
     Returns [B, T, N, H] in q's dtype. `mesh` is only used by splash (a Pallas call is partitioned by
     shard_map over the batch and head axes of sharding.RULES)."""
-    impl = resolve(implementation, q.dtype)
+    impl = resolve(implementation, q.dtype, None if mesh is None else mesh.devices.flat[0].platform)
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
     if impl == "einsum":
@@ -149,11 +150,6 @@ def _scan(f, init, xs):
     return carry, jax.tree.map(lambda x: x[None], y)
 
 
-def _when(pred, single: bool, f, g, x):
-    """lax.cond(pred, f, g, x) that skips a block with no allowed pair; just f(x) for one block."""
-    return f(x) if single else jax.lax.cond(pred, f, g, x)
-
-
 def _block_mask(qs: Array, ks: Array, q_slot: Array, k_slot: Array) -> Array:
     """allowed [B, 1, 1, bq, bk] of one query block (qs [B, bq], q_slot [bq]) x key block."""
     causal = k_slot[None, :] <= q_slot[:, None]  # [bq, bk]
@@ -171,8 +167,10 @@ def _chunked(
         m' = max(m, max_s s_j),   p_j = exp(s_j - m') (0 where not allowed),
         l' = e^(m - m') l + Σ_s p_j,   a' = e^(m - m') a + p_j v_j,   out = a / l  (0 if l = 0).
 
-    Blocks with no allowed pair (above the diagonal, other segments) are skipped (lax.cond). A
-    sequence within one block (T <= block_q, S <= block_kv) is that one block: plain softmax
+    Every block is computed, masked: skipping blocks with no allowed pair through lax.cond made XLA
+    keep every block's [bq, bk] scores of the whole loop alive (13.6 GB instead of 5.2 GB per device
+    for one 9,216-token row of the 1.5B; see docs/attention.md). A sequence within one block
+    (T <= block_q, S <= block_kv) is that one block: plain softmax
     attention, which compiles much faster for the tiny models of the tests."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -201,7 +199,6 @@ def _flash_fwd(bq, bk, q, k, v, qs, ks, q_slot):
     qslot_b = q_slot.reshape(-1, bq)  # [nq, bq]
     kslot_b = jnp.arange(kb.shape[0] * bk, dtype=jnp.int32).reshape(-1, bk)  # [nk, bk]
     B, K, G = q.shape[0], q.shape[2], q.shape[3]
-    single = qb.shape[0] == kb.shape[0] == 1
 
     def one_q_block(xs):
         q_i, qs_i, qslot_i = xs
@@ -220,7 +217,7 @@ def _flash_fwd(bq, bk, q, k, v, qs, ks, q_slot):
                 pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(dt), v_j, preferred_element_type=jnp.float32)
                 return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
-            return _when(allowed.any(), single, update, lambda c: c, carry), None
+            return update(carry), None
 
         init = (
             jnp.full((B, K, G, bq), NEG_INF, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
@@ -254,7 +251,6 @@ def _flash_bwd(bq, bk, res, d_out):
     kb, vb, ksb = _blocks(k, bk), _blocks(v, bk), _blocks(ks, bk)  # [nk, B, bk, K, H], [nk, B, bk]
     qslot_b = q_slot.reshape(-1, bq)  # [nq, bq]
     kslot_b = jnp.arange(kb.shape[0] * bk, dtype=jnp.int32).reshape(-1, bk)  # [nk, bk]
-    single = qb.shape[0] == kb.shape[0] == 1
 
     def one_k_block(dq, xs):
         k_j, v_j, ks_j, kslot_j = xs
@@ -274,10 +270,7 @@ def _flash_bwd(bq, bk, res, d_out):
                 dk = dk + jnp.einsum("BKGTS,BTKGH->BSKH", ds, q_i, preferred_element_type=jnp.float32)
                 return (dk, dv), dq_i
 
-            def skip(carry):
-                return carry, jnp.zeros(q_i.shape, jnp.float32)
-
-            return _when(allowed.any(), single, grads, skip, carry)
+            return grads(carry)
 
         zeros = jnp.zeros(k_j.shape, jnp.float32)  # [B, bk, K, H]
         (dk, dv), dq_j = _scan(step, (zeros, zeros), (qb, qsb, qslot_b, dob, lse, deltab))
