@@ -55,14 +55,7 @@ def run_absl(main: Callable[[list[str]], None]) -> None:
         # set INFO), so the command line decides: no --verbosity / -v given means quiet
         if not any(a.split("=", 1)[0] in ("--verbosity", "-verbosity", "-v", "--v") for a in sys.argv[1:]):
             quiet_logging()
-        try:
-            main(argv)
-        except OSError as e:
-            if not _is_user_error(e):
-                raise
-            _report(e)
-        except UserError as e:
-            _report(e)
+        _reporting_user_errors(main, argv)
 
     argv = ["--help" if a == "-h" else a for a in sys.argv]
     asked_for_help = any(a.split("=", 1)[0] in HELP_FLAGS for a in argv[1:])
@@ -77,8 +70,14 @@ def run_absl(main: Callable[[list[str]], None]) -> None:
 def run_plain(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """`main(argv)` (default: sys.argv[1:]) with quiet logging and one-line user errors."""
     quiet_logging()
+    _reporting_user_errors(main, sys.argv[1:] if argv is None else argv)
+
+
+def _reporting_user_errors(main: Callable[[list[str]], None], argv: list[str]) -> None:
+    """main(argv); a user error (UserError, a missing file, a read-only disk) prints one line and
+    exits non-zero, anything else keeps its traceback."""
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        main(argv)
     except OSError as e:
         if not _is_user_error(e):
             raise
