@@ -29,12 +29,9 @@ def quiet_logging(level: str | None = None) -> None:
     """Python and absl logging at WARNING (or `level` / $REVAL_VERBOSITY)."""
     name = (level or os.environ.get("REVAL_VERBOSITY") or "warning").upper()
     logging.getLogger().setLevel(name)
-    try:
-        from absl import logging as absl_logging
+    from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(name.lower())
-    except ImportError:  # absl is a dependency; keep this usable without it anyway
-        pass
+    absl_logging.set_verbosity(name.lower())
 
 
 def _is_user_error(e: OSError) -> bool:
