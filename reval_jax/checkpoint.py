@@ -21,6 +21,7 @@ fingerprints do not depend on the sharding).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -239,10 +240,8 @@ class Checkpointer:
     def _abandon(self) -> None:
         """After a failed write: nothing is left to wait for (so closing does not wait again), and
         what the write left of its step is moved aside, so that the kept steps are all complete."""
-        try:
+        with contextlib.suppress(Exception):  # the error is being reported by the caller
             self.manager.wait_until_finished()
-        except Exception:  # noqa: BLE001, S110 — the error is being reported by the caller
-            pass
         if self.writing is not None and (self.directory / str(self.writing)).exists():
             self._quarantine(self.writing, print)
 
