@@ -305,7 +305,9 @@ def describe_workload(w: dict, args) -> str:
 
 
 def step_config(w: dict) -> StepConfig:
-    return StepConfig(loss="reval", beta=w["beta"], chunk=w["chunk"])
+    # the PyTorch side reads the reference terms stored with the batch; ours does the same work
+    # (exact_reference=False: no policy/reference forwards of the exact-calibration path)
+    return StepConfig(loss="reval", beta=w["beta"], chunk=w["chunk"], exact_reference=False)
 
 
 def budget_of(w: dict) -> packing.Budget:
@@ -619,7 +621,7 @@ def gpu_bench(args):
         cfg = cfg.replace(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=32)
         batch_size, prompt_len, response_len, micro, tpd, steps, warmup = 4, 16, 48, 2, 0, 2, 1
-    step_cfg = StepConfig(loss="reval", beta=args.beta, chunk=args.chunk)
+    step_cfg = StepConfig(loss="reval", beta=args.beta, chunk=args.chunk, exact_reference=False)
     T = prompt_len + response_len
     budget = make_budget(T, micro, tpd)
     tokens = batch_size * T

@@ -266,9 +266,19 @@ def micro_batches_for(s: Setup, trajectories: int) -> int:
     return max(1, -(-trajectories * s.mean_tokens // per_micro))
 
 
+def _computing(updater, params):
+    """Abstract parameters in the compute dtype, as `Updater.computing` hands them to the programs."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, updater.dtype)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
 def build_update(s: Setup) -> list[Program]:
-    """Updater's two programs: the micro-step (forward, backward, gradients added to the donated
-    accumulator) on one packed micro-batch, run once per micro-batch, and the apply step."""
+    """Updater's programs of an update: the micro-step (forward, backward, gradients added to the
+    donated accumulator) on one packed micro-batch, run once per micro-batch, and the apply step.
+    With exact_reference the forward program's runs on both sides of δ are in `build_reference`."""
     import jax
     import jax.numpy as jnp
 
@@ -281,9 +291,11 @@ def build_update(s: Setup) -> list[Program]:
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     norm = LossNorm(scalar, scalar, scalar)
     tokens = rows * s.budget.row_len
+    mb = abstract_packed(s, rows)
+    values = (mb.ref_logp, mb.ref_v) if updater.exact else None  # f32 [R, L] / [R, M], like the forward's
     return [
         Program(
-            "update micro-step", updater._accumulate_fn, (grads, state.params, abstract_packed(s, rows), norm),
+            "update micro-step", updater._accumulate_fn, (grads, _computing(updater, state.params), mb, norm, values),
             runs=n * K, model_flops=model_flops(s.cfg, "update", rows, s.budget.row_len, segment=s.mean_tokens),
             note=f"[{rows}, {s.budget.row_len}] packed rows ({tokens // len(s.mesh.devices.flat)} tokens/device); "
                  f"{n} micro-batch(es) x {K} updates of {s.update_batch} trajectories of ~{s.mean_tokens} tokens",
@@ -294,17 +306,23 @@ def build_update(s: Setup) -> list[Program]:
 
 
 def build_reference(s: Setup) -> Program:
-    """Updater's reference pass on one packed micro-batch, run once per micro-batch of a round's
-    fresh rollouts (stale buffer draws add more runs)."""
+    """Updater's forward program on one packed micro-batch. With exact_reference (default) it runs
+    twice per update micro-batch (the policy's and the reference's side of δ) and the rollouts get
+    no reference pass; otherwise once per micro-batch of a round's fresh rollouts (stale buffer
+    draws add more runs)."""
     updater, state = _updater(s)
     rows = s.rows_per_micro_batch
-    rollouts = s.config.data.prompts_per_iteration * s.num_samples
-    n = micro_batches_for(s, rollouts)
+    if updater.exact:
+        K = s.config.replay.updates_per_iteration
+        n = 2 * K * micro_batches_for(s, s.update_batch)
+        when = f"{n} runs per round: policy and reference of each update micro-batch"
+    else:
+        n = micro_batches_for(s, s.config.data.prompts_per_iteration * s.num_samples)
+        when = f"{n} micro-batch(es) per round; more when stale buffer draws are recomputed"
     return Program(
-        "reference", updater._reference_fn, (state.ref_params, abstract_packed(s, rows)), runs=n,
-        model_flops=model_flops(s.cfg, "forward", rows, s.budget.row_len, segment=s.mean_tokens),
-        note=f"[{rows}, {s.budget.row_len}] packed rows; {n} micro-batch(es) per round; more when stale "
-             "buffer draws are recomputed",
+        "reference", updater._forward_fn, (_computing(updater, state.ref_params), abstract_packed(s, rows)),
+        runs=n, model_flops=model_flops(s.cfg, "forward", rows, s.budget.row_len, segment=s.mean_tokens),
+        note=f"[{rows}, {s.budget.row_len}] packed rows; {when}",
     )
 
 

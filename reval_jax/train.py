@@ -163,7 +163,7 @@ def step_config(config) -> StepConfig:
         grpo_aggregation=config.grpo.aggregation, clip_low=config.grpo.clip_low,
         clip_high=config.grpo.clip_high, dual_clip=config.grpo.dual_clip, is_cap=config.grpo.is_cap,
         max_response_length=config.sampling.max_new_tokens, chunk=config.chunk,
-        temperature=config.sampling.temperature,
+        temperature=config.sampling.temperature, exact_reference=config.exact_reference,
     )
 
 
@@ -221,7 +221,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # chunking does not change them
     prompts_per_call = max(1, config.sampling.batch_size // sampling.num_samples) if config.sampling.batch_size \
         else config.data.prompts_per_iteration
-    uses_reference = config.algorithm != "grpo"
+    # reference terms stored with the rollouts (and recomputed when stale); with exact_reference the
+    # update computes both sides of δ itself (train_step, exact calibration) and never reads them
+    stores_reference = step_cfg.uses_reference and not step_cfg.exact_reference
     budget = packing_budget(config, mesh)
     updater = Updater(graphdef, optimizer, step_cfg, mesh, state)
 
@@ -351,7 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             lengths, truncated = np.concatenate(lengths), np.concatenate(truncated)
             reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
             batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
-            if uses_reference:
+            if stores_reference:
                 batch = fill_reference(batch)
             buffer.add(batch)
             generate_s = time.perf_counter() - t0
@@ -364,8 +366,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     train_batch, weights, indices = batch, np.ones(update_batch, np.float32), None
                 else:
                     sample = buffer.sample(update_batch, iteration=iteration,
-                                           ref_version=int(state.ref_version) if uses_reference else None,
-                                           recompute_fn=recompute if uses_reference else None)
+                                           ref_version=int(state.ref_version) if stores_reference else None,
+                                           recompute_fn=recompute if stores_reference else None)
                     train_batch, weights, indices = sample.batch, sample.weights, sample.indices
                 state, m = update(state, train_batch, weights)
                 if indices is not None and config.replay.prioritized:

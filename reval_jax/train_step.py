@@ -2,8 +2,9 @@
 
     update batch (Trajectories, reference terms filled in)
       -> packing.pack: micro-batches of packed rows sized by a token budget (host)
-      -> per micro-batch, one jitted call: policy forward (per-row chunked log-probs, V(s_1)) ->
-         loss contribution -> gradients added to a donated float32 accumulator
+      -> per micro-batch: the forward program on the policy and on the reference (log-probs, V(s_1)),
+         then one jitted call: loss contribution at those values -> its cotangents pulled back
+         through the differentiated policy pass -> gradients added to a donated f32 accumulator
       -> one jitted apply: global-norm clip -> AdamW -> skipped (state unchanged) if the loss, the
          gradient norm, or the new parameters / optimizer state are not finite
 
@@ -11,6 +12,18 @@ The micro-batches run as a host loop over ONE compiled program per micro-batch s
 number of micro-batches follows the data (a token budget) without recompiling, and the sum of
 their contributions is exactly the full-batch value: every loss is normalised by the counts of the
 whole update batch (`LossNorm`, computed on host before packing).
+
+Exact calibration (paper Prop. 2). δ is a difference of policy and reference terms, which are equal
+when π_θ = π_ref. Two differently compiled programs round differently in the last bits (float32:
+|δ| ~ 1e-6, gradient norm ~ 1e-4 at init, which Adam turns into full-size steps), so with
+`StepConfig.exact_reference` (the default) both sides of δ come from ONE compiled forward program,
+run on the same packed micro-batch with parameters of the same dtype and layout: with equal
+parameters its outputs are bitwise equal and δ = −r/β exactly. The gradient is the pull-back of
+∂L/∂(logp, v), evaluated at those values, through the differentiated pass (`jax.vjp`), so a zero δ
+gives an exactly zero gradient. This costs two forwards per micro-batch (policy and reference) on
+top of the forward + backward, and makes the reference terms stored with the rollouts unused (the
+run skips computing them). The reference is exact in this sense when its dtype is the compute dtype
+or wider (e.g. a bfloat16 reference with bfloat16 compute; not with float32 compute).
 
 `TrainState` holds policy parameters (float32 master weights), optimizer state and the reference
 parameters (same sharding, optionally bfloat16) with their version. Parameters are nnx.State trees
@@ -58,11 +71,17 @@ class StepConfig:
     is_cap: float = 2.0
     max_response_length: int | None = None  # Dr. GRPO's constant; default: the padded length
     chunk: int = 512  # positions of every row per unembedding chunk in logprobs.packed_stats
+    exact_reference: bool = True  # policy and reference terms of δ from one compiled forward (above)
     temperature: float = 1.0  # logits / T everywhere, consistent with the sampler
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
+
+    @property
+    def uses_reference(self) -> bool:
+        """GRPO reads no reference terms (no KL penalty here); the value losses do."""
+        return self.loss != "grpo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +182,21 @@ def packed_sharding(mesh: Mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------- the step
 
 
+def compute_dtype(graphdef, params) -> jnp.dtype:
+    """The dtype the model computes in (its config's `dtype`)."""
+    return jnp.dtype(nnx.merge(graphdef, params).cfg.dtype)
+
+
 def _stats(graphdef, params, mb: Packed, cfg: StepConfig):
-    """(logp [R, L], v [R, M]) of the parameters `params` on a packed micro-batch."""
-    dtype = jnp.dtype(nnx.merge(graphdef, params).cfg.dtype)
-    model = nnx.merge(graphdef, _cast(params, dtype))
+    """(logp [R, L], v [R, M]) of the parameters `params` on a packed micro-batch; the parameters
+    are cast to the compute dtype first (a no-op for parameters already in it)."""
+    model = nnx.merge(graphdef, _cast(params, compute_dtype(graphdef, params)))
     return batch_stats(model, mb, chunk=cfg.chunk, temperature=cfg.temperature)
 
 
 def reference_stats(graphdef, ref_params: nnx.State, mb: Packed, cfg: StepConfig):
-    """(log π_ref per token [R, L], V_ref(s_1) per slot [R, M]) — the function the policy goes
-    through too."""
+    """(log π per token [R, L], V(s_1) per slot [R, M]) — the forward program: the reference pass,
+    and with `exact_reference` the values of both sides of δ in the update."""
     return _stats(graphdef, ref_params, mb, cfg)
 
 
@@ -192,15 +216,20 @@ def _loss_fn(cfg: StepConfig):
     return functools.partial(fn, beta=cfg.beta)
 
 
-def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packed, norm: LossNorm):
-    """Loss contribution, float32 gradients and metrics of one packed micro-batch."""
+def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packed, norm: LossNorm,
+                         values: tuple[Array, Array] | None = None):
+    """Loss contribution, float32 gradients and metrics of one packed micro-batch.
+
+    The loss is evaluated at `values` = (logp, v) when given (the forward program's outputs, see
+    exact calibration above), else at the differentiated pass's own forward values; either way the
+    gradient is J^T ∂L/∂(logp, v) with J the Jacobian of the differentiated pass."""
     loss_fn = _loss_fn(cfg)
-
-    def loss(params):
-        logp, v = _stats(graphdef, params, mb, cfg)
-        return loss_fn(logp, v, mb, norm)
-
-    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (logp, v), pullback = jax.vjp(lambda p: _stats(graphdef, p, mb, cfg), params)
+    if values is not None:
+        logp, v = values
+    (value, metrics), cotangents = jax.value_and_grad(
+        lambda logp, v: loss_fn(logp, v, mb, norm), argnums=(0, 1), has_aux=True)(logp, v)
+    (grads,) = pullback(cotangents)
     return value, jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
 
 
@@ -268,40 +297,57 @@ class Updater:
         state, metrics = updater.update(state, micro, layout, norm)    # micro: host Packed list
         logp, v = updater.reference(state.ref_params, micro)           # host [R, L] / [R, M] lists
 
-    With a mesh, parameters keep their `state_sharding` layout, micro-batches are split by rows over
-    the data axes (placed from host arrays that every process holds whole), the state and the
-    gradient accumulator are donated."""
+    Programs: `_cast_fn` (parameters to the compute dtype, once per update), `_forward_fn` (the
+    forward program: reference pass, and both sides of δ with `exact_reference`), `_accumulate_fn`
+    (micro-step: loss at given values, gradients through the differentiated pass, added to a donated
+    accumulator) and `_apply_fn`. With a mesh, parameters keep their `state_sharding` layout,
+    micro-batches are split by rows over the data axes (placed from host arrays that every process
+    holds whole), the state and the gradient accumulator are donated."""
 
     def __init__(self, graphdef, optimizer: optax.GradientTransformation, cfg: StepConfig,
                  mesh: Mesh | None, state: TrainState):
-        self.mesh = mesh
+        self.mesh, self.cfg = mesh, cfg
+        self.exact = cfg.exact_reference and cfg.uses_reference
+        self.dtype = compute_dtype(graphdef, state.params)
         accumulate = functools.partial(self._accumulate, graphdef, cfg)
         apply = functools.partial(apply_gradients, optimizer)
-        reference = functools.partial(reference_stats, graphdef, cfg=cfg)
+        forward = functools.partial(reference_stats, graphdef, cfg=cfg)
+        cast = functools.partial(_cast, dtype=self.dtype)
         if mesh is None:
             self._zeros = jax.jit(_zeros)
+            self._cast_fn = jax.jit(cast)
             self._accumulate_fn = jax.jit(accumulate, donate_argnums=(0,))
             self._apply_fn = jax.jit(apply, donate_argnums=(0,))
-            self._reference_fn = jax.jit(reference)
+            self._forward_fn = jax.jit(forward)
             return
         s_sh = state_sharding(state, optimizer, mesh)
         b_sh, replicated = packed_sharding(mesh), NamedSharding(mesh, PartitionSpec())
         norm_sh = LossNorm(replicated, replicated, replicated)
         self._zeros = jax.jit(_zeros, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
+        self._cast_fn = jax.jit(cast, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
+
         def accumulate_in_layout(*args):  # the accumulator keeps the parameters' layout
             grads, value, metrics = accumulate(*args)
             return jax.lax.with_sharding_constraint(grads, s_sh.params), value, metrics
 
-        self._accumulate_fn = jax.jit(
-            accumulate_in_layout, in_shardings=(s_sh.params, s_sh.params, b_sh, norm_sh), donate_argnums=(0,))
+        self._accumulate_fn = jax.jit(accumulate_in_layout, donate_argnums=(0,),
+                                      in_shardings=(s_sh.params, s_sh.params, b_sh, norm_sh, b_sh))
         self._apply_fn = jax.jit(apply, in_shardings=(s_sh, s_sh.params, replicated),
                                  out_shardings=(s_sh, replicated), donate_argnums=(0,))
-        self._reference_fn = jax.jit(reference, in_shardings=(s_sh.ref_params, b_sh))
+        self._forward_fn = jax.jit(forward, in_shardings=(s_sh.params, b_sh), out_shardings=(b_sh, b_sh))
 
     @staticmethod
-    def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm):
-        value, g, metrics = micro_loss_and_grads(graphdef, cfg, params, mb, norm)
+    def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm, values):
+        value, g, metrics = micro_loss_and_grads(graphdef, cfg, params, mb, norm, values)
         return jax.tree.map(jnp.add, grads, g), value, metrics
+
+    def computing(self, params: nnx.State) -> nnx.State:
+        """`params` in the compute dtype (the same arrays when they already are): what the forward
+        program and the micro-step take, so the policy and a reference of the compute dtype go
+        through the same compiled forward."""
+        if all(x.dtype == self.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)):
+            return params
+        return self._cast_fn(params)
 
     def put(self, mb: Packed) -> Packed:
         """A host micro-batch onto the mesh (the same arrays on every process)."""
@@ -311,13 +357,22 @@ class Updater:
         return jax.tree.map(lambda x: to_global(x, sharding), mb)
 
     def update(self, state: TrainState, micro: Sequence[Packed], layout: Layout, norm: LossNorm):
-        """One update from host micro-batches; returns (state, host metrics incl. seconds)."""
+        """One update from host micro-batches; returns (state, host metrics incl. seconds). With
+        `exact_reference` the micro-batches' stored reference terms are not read: both sides of δ
+        are computed here by the forward program."""
         start = time.perf_counter()
         grads = self._zeros(state.params)
+        params = self.computing(state.params)
+        ref = self.computing(state.ref_params) if self.exact else None
         loss, metrics = 0.0, []
         for mb in micro:
-            grads, value, m = self._accumulate_fn(grads, state.params, self.put(mb), norm)
+            mb, values = self.put(mb), None
+            if self.exact:
+                ref_logp, ref_v = self._forward_fn(ref, mb)
+                mb, values = mb.replace(ref_logp=ref_logp, ref_v=ref_v), self._forward_fn(params, mb)
+            grads, value, m = self._accumulate_fn(grads, params, mb, norm, values)
             loss, metrics = loss + value, metrics + [m]
+        del params, ref
         state, out = self._apply_fn(state, grads, loss)
         host = summarize(loss, metrics, layout, norm)
         host.update({k: float(v) for k, v in jax.device_get(out).items()})
@@ -330,7 +385,8 @@ class Updater:
 
     def reference(self, ref_params: nnx.State, micro: Sequence[Packed]):
         """Reference terms of every micro-batch: lists of host logp [R, L] and v [R, M]."""
-        outs = [self._reference_fn(ref_params, self.put(mb)) for mb in micro]
+        ref = self.computing(ref_params)
+        outs = [self._forward_fn(ref, self.put(mb)) for mb in micro]
         return [to_host(lp) for lp, _ in outs], [to_host(v) for _, v in outs]
 
 

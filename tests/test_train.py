@@ -28,6 +28,8 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
     evaluating = algorithm == "reval"  # the evaluation path is the same for every algorithm
     config = tiny_config(data_file, algorithm=algorithm)
     config.eval.every = 2 if evaluating else 0
+    if algorithm == "regression":  # the stored-reference path: reference pass, stale recompute after resets
+        config.exact_reference, config.reference.reset_every = False, 1
     train.run(config, str(tmp_path))
     records = read(tmp_path)
     trains = [r for r in records if r["kind"] == "train"]
@@ -44,6 +46,8 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
     assert data["skipped_missing"] == 1 and data["kept"] == 24
     expected_updates = {"reval": 2, "regression": 2, "tbrm": 1, "grpo": 1}[algorithm]
     assert trains[-1]["updates"] + trains[-1]["skipped_total"] == 3 * expected_updates
+    if algorithm == "regression":
+        assert trains[-1]["ref_version"] == trains[-1]["updates"]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard event files
 
 

@@ -63,11 +63,11 @@ def make_batch(B=8, seed=0, vocab=128, layout="left") -> Trajectories:
     )
 
 
-def setup(cfg: StepConfig, lr=1e-3, seed=0, optimizer=None):
-    graphdef, params = nnx.split(tiny_model(seed=seed))
+def setup(cfg: StepConfig, lr=1e-3, seed=0, optimizer=None, ref_dtype=None, **model):
+    graphdef, params = nnx.split(tiny_model(seed=seed, **model))
     params = jax.tree.map(jnp.copy, params)  # the shared model must survive donation
     optimizer = optimizer or make_optimizer(OptimizerConfig(learning_rate=lr))
-    return graphdef, optimizer, init_state(params, optimizer)
+    return graphdef, optimizer, init_state(params, optimizer, ref_dtype=ref_dtype)
 
 
 def budget(micro_batches=1, devices=1, row_len=P + A, max_segments=4):
@@ -81,8 +81,10 @@ def with_reference(updater, state, batch, micro_batches=1, devices=1):
     return batch.replace(ref_logp=jnp.asarray(layout.unpack_tokens(logps)), ref_v=jnp.asarray(layout.gather(vs)))
 
 
-def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None, micro_batches=1):
-    graphdef, optimizer, state = setup(cfg, lr, optimizer=optimizer)
+def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None, micro_batches=1, state=None, **model):
+    """One update of a fresh state (or of `state`) on `batch`, reference terms filled in first."""
+    graphdef, optimizer, fresh = setup(cfg, lr, optimizer=optimizer, **model)
+    state = fresh if state is None else state
     devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     updater = Updater(graphdef, optimizer, cfg, mesh, state)
     batch = jax.device_get(with_reference(updater, state, batch, micro_batches, devices))
@@ -92,14 +94,45 @@ def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None, micro_batches=1)
     return updater.update(state, micro, layout, norm)
 
 
-def test_calibrated_initialisation_reval_zero_tbrm_not():
-    batch = make_batch()
+def assert_calibrated(m):
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0 and m["delta_abs_max"] == 0.0
+    assert m["kl_mean"] == 0.0 and m["v_diff_mean"] == 0.0 and m["skipped"] == 0
+
+
+@pytest.mark.parametrize("dtype,devices,micro_batches,chunk", [
+    ("float32", 1, 1, 512), ("float32", 8, 2, 3), ("bfloat16", 1, 3, 5), ("bfloat16", 8, 2, 512)])
+def test_calibrated_initialisation_is_exact(dtype, devices, micro_batches, chunk):
+    """Prop. 2: π_θ = π_ref and r = 0 give δ, loss and gradient of the real update EXACTLY zero (both
+    sides of δ come from one compiled forward; train_step, exact calibration), in float32 and
+    bfloat16 compute (a bfloat16 reference with it), on 1 and 8 devices, any micro-batches and chunk."""
+    batch = make_batch(B=16, seed=11)
     batch = batch.replace(reward=jnp.zeros_like(batch.reward))
-    state, m = run_step(StepConfig(loss="reval", beta=0.02), batch)
-    assert abs(m["loss"]) <= 1e-6 and m["grad_norm"] <= 1e-6 and m["delta_abs_max"] <= 1e-6
-    assert int(state.step) == 1 and int(state.skipped) == 0
-    _, m = run_step(StepConfig(loss="tbrm", beta=0.02), batch)
-    assert m["loss"] > 1.0 and m["grad_norm"] > 1e-2  # TBRM carries V_θ(s_1): not calibrated
+    mesh = make_mesh((2, 2, 2)) if devices == 8 else None
+    ref_dtype = "bfloat16" if dtype == "bfloat16" else None
+    cfg = StepConfig(loss="reval", beta=0.02, chunk=chunk)
+    state, m = run_step(cfg, batch, mesh=mesh, micro_batches=micro_batches, dtype=dtype, ref_dtype=ref_dtype)
+    assert_calibrated(m)
+    assert int(state.step) == 1
+    if devices == 1 and dtype == "float32":
+        _, m = run_step(StepConfig(loss="tbrm", beta=0.02), batch)
+        assert m["loss"] > 1.0 and m["grad_norm"] > 1e-2  # TBRM carries V_θ(s_1): not calibrated
+
+
+def test_calibrated_again_after_a_reference_reset_mid_run():
+    """Two real updates move θ away from π_ref; after the reset an r = 0 update is exactly zero,
+    while before the reset the same batch is not."""
+    cfg = StepConfig(loss="reval", beta=0.02)
+    rewarded, zero = make_batch(B=16, seed=12), make_batch(B=16, seed=13)
+    zero = zero.replace(reward=jnp.zeros_like(zero.reward))
+    graphdef, optimizer, state = setup(cfg, lr=1e-2, ref_dtype="bfloat16", dtype="bfloat16")
+    for _ in range(2):
+        state, m = run_step(cfg, rewarded, state=state, lr=1e-2, micro_batches=2, dtype="bfloat16")
+    assert m["delta_abs_max"] > 1.0 and int(state.step) == 2
+    state, m = run_step(cfg, zero, state=state, lr=1e-2, micro_batches=2, dtype="bfloat16")
+    assert m["kl_mean"] != 0.0 and m["grad_norm"] > 0.0  # θ ≠ π_ref
+    state = reset_reference(state)
+    _, m = run_step(cfg, zero, state=state, lr=1e-2, micro_batches=2, dtype="bfloat16")
+    assert_calibrated(m)
 
 
 def test_gradient_is_eq4_plus_the_value_term():
