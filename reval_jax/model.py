@@ -112,12 +112,12 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 def _block(
     x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, layer: Array, *,
-    cfg: ModelConfig, mesh: Mesh | None, positions: Array, q_segment_ids: Array, index: Array | None,
-    kv_segment_ids: Array,
+    cfg: ModelConfig, mesh: Mesh | None, positions: Array, attend,
 ):
-    """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS and the caches,
-    when given, are the stacked [L, B, S, K, H] ones of every layer."""
-    T = x.shape[1]
+    """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS. `attend(q, k,
+    v, k_cache, v_cache, layer) -> (out [B, T, N, H], k_cache, v_cache)` is the attention of this
+    call (plain, contiguous KV cache, or the rollout engine's paged cache); the caches, when given,
+    are the stacked ones of every layer and travel through it."""
     dt = x.dtype
 
     h = rms_norm(x, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
@@ -127,22 +127,7 @@ def _block(
     q = constrain(rope(q, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_heads", None))
     k = constrain(rope(k, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
-
-    if k_cache is not None:  # write this step's keys/values at [layer, :, index], attend over S
-        # in place in the stacked cache: a decode step writes its T slots, it never copies the cache
-        at = (layer, 0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
-        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
-
-    # training and prefill: the configured kernel; a short decode step: einsum, scores [B, N, T, S]
-    impl = "einsum" if k_cache is not None and T <= DECODE_EINSUM_MAX_T else cfg.attention
-    out = attention(
-        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=0 if index is None else index, implementation=impl, mesh=mesh,
-        block_q=cfg.attention_block, block_kv=cfg.attention_block,
-    )  # [B, T, N, H]
+    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, layer)  # [B, T, N, H]
     x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
 
@@ -153,6 +138,28 @@ def _block(
     x = x + jnp.einsum("BTF,FD->BTD", hidden, p["down_proj"].astype(dt))
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
     return x, k_cache, v_cache
+
+
+def _attend(q, k, v, k_cache, v_cache, layer, *, cfg: ModelConfig, mesh: Mesh | None,
+            q_segment_ids: Array, kv_segment_ids: Array, index: Array | None):
+    """Attention without a cache, or over a contiguous `Cache`: this step's keys/values are written
+    at [layer, :, index] in place (a decode step writes its T slots, it never copies the cache) and
+    the queries attend over all S slots."""
+    T, dt = q.shape[1], q.dtype
+    if k_cache is not None:
+        at = (layer, 0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
+        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
+    # training and prefill: the configured kernel; a short decode step: einsum, scores [B, N, T, S]
+    impl = "einsum" if k_cache is not None and T <= DECODE_EINSUM_MAX_T else cfg.attention
+    out = attention(
+        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_offset=0 if index is None else index, implementation=impl, mesh=mesh,
+        block_q=cfg.attention_block, block_kv=cfg.attention_block,
+    )
+    return out, k_cache, v_cache
 
 
 class Qwen2(nnx.Module):
@@ -185,7 +192,6 @@ class Qwen2(nnx.Module):
         them the segments are `mask` (one per row). With a cache, keys are the valid slots."""
         cfg, mesh = self.cfg, self.mesh
         B, T = tokens.shape
-        dt = jnp.dtype(cfg.dtype)
         mask = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are not supported with a KV cache")
@@ -202,27 +208,37 @@ class Qwen2(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
             q_seg, kv_seg = mask.astype(jnp.int32), valid.astype(jnp.int32)  # [B, T], [B, S]
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)  # [B, T, D]
-        x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
-        block = functools.partial(
-            _block, cfg=cfg, mesh=mesh, positions=positions, q_segment_ids=q_seg,
-            kv_segment_ids=kv_seg, index=index,
-        )
+        attend = functools.partial(_attend, cfg=cfg, mesh=mesh, q_segment_ids=q_seg,
+                                   kv_segment_ids=kv_seg, index=index)
+        kv = (None, None) if cache is None else (cache.k, cache.v)
+        x, (k, v) = self.run_layers(self.embed_tokens(tokens), positions, attend, kv)
+        if cache is not None:
+            cache = Cache(k=k, v=v, valid=valid, index=index + T)
+        return x, cache
 
-        def step(carry, layer):  # the caches travel in the carry so that XLA updates them in place
+    def embed_tokens(self, tokens: Array) -> Array:
+        """tokens [B, T] -> x [B, T, D] in the compute dtype."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x, self.mesh, ("act_batch", "act_length", "act_embed"))
+
+    def run_layers(self, x: Array, positions: Array, attend, kv=(None, None)):
+        """Every layer (one lax.scan) on x [B, T, D] at `positions` [B, T], then the final norm.
+        `attend` is the attention of `_block`; kv = the stacked (k, v) caches it updates, carried
+        through the scan so that XLA updates them in place. Returns (h [B, T, D], (k, v))."""
+        cfg = self.cfg
+        block = functools.partial(_block, cfg=cfg, mesh=self.mesh, positions=positions, attend=attend)
+
+        def step(carry, layer):
             x, kc, vc = carry
             p, i = layer
             return block(x, p, kc, vc, i), None
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
-        kv = (None, None) if cache is None else (cache.k, cache.v)
         layers = (self.layer_params(), jnp.arange(cfg.num_layers))
         (x, k, v), _ = jax.lax.scan(step, (x, *kv), layers)
-        x = rms_norm(x, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
-        if cache is not None:
-            cache = Cache(k=k, v=v, valid=valid, index=index + T)
-        return x, cache
+        x = rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps)
+        return x, (k, v)
 
     def unembed_weight(self) -> Array:
         """The unembedding [D, V] in the compute dtype, gathered over the FSDP axis (vocabulary
