@@ -290,9 +290,59 @@ def _decode(graphdef, params, state: SamplerState, *, config: SamplingConfig) ->
 
 def generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
+    prompt_ids: Sequence[int] | None = None, engine=None, max_new_tokens: Sequence[int] | None = None,
+) -> Rollout:
+    """Samples `config.num_samples` responses to each prompt (a list of token ids) with the rollout
+    engine (`reval_jax.rollout.engine`: continuous batching on a paged KV cache).
+
+    `prompt_ids` (default 0..B-1) identify the prompts, e.g. their dataset indices: they seed each
+    prompt's samples together with `seed` and become the rollouts' `group_id`. `engine` is an
+    `EngineConfig` (default: every sample in a slot of its own, pages of 16 tokens);
+    `max_new_tokens` per prompt (default: config.max_new_tokens for all; none may exceed it).
+    The Rollout's layout is the static sampler's: prompts left-padded to the bucket, A =
+    config.max_new_tokens response columns."""
+    from reval_jax.rollout.engine import Engine, EngineConfig
+
+    B, N, A = len(prompts), config.num_samples, config.max_new_tokens
+    P = bucket_length(max(len(p) for p in prompts), config.buckets)
+    if P + A > model.cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt bucket {P} + max_new_tokens {A} exceeds the model's "
+            f"max_position_embeddings={model.cfg.max_position_embeddings}"
+        )
+    tokens, mask = pad_prompts(prompts, P, config.pad_id)
+    ids = np.arange(B, dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
+    if ids.shape != (B,):
+        raise ValueError(f"prompt_ids has shape {ids.shape}; expected ({B},)")
+    limits = np.full(B, A, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
+    if limits.shape != (B,) or limits.min() < 1 or limits.max() > A:
+        raise ValueError(f"max_new_tokens must be {B} values in 1..{A} (config.max_new_tokens)")
+    engine = engine or EngineConfig(slots=B * N, prefill_rows=B)
+    out = Engine(model, config, engine, prompt_bucket=P).run(prompts, seed=seed, prompt_ids=ids, limits=limits)
+    response = np.full((B * N, A), config.pad_id, np.int32)
+    logp = np.zeros((B * N, A), np.float32)
+    length = np.zeros(B * N, np.int32)
+    stopped = np.zeros(B * N, bool)
+    stops = set(config.stop_ids)
+    for b in range(B):
+        for n, (tok, lp) in enumerate(out[b]):
+            r = b * N + n
+            response[r, : len(tok)], logp[r, : len(tok)], length[r] = tok, lp, len(tok)
+            stopped[r] = len(tok) > 0 and int(tok[-1]) in stops
+    return Rollout(
+        prompt_tokens=jnp.asarray(np.repeat(tokens, N, 0)), prompt_mask=jnp.asarray(np.repeat(mask, N, 0)),
+        response_tokens=jnp.asarray(response), response_mask=jnp.asarray(np.arange(A) < length[:, None]),
+        response_length=jnp.asarray(length), truncated=jnp.asarray(~stopped), logp=jnp.asarray(logp),
+        group_id=jnp.asarray(np.repeat(ids, N)),
+    )
+
+
+def generate_static(
+    model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
     prompt_ids: Sequence[int] | None = None,
 ) -> Rollout:
-    """Samples `config.num_samples` responses to each prompt (a list of token ids).
+    """The static sampler the engine replaced (kept as its reference and benchmark baseline):
+    samples `config.num_samples` responses to each prompt (a list of token ids).
 
     `prompt_ids` (default 0..B-1) identify the prompts, e.g. their dataset indices: they seed each
     prompt's samples together with `seed` and become the rollouts' `group_id`. Prompts are

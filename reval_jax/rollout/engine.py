@@ -1,0 +1,421 @@
+"""The rollout engine: continuous batching over a fixed number of decode slots on a paged KV cache.
+
+    requests (prompt, its N samples, max_new_tokens) --queue--> admit: prefill the prompt ONCE into
+    pages (chunks of C tokens), sample a_1 for each of its N samples, give every sample a slot whose
+    page table shares the prompt's full pages (the last, partial page is copied per sample)
+      --> compiled decode loop over all B slots (lax.while_loop, pages allocated on device from a
+          free-page stack as rows cross page boundaries) until a quarter of the slots (`refill`) have
+          finished and requests wait, or every slot has finished, or the free pages run out
+      --> host: collect finished slots, free their pages (a page is free when no slot's table holds
+          it), preempt the newest rows if pages ran out (they resume later by re-prefilling their
+          prompt and tokens so far), admit waiting requests into the free slots --> loop
+
+Dimension alphabet: B slots, W page-table width, G pages, S tokens per page, C prefill chunk,
+A = max_new_tokens (response columns), V vocabulary.
+
+Randomness is the static sampler's: the noise of (seed, prompt id, sample n) at response step h
+comes from fold_in(fold_in(fold_in(key(seed), prompt id), n), h), so the tokens depend on neither
+the batch composition, the slot a sample gets, its pages nor preemption — only on the model's
+logits. Log-probs are log q under the distribution each token was drawn from (sampler.sample_logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import deque
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reval_jax.rollout.pages import TRASH, Pool, copy_pages, init_pool, paged_attend
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and sizes its cache; hashable (a static argument)."""
+
+    slots: int = 64  # B: rows decoded together
+    page_size: int = 16  # S: tokens per KV page
+    cache_tokens: int = 0  # G·S: KV cache size in tokens (0: slots × (prompt bucket + max_new_tokens), paged)
+    prefill_chunk: int = 512  # C: prompt tokens per prefill call and row (longer prompts take several)
+    prefill_rows: int = 16  # prompts prefilled per call at most
+    block_pages: int = 8  # pages read per attention block in decode
+    refill: float = 0.25  # leave the decode loop when this fraction of slots is free and requests wait
+
+    def __post_init__(self):
+        for name in ("slots", "page_size", "prefill_chunk", "prefill_rows", "block_pages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.cache_tokens < 0 or not 0 < self.refill <= 1:
+            raise ValueError(f"cache_tokens={self.cache_tokens} must be >= 0, refill={self.refill} in (0, 1]")
+
+
+@flax.struct.dataclass
+class Slots:
+    """The decode loop's carry besides the pool: one row per slot, and the free-page stack."""
+
+    table: Array  # [B, W] int32  pages of each slot (TRASH where none)
+    pos: Array  # [B] int32  position of the token fed next (= tokens in the cache)
+    last: Array  # [B] int32  the token fed next (the last one sampled)
+    h: Array  # [B] int32  response tokens sampled so far
+    limit: Array  # [B] int32  the request's max_new_tokens
+    live: Array  # [B] bool  decoding; a finished slot keeps its results until collected
+    keys: Array  # [B] PRNG keys of (seed, prompt id, sample)
+    tokens: Array  # [B, A] int32  response tokens (pad after)
+    logp: Array  # [B, A] f32
+    free: Array  # [G] int32  free pages are free[:n_free]
+    n_free: Array  # [] int32
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt's N samples (new), or one preempted sample (resume: its tokens so far)."""
+
+    index: int  # the prompt's row in the call (0..P-1)
+    prompt: np.ndarray  # [p] int32
+    limit: int
+    samples: tuple[int, ...]  # sample indices n
+    tokens: np.ndarray | None = None  # resume: response tokens so far [h]
+    logp: np.ndarray | None = None
+
+
+def _base_keys(seed, prompt_ids: Array, samples: Array) -> Array:
+    base = jax.random.key(seed)
+    return jax.vmap(lambda p, n: jax.random.fold_in(jax.random.fold_in(base, p), n))(prompt_ids, samples)
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_pages"), donate_argnames=("pool",))
+def _prefill(graphdef, params, pool: Pool, table, tokens, positions, valid, last_index, *, block_pages: int):
+    """tokens/positions/valid [n, C] of n prompt rows with page tables [n, W] into the pool; returns
+    (pool, float32 logits [n, V] at each row's `last_index`)."""
+    model = nnx.merge(graphdef, params)
+    attend = functools.partial(paged_attend, table=table, positions=positions, valid=valid, block_pages=block_pages)
+    h, (k, v) = model.run_layers(model.embed_tokens(tokens), positions, attend, (pool.k, pool.v))
+    last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [n, D]
+    return Pool(k=k, v=v), model.unembed(last)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _first_tokens(logits, seed, prompt_ids, samples, *, config):
+    """a_1 of each sample from its prompt's prefill logits [n, V] (step 0 of its keys)."""
+    from reval_jax.sampler import sample_logits
+
+    keys = _base_keys(seed, prompt_ids, samples)
+    step = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+    return sample_logits(logits, step, config)
+
+
+_copy = jax.jit(copy_pages, donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _write(slots: Slots, index, rows: dict, free, n_free) -> Slots:
+    """Overwrites slots at `index` [n] (index B = padding, dropped) with `rows` and sets the free
+    stack: the host's only way to change the loop's state."""
+    put = lambda a, r: a.at[index].set(r, mode="drop")
+    return slots.replace(**{k: put(getattr(slots, k), r) for k, r in rows.items()}, free=free, n_free=n_free)
+
+
+def _pages_needed(s: Slots, S: int) -> Array:
+    """[B] bool: a live slot about to write the first position of a page it has no page for."""
+    col = jnp.minimum(s.pos // S, s.table.shape[1] - 1)
+    at = jnp.take_along_axis(s.table, col[:, None], axis=1)[:, 0]
+    return s.live & (s.pos % S == 0) & (at == TRASH)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "block_pages"),
+                   donate_argnames=("pool", "slots"))
+def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, *, config, block_pages: int):
+    """Decode steps of every live slot until `refill_at` of them have finished, none is live, or a
+    step would need more pages than are free."""
+    from reval_jax.sampler import sample_logits
+
+    model = nnx.merge(graphdef, params)
+    B, A = slots.tokens.shape
+    S = pool.page_size
+    rows = jnp.arange(B)
+    stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
+
+    idle = jnp.sum(~slots.live)  # slots not live on entry
+
+    def cond(c):
+        _, s = c
+        finished = jnp.sum(~s.live) - idle
+        return jnp.any(s.live) & (finished < refill_at) & (jnp.sum(_pages_needed(s, S)) <= s.n_free)
+
+    def body(c):
+        pool, s = c
+        need = _pages_needed(s, S)
+        rank = jnp.cumsum(need) - 1
+        new = s.free[jnp.clip(s.n_free - 1 - rank, 0, s.free.shape[0] - 1)]
+        col = jnp.minimum(s.pos // S, s.table.shape[1] - 1)
+        table = s.table.at[rows, col].set(jnp.where(need, new, s.table[rows, col]))
+        attend = functools.partial(paged_attend, table=table, positions=s.pos[:, None], valid=s.live[:, None],
+                                   block_pages=block_pages)
+        h, (k, v) = model.run_layers(model.embed_tokens(s.last[:, None]), s.pos[:, None], attend, (pool.k, pool.v))
+        logits = model.unembed(h[:, 0])  # [B, V]
+        keys = jax.vmap(jax.random.fold_in)(s.keys, s.h)
+        token, logp = sample_logits(logits, keys, config)
+        on = s.live
+        col_h = jnp.minimum(s.h, A - 1)
+        tokens = s.tokens.at[rows, col_h].set(jnp.where(on, token, s.tokens[rows, col_h]))
+        logps = s.logp.at[rows, col_h].set(jnp.where(on, logp, s.logp[rows, col_h]))
+        h_new = s.h + on
+        stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        s = s.replace(table=table, n_free=s.n_free - jnp.sum(need), pos=s.pos + on,
+                      last=jnp.where(on, token, s.last), h=h_new, tokens=tokens, logp=logps,
+                      live=on & ~stopped & (h_new < s.limit))
+        return Pool(k=k, v=v), s
+
+    return jax.lax.while_loop(cond, body, (pool, slots))
+
+
+# ----------------------------------------------------------------------------- the host loop
+
+
+class Engine:
+    """Continuous batching for one model and sampling config.
+
+        engine = Engine(model, sampling, EngineConfig(slots=256, page_size=16))
+        out = engine.run(prompts, seed=step, prompt_ids=ids, max_new_tokens=None)
+        # out: per prompt, per sample, (tokens [h] int32, logp [h] f32, stopped bool)
+    """
+
+    def __init__(self, model, sampling, engine: EngineConfig, *, prompt_bucket: int):
+        self.graphdef, self.params = nnx.split(model)
+        self.cfg, self.sampling, self.engine = model.cfg, sampling, engine
+        S, A = engine.page_size, sampling.max_new_tokens
+        self.A = A
+        self.W = -(-(prompt_bucket + A) // S)  # table width: the longest sequence's pages
+        # + the trash page; by default every slot's longest sequence (the static sampler's cache)
+        pages = -(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * self.W
+        if pages < self.W:
+            raise ValueError(
+                f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}) cannot hold one sequence "
+                f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
+        self.G = 1 + pages
+        self.stop = set(sampling.stop_ids)
+        self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0}
+
+    # --- host-side bookkeeping
+
+    def _free_pages(self, table: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Pages no slot that is live or holds results references (TRASH excluded)."""
+        used = np.zeros(self.G, bool)
+        used[table[held].ravel()] = True
+        used[TRASH] = True
+        return np.flatnonzero(~used).astype(np.int32)
+
+    def _free_stack(self, free: np.ndarray):
+        stack = np.zeros(self.G, np.int32)
+        stack[: len(free)] = free
+        return jnp.asarray(stack), jnp.asarray(len(free), jnp.int32)
+
+    def _empty_rows(self, n: int) -> dict:
+        B, A, W = self.engine.slots, self.A, self.W
+        del B
+        return {
+            "table": np.zeros((n, W), np.int32), "pos": np.zeros(n, np.int32), "last": np.zeros(n, np.int32),
+            "h": np.zeros(n, np.int32), "limit": np.ones(n, np.int32), "live": np.zeros(n, bool),
+            "tokens": np.full((n, A), self.sampling.pad_id, np.int32), "logp": np.zeros((n, A), np.float32),
+        }
+
+    def _write_rows(self, slots, index: list[int], rows: dict, keys, free):
+        """Pads the writes to B (index B is dropped) so that `_write` compiles once."""
+        B = self.engine.slots
+        n = len(index)
+        idx = np.full(B, B, np.int32)
+        idx[:n] = index
+        full = self._empty_rows(B)
+        for k, r in rows.items():
+            full[k][:n] = r
+        full = {k: jnp.asarray(v) for k, v in full.items()}
+        pad = _base_keys(np.uint32(0), jnp.zeros(B - n, jnp.int32), jnp.zeros(B - n, jnp.int32))
+        full["keys"] = jnp.concatenate([keys, pad])  # a new buffer: `slots` is donated
+        return _write(slots, jnp.asarray(idx), full, *self._free_stack(free))
+
+    def _prefill_rows(self, pool, rows: list[tuple[np.ndarray, np.ndarray]]):
+        """Prefills rows of (tokens [t], table row [W]) in chunks of C; returns (pool, logits [n, V]
+        at each row's last token)."""
+        C, bp = self.engine.prefill_chunk, self.engine.block_pages
+        n = len(rows)
+        n_pad = 1 << max(0, (n - 1).bit_length())  # a power of two: few compiled shapes
+        table = np.zeros((n_pad, self.W), np.int32)
+        for i, (_, t) in enumerate(rows):
+            table[i] = t
+        chunks = max(-(-len(tok) // C) for tok, _ in rows)
+        logits = None
+        for c in range(chunks):
+            tokens = np.zeros((n_pad, C), np.int32)
+            valid = np.zeros((n_pad, C), bool)
+            last = np.zeros(n_pad, np.int32)
+            for i, (tok, _) in enumerate(rows):
+                part = tok[c * C : (c + 1) * C]
+                tokens[i, : len(part)], valid[i, : len(part)] = part, True
+                last[i] = max(len(part) - 1, 0)
+            positions = np.where(valid, c * C + np.arange(C)[None], 0).astype(np.int32)
+            self.stats["prefill_calls"] += 1
+            pool, out = _prefill(self.graphdef, self.params, pool, jnp.asarray(table), jnp.asarray(tokens),
+                                 jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(last), block_pages=bp)
+            final = np.asarray([-(-len(tok) // C) - 1 == c for tok, _ in rows] + [False] * (n_pad - n))
+            logits = out if logits is None else jnp.where(jnp.asarray(final)[:, None], out, logits)
+        return pool, logits[:n]
+
+    # --- the loop
+
+    def run(self, prompts: Sequence[Sequence[int]], *, seed: int, prompt_ids: Sequence[int],
+            limits: Sequence[int]):
+        """Every sample of every prompt to its stop token or its limit. Returns, per prompt, a list
+        of N (tokens [h] int32, logp [h] f32) in sample order."""
+        B, S, N = self.engine.slots, self.engine.page_size, self.sampling.num_samples
+        ids = np.asarray(prompt_ids, np.int32)
+        pending = deque(Request(i, np.asarray(p, np.int32), int(limits[i]), tuple(range(N)))
+                        for i, p in enumerate(prompts))
+        results: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        owner: list[tuple[int, int] | None] = [None] * B  # (prompt row, sample) of each slot
+        admitted: list[int] = [0] * B  # admission order, for preemption (newest first)
+        clock = 0
+        pool = init_pool(self.cfg, self.G, S)
+        slots = Slots(**{k: jnp.asarray(v) for k, v in self._empty_rows(B).items()},
+                      keys=_base_keys(np.uint32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)),
+                      free=jnp.zeros(self.G, jnp.int32), n_free=jnp.zeros((), jnp.int32))
+        table, live, held = np.zeros((B, self.W), np.int32), np.zeros(B, bool), np.zeros(B, bool)
+        free = self._free_pages(table, held)
+        slots = self._write_rows(slots, [], {}, slots.keys[:0], free)
+
+        while True:
+            # --- admit waiting requests into free slots while their pages fit
+            batch, batch_rows, batch_pages = [], [], []
+            open_slots = [b for b in range(B) if not held[b]]
+            free_list = list(free)
+            while pending and len(batch) < self.engine.prefill_rows:
+                req = pending[0]
+                resume = req.tokens is not None
+                seq = np.concatenate([req.prompt, req.tokens[:-1]]) if resume else req.prompt
+                full, partial = divmod(len(seq), S)
+                copies = (len(req.samples) - 1) if partial and not resume else 0
+                need = full + (partial > 0) + copies
+                # a page left for every running row's next page boundary: the next decode step runs
+                headroom = int(live.sum()) + sum(len(r.samples) for r in batch)
+                if len(open_slots) < len(req.samples) or len(free_list) - need < headroom:
+                    break
+                pending.popleft()
+                pages, free_list = free_list[:need], free_list[need:]
+                row = np.zeros(self.W, np.int32)
+                row[: full + (partial > 0)] = pages[: full + (partial > 0)]
+                batch.append(req)
+                batch_rows.append((seq, row))
+                batch_pages.append(pages[full + (partial > 0):])  # the partial page's copies
+                open_slots = open_slots[len(req.samples):]
+            if batch:
+                slots, pool, table, live, held, clock = self._admit(
+                    batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
+                    seed, ids, np.asarray(free_list, np.int32))
+            if not held.any():
+                if not pending:
+                    break
+                raise ValueError(
+                    f"the KV cache ({self.G - 1} pages of {S} tokens) cannot hold one request of "
+                    f"{len(pending[0].prompt)} prompt tokens: raise EngineConfig.cache_tokens")
+            refill_at = max(1, int(self.engine.refill * B), max((len(r.samples) for r in pending), default=0)) \
+                if pending else B + 1
+            self.stats["decode_calls"] += 1
+            pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32),
+                                  config=self.sampling, block_pages=self.engine.block_pages)
+            host = jax.device_get((slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos))
+            table, now_live, h, tokens, logp, pos = (np.array(x) for x in host)
+            # --- collect finished slots
+            done = [b for b in range(B) if held[b] and not now_live[b]]
+            for b in done:
+                results[owner[b]] = (tokens[b, : h[b]].copy(), logp[b, : h[b]].copy())
+                owner[b], held[b] = None, False
+            live = now_live.copy()
+            # --- out of pages: preempt the newest rows until the next step fits
+            need = live & (pos % S == 0) & (table[np.arange(B), np.minimum(pos // S, self.W - 1)] == TRASH)
+            free = self._free_pages(table, held)
+            victims = []
+            while need.sum() > len(free) and live.sum() > 1:
+                b = max((b for b in range(B) if live[b]), key=lambda b: admitted[b])
+                p_row, n = owner[b]
+                pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), int(limits[p_row]), (n,),
+                                           tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy()))
+                owner[b], held[b], live[b], need[b] = None, False, False, False
+                table[b] = TRASH
+                victims.append(b)
+                self.stats["preempted"] += 1
+                free = self._free_pages(table, held)
+            if need.sum() > len(free):
+                raise ValueError(
+                    f"the KV cache ({self.G - 1} pages of {S} tokens) cannot hold one sequence of "
+                    f"{int(pos[live].max())} tokens: raise EngineConfig.cache_tokens")
+            cleared = done + victims
+            slots = self._write_rows(slots, cleared, self._empty_rows(len(cleared)),
+                                     slots.keys[:0] if not cleared else slots.keys[jnp.asarray(cleared)], free)
+        return [[results[(i, n)] for n in range(N)] for i in range(len(prompts))]
+
+    def _admit(self, batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
+               seed, ids, free):
+        """Prefills the batch's prompts once, copies partial pages, samples a_1 and fills slots."""
+        S = self.engine.page_size
+        pool, logits = self._prefill_rows(pool, batch_rows)
+        new = [i for i, r in enumerate(batch) if r.tokens is None]
+        first = {}
+        if new:
+            rep = np.asarray([i for i in new for _ in batch[i].samples])
+            pid = np.asarray([ids[batch[i].index] for i in new for _ in batch[i].samples], np.int32)
+            smp = np.asarray([n for i in new for n in batch[i].samples], np.int32)
+            tok, lp = jax.device_get(_first_tokens(logits[jnp.asarray(rep)], np.uint32(seed), jnp.asarray(pid),
+                                                   jnp.asarray(smp), config=self.sampling))
+            for j, (i, n) in enumerate(zip(rep, smp, strict=True)):
+                first[(int(i), int(n))] = (int(tok[j]), float(lp[j]))
+        src, dst = [], []
+        index, rows = [], self._empty_rows(sum(len(r.samples) for r in batch))
+        key_pid, key_smp = [], []
+        open_slots = iter([b for b in range(len(held)) if not held[b]])
+        r = 0
+        for i, req in enumerate(batch):
+            seq, prompt_row = batch_rows[i]
+            full, partial = divmod(len(seq), S)
+            copies = iter(batch_pages[i])
+            for j, n in enumerate(req.samples):
+                b = next(open_slots)
+                row = prompt_row.copy()
+                if partial and req.tokens is None and j > 0:  # own copy of the prompt's partial page
+                    row[full] = next(copies)
+                    src.append(prompt_row[full])
+                    dst.append(row[full])
+                if req.tokens is None:
+                    a1, lp1 = first[(i, n)]
+                    toks, lps = np.asarray([a1]), np.asarray([lp1], np.float32)
+                else:
+                    toks, lps = req.tokens, req.logp
+                hh = len(toks)
+                rows["table"][r] = row
+                rows["pos"][r] = len(seq)
+                rows["last"][r] = toks[-1]
+                rows["h"][r] = hh
+                rows["limit"][r] = req.limit
+                rows["live"][r] = not (int(toks[-1]) in self.stop or hh >= req.limit)
+                rows["tokens"][r, :hh], rows["logp"][r, :hh] = toks, lps
+                index.append(b)
+                key_pid.append(ids[req.index])
+                key_smp.append(n)
+                owner[b], held[b], admitted[b] = (req.index, n), True, clock
+                table[b], live[b] = row, rows["live"][r]
+                clock += 1
+                r += 1
+        if src:
+            pool = _copy(pool, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+        keys = _base_keys(np.uint32(seed), jnp.asarray(key_pid, jnp.int32), jnp.asarray(key_smp, jnp.int32))
+        slots = self._write_rows(slots, index, rows, keys, free)
+        return slots, pool, table, live, held, clock

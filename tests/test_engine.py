@@ -1,0 +1,155 @@
+"""The rollout engine against the static sampler it replaced, and paged attention against einsum.
+
+The engine is exercised where it differs from the static sampler: few slots (continuous batching:
+slots refilled as rows finish), small pages, prompts prefilled in chunks, a cache too small for
+every row at once (preemption and resume), per-request limits. Tokens are keyed by (seed, prompt id,
+sample, step), so they must be the static sampler's; the model's logits in the two programs agree
+to float32 rounding, which does not change a float32 sample here (a flip would need two candidates
+within ~1e-6 of each other).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import tiny_model
+
+from reval_jax.attention import attention
+from reval_jax.rollout.engine import EngineConfig
+from reval_jax.rollout.pages import TRASH, paged_attend
+from reval_jax.sampler import SamplingConfig, generate, generate_static
+
+RNG = np.random.RandomState(0)
+PROMPTS = [list(RNG.randint(1, 120, n)) for n in (5, 17, 9, 33, 2, 12)]
+SAMPLED = SamplingConfig(max_new_tokens=24, num_samples=3, temperature=0.9, top_k=30, top_p=0.95,
+                         stop_ids=(7, 11), buckets=(64,))
+GREEDY = SamplingConfig(max_new_tokens=24, num_samples=1, greedy=True, stop_ids=(7,), buckets=(64,))
+# 6 slots for 18 samples (two prompts at a time), pages of 4 tokens, 8-token prefill chunks, and 22
+# pages: one whole sequence, where two prompts' samples need up to 50 (the static cache holds 6 × 22).
+# Greedy (1 sample per prompt): 2 slots.
+SMALL = EngineConfig(slots=6, page_size=4, cache_tokens=88, prefill_chunk=8, prefill_rows=2, block_pages=2)
+
+
+@functools.cache
+def static(config: SamplingConfig, seed: int = 3):
+    return jax.tree.map(np.asarray, generate_static(tiny_model(), PROMPTS, config, seed=seed))
+
+
+def run(config, engine, seed=3, **kwargs):
+    return jax.tree.map(np.asarray, generate(tiny_model(), PROMPTS, config, seed=seed, engine=engine, **kwargs))
+
+
+def assert_same_rollout(a, b):
+    for name in ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask", "response_length",
+                 "truncated", "group_id"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,engine", [(SAMPLED, SMALL), (GREEDY, dataclasses.replace(SMALL, slots=2))],
+                         ids=["sampled", "greedy"])
+def test_engine_returns_the_static_samplers_tokens(config, engine, monkeypatch):
+    """Few slots, small pages, chunked prefill and a small cache (rows preempted and resumed) give the
+    tokens and log-probs of the static sampler for the same seed."""
+    from reval_jax.rollout import engine as engine_mod
+
+    stats = []
+    init = engine_mod.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        stats.append(self.stats)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", spy)
+    assert_same_rollout(run(config, engine), static(config))
+    s = stats[-1]
+    rows = len(PROMPTS) * config.num_samples
+    assert s["decode_calls"] >= rows // engine.slots  # slots were refilled: the loop was left and re-entered
+    if config is SAMPLED:
+        assert s["preempted"] > 0  # the cache ran out and rows resumed by re-prefilling
+    assert_same_rollout(run(config, None), static(config))  # the default: one slot per sample
+
+
+def test_responses_vary_in_length_so_slots_refill():
+    r = static(SAMPLED)
+    assert r.response_length.min() < 10 and r.response_length.max() == 24 and r.truncated.any()
+
+
+def test_prompt_pages_are_shared_by_the_samples():
+    """A 32-token prompt, 4 samples, pages of 16: shared, the prompt takes 2 pages and each sample 1
+    more (6 + 4 of headroom fit in 10); unshared the samples would need 12 and be preempted."""
+    prompt = list(RNG.randint(1, 120, 32))
+    config = SamplingConfig(max_new_tokens=16, num_samples=4, temperature=1.0, buckets=(32,))
+    engine = EngineConfig(slots=4, page_size=16, cache_tokens=160, prefill_chunk=32)
+    from reval_jax.rollout.engine import Engine
+
+    e = Engine(tiny_model(), config, engine, prompt_bucket=32)
+    out = e.run([prompt], seed=1, prompt_ids=[5], limits=[16])
+    assert e.stats["preempted"] == 0 and e.stats["prefill_calls"] == 1
+    ref = jax.tree.map(np.asarray, generate_static(tiny_model(), [prompt], config, seed=1, prompt_ids=[5]))
+    for n, (tokens, logp) in enumerate(out[0]):
+        np.testing.assert_array_equal(tokens, ref.response_tokens[n, : len(tokens)])
+        np.testing.assert_allclose(logp, ref.logp[n, : len(tokens)], atol=1e-5)
+
+
+def test_per_request_max_new_tokens():
+    """Each prompt's own limit: responses are the unlimited ones cut at the limit, flagged truncated
+    when no stop token came first."""
+    limits = [3, 24, 1, 10, 7, 24]
+    r, full = run(SAMPLED, SMALL, max_new_tokens=limits), static(SAMPLED)
+    N = SAMPLED.num_samples
+    for i in range(len(PROMPTS) * N):
+        limit = limits[i // N]
+        n = min(full.response_length[i], limit)
+        assert r.response_length[i] == n
+        np.testing.assert_array_equal(r.response_tokens[i, :n], full.response_tokens[i, :n])
+        stopped = n > 0 and r.response_tokens[i, n - 1] in SAMPLED.stop_ids
+        assert r.truncated[i] == (not stopped)
+        assert np.all(r.response_tokens[i, n:] == SAMPLED.pad_id) and np.all(r.logp[i, n:] == 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run(SAMPLED, SMALL, max_new_tokens=[25] * len(PROMPTS))
+
+
+def test_a_cache_smaller_than_one_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="cache_tokens"):
+        run(GREEDY, EngineConfig(slots=2, page_size=4, cache_tokens=8))
+
+
+def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
+    """Rows of different lengths in scattered pages; every page the loop must not read (table entries
+    past the longest row) holds NaN, so reading one would poison the output."""
+    B, T, N, K, H, S, bp = 3, 1, 4, 2, 8, 4, 1
+    lengths = np.array([9, 3, 14])  # keys per row, the query is the last one
+    W, G = 16, 40
+    rng = np.random.RandomState(1)
+    keys = rng.normal(size=(B, 16, K, H)).astype(np.float32)
+    values = rng.normal(size=(B, 16, K, H)).astype(np.float32)
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    pool_k = np.full((1, G, S, K, H), np.nan, np.float32)
+    pool_v = np.full((1, G, S, K, H), np.nan, np.float32)
+    pool_k[0, TRASH], pool_v[0, TRASH] = 1e4, -1e4  # read (masked) inside the last block: finite junk
+    table = np.zeros((B, W), np.int32)
+    free = iter(rng.permutation(np.arange(1, G)))
+    for b in range(B):
+        for w in range(-(-lengths[b] // S)):
+            table[b, w] = next(free)
+            for s in range(S):
+                p = w * S + s
+                if p < lengths[b] - 1:  # earlier keys are in the cache; the last one is written now
+                    pool_k[0, table[b, w], s], pool_v[0, table[b, w], s] = keys[b, p], values[b, p]
+    positions = (lengths - 1)[:, None].astype(np.int32)
+    new_k = keys[np.arange(B), lengths - 1][:, None]
+    new_v = values[np.arange(B), lengths - 1][:, None]
+    out, _, _ = jax.jit(functools.partial(paged_attend, block_pages=bp))(
+        jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(pool_k), jnp.asarray(pool_v),
+        jnp.asarray(0), table=jnp.asarray(table), positions=jnp.asarray(positions),
+        valid=jnp.ones((B, T), bool))
+    kv_seg = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
+    ref = attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), q_segment_ids=np.ones((B, T), np.int32),
+                    kv_segment_ids=jnp.asarray(kv_seg), q_offset=15,  # every key slot is before the query
+                    implementation="einsum")
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
