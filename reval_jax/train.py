@@ -4,6 +4,8 @@
 
 Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-policy first, then
 buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
+The sampler and the evaluation read a copy of the policy in the rollout layout (config.rollout.*,
+reval_jax/rollout/layout.py), built from the master weights before they run and freed after.
 The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
 what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
 every update; regression: the centered reward of Eq. 8), unless `config.algorithm_defaults` is False,
