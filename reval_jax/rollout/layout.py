@@ -149,7 +149,8 @@ def to_rollout(
     """The policy `nnx.merge(graphdef, params)` (master weights in any layout) as the sampler's
     model: parameters in `dtype` with the ROLLOUT_RULES shardings of `mesh` (a `rollout_mesh`),
     `.mesh` = `mesh`, cfg.dtype = cfg.param_dtype = `dtype`. The values are the master's cast to
-    `dtype`, moved at most `chunk_bytes` at a time (module docstring); `params` is not changed."""
+    `dtype`, moved at most `chunk_bytes` at a time where an axis is unsplit in both layouts, whole
+    otherwise (module docstring); `params` is not changed."""
     cfg = rollout_model_config(nnx.merge(graphdef, params).cfg, dtype)
     rollout_graphdef, target = abstract_rollout(cfg, mesh)
     moved = jax.tree.map(lambda x, t: _move(x, t.sharding, t.dtype, chunk_bytes), params, target)
