@@ -45,6 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.buckets = (128, 256, 512, 1024)  # prompt lengths compiled for (left padding)
     c.sampling.batch_size = 0  # rollouts generated per sampler call; 0 = the whole round at once
 
+    # the sampler's copy of the policy (reval_jax/rollout/layout.py), rebuilt from the master weights every round:
+    # cast to rollout.dtype and moved onto a (devices / tensor, 1, tensor) mesh of the same devices, whole on
+    # every tensor-parallel group, so decoding gathers no weights
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.tensor = 1  # tensor-parallel size tp (divides devices, heads, kv heads); 1 = a whole model per device
+    c.rollout.dtype = ""  # float32 | bfloat16 storage and compute dtype of the sampler's weights; "" = model.dtype
+    c.rollout.chunk_mb = 256  # MiB of weights moved at a time from the training layout (bounds the transient)
+
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "math"  # reward function by name (reval_jax.rewards.REWARDS) or "module:fn"
     c.reward.transform = "centered"  # binary | centered (r − group mean) | plus_minus_one

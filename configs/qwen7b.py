@@ -14,4 +14,9 @@ def get_config():
     c.reference.reset_every = 200
     c.sampling.max_new_tokens = 3072  # the model's context is 4096 positions
     c.data.max_prompt_len = 1024
+    # sampler on TP4 x DP2 (docs/scale.md, Rollout layout): 3.8 GB of bfloat16 weights per device instead of
+    # 15.2 GB at tp 1, which leaves room for the 30 GB KV cache of 128 rows per device next to the trainer's
+    # resident 13.3 GB per device (fsdp master, Adam moments, bfloat16 reference); costs 209 MB of
+    # activation all-reduce per decode step (v5p compile), where the FSDP layout gathered 26 GB of weights
+    c.rollout.tensor = 4
     return c

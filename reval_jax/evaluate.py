@@ -2,7 +2,8 @@
 
     python -m reval_jax.evaluate --config=configs/qwen7b.py [--hf=DIR | --checkpoint=DIR] [--out=FILE]
 
-The same `evaluate` function runs inside training every `eval.every` iterations. avg@k is the mean
+The same `evaluate` function runs inside training every `eval.every` iterations; both hand it the
+policy in the rollout layout (`reval_jax.rollout.layout`, config.rollout.*). avg@k is the mean
 correctness over k samples per problem, averaged over the problems of a benchmark (ALGORITHMS.md,
 Evaluation protocol); "avg@k" alone is the mean over benchmarks.
 """
@@ -110,8 +111,10 @@ def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
 
 def main(argv):
     from absl import flags
+    from flax import nnx
 
     from reval_jax.policy import load_checkpoint_policy, load_hf_policy, make_run_mesh
+    from reval_jax.rollout.layout import layout_from_config
     from reval_jax.templates import stop_token_ids
 
     FLAGS = flags.FLAGS
@@ -123,6 +126,11 @@ def main(argv):
         model, tokenizer = load_checkpoint_policy(FLAGS.checkpoint, config, mesh)
     else:
         model, tokenizer = load_hf_policy(config, mesh, path=FLAGS.hf or None)
+    layout = layout_from_config(config, mesh, model.cfg)
+    graphdef, params = nnx.split(model)
+    del model
+    model = layout(graphdef, params)  # the sampler's layout and dtype; the master is not needed after
+    del params
     benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
                                  limit=config.eval.limit, seed=config.seed,
                                  max_prompt_len=config.data.max_prompt_len,

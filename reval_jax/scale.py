@@ -7,7 +7,9 @@ weights) and reports, per program, per-device memory, collective bytes and FLOPs
 Programs (one builder each, see `BUILDERS`): `update` (train_step.Updater's micro-step on one packed
 micro-batch, run once per micro-batch, and its apply step, once per update), `reference` (the
 Updater's reference pass on one packed micro-batch), `prefill` and `decode` (the sampler's
-`_prefill` and `_decode` on one sampler call's prompts). Each builder returns a `Program`: the
+`_prefill` and `_decode` on one sampler call's prompts, in the rollout layout: weights in
+config.rollout.dtype on the (devices / rollout.tensor, 1, rollout.tensor) mesh of
+reval_jax.rollout.layout). Each builder returns a `Program`: the
 jitted function, its abstract arguments, how often it runs per generation round, and its model
 FLOPs. How many packed micro-batches a round needs depends on the trajectories' lengths:
 `--mean_tokens` gives the average (prompt + response); by default every trajectory is assumed to
@@ -120,9 +122,13 @@ class Setup:
 
     config: Any  # the ml_collections run config
     cfg: Any  # ModelConfig
-    mesh: Any
+    mesh: Any  # the training mesh (config.mesh)
     graphdef: Any
     params: Any  # nnx.State of ShapeDtypeStructs carrying their NamedShardings
+    rollout_mesh: Any  # the sampler's (dp, 1, tp) mesh over the same devices (config.rollout.tensor)
+    rollout_graphdef: Any  # the sampler's model: rollout dtype, rollout mesh
+    rollout_params: Any  # its abstract parameters in the rollout layout (rollout.layout.ROLLOUT_RULES)
+    rollout_dtype: str  # the sampler's weight and compute dtype (config.rollout.dtype or model.dtype)
     seq_len: int  # T of an update batch: bucket(max_prompt_len) + max_new_tokens
     update_batch: int  # trajectories per update
     prompts_per_call: int  # prompts per sampler call
@@ -141,6 +147,7 @@ def make_setup(config, devices, mean_tokens: int = 0) -> Setup:
     from flax import nnx
 
     from reval_jax.model import Qwen2
+    from reval_jax.rollout.layout import layout_from_config
     from reval_jax.sampler import bucket_length
     from reval_jax.sharding import make_mesh, state_shardings
 
@@ -151,6 +158,8 @@ def make_setup(config, devices, mean_tokens: int = 0) -> Setup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, state_shardings(abstract, mesh),
     )
+    layout = layout_from_config(config, mesh, cfg)
+    rollout_graphdef, rollout_params = layout.abstract(cfg)
     bucket = bucket_length(config.data.max_prompt_len, tuple(config.sampling.buckets))
     N = config.sampling.num_samples
     rollouts = config.data.prompts_per_iteration * N
@@ -168,7 +177,9 @@ def make_setup(config, devices, mean_tokens: int = 0) -> Setup:
         per_micro = -(-update_batch // budget.micro_batches)  # trajectories (= rows) per micro-batch
         rows = -(-per_micro // budget.devices) * budget.devices
     return Setup(
-        config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, seq_len=seq_len,
+        config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, params=params, rollout_mesh=layout.mesh,
+        rollout_graphdef=rollout_graphdef, rollout_params=rollout_params, rollout_dtype=layout.dtype,
+        seq_len=seq_len,
         update_batch=update_batch, prompts_per_call=per_call, bucket=bucket,
         max_new_tokens=config.sampling.max_new_tokens, num_samples=N, budget=budget,
         rows_per_micro_batch=rows, mean_tokens=mean_tokens or seq_len,
@@ -344,7 +355,7 @@ def _prompt_args(s: Setup):
 
     B, P = s.prompts_per_call, s.bucket
     row = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=named_sharding(s.mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)
+        shape, dtype, sharding=named_sharding(s.rollout_mesh, ("act_batch",) + (None,) * (len(shape) - 1), shape)
     )
     seed = jax.ShapeDtypeStruct((), jnp.uint32)
     return row((B, P), jnp.int32), row((B, P), jnp.bool_), row((B,), jnp.int32), seed
@@ -355,12 +366,13 @@ def _calls_per_round(s: Setup) -> int:
 
 
 def build_prefill(s: Setup) -> Program:
-    """sampler._prefill: B prompts of bucket P, cache grown to P + A slots and repeated N times."""
+    """sampler._prefill on the rollout layout: B prompts of bucket P, cache grown to P + A slots and
+    repeated N times."""
     from reval_jax.sampler import _prefill
 
     config = _sampling_config(s)
     return Program(
-        "prefill", _prefill, (s.graphdef, s.params, *_prompt_args(s)), kwargs={"config": config},
+        "prefill", _prefill, (s.rollout_graphdef, s.rollout_params, *_prompt_args(s)), kwargs={"config": config},
         runs=_calls_per_round(s),
         model_flops=model_flops(s.cfg, "prefill", s.prompts_per_call, s.bucket),
         note=f"[{s.prompts_per_call}, {s.bucket}] prompts -> {s.prompts_per_call * s.num_samples} rows",
@@ -368,28 +380,30 @@ def build_prefill(s: Setup) -> Program:
 
 
 def build_decode(s: Setup) -> Program:
-    """sampler._decode: the while loop over decode steps on the state _prefill returns."""
+    """sampler._decode on the rollout layout: the while loop over decode steps on the state
+    _prefill returns."""
     import jax
 
     from reval_jax.sampler import CACHE_AXES, _decode, _prefill
     from reval_jax.sharding import named_sharding
 
     config = _sampling_config(s)
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.params)
+    graphdef, params = s.rollout_graphdef, s.rollout_params
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     state = jax.eval_shape(
-        lambda p, *a: _prefill(s.graphdef, p, *a, config=config), plain, *_prompt_args(s)
+        lambda p, *a: _prefill(graphdef, p, *a, config=config), plain, *_prompt_args(s)
     )
     # the layout _constrain_state gives: cache [L, R, S, K, H] by CACHE_AXES, rows on act_batch
     axes = lambda x: CACHE_AXES if x.ndim == 5 else ("act_batch",) + (None,) * (x.ndim - 1)
     state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=named_sharding(s.mesh, axes(x) if x.ndim else (), x.shape)
+            x.shape, x.dtype, sharding=named_sharding(s.rollout_mesh, axes(x) if x.ndim else (), x.shape)
         ),
         state,
     )
     rows, A = s.prompts_per_call * s.num_samples, s.max_new_tokens
     return Program(
-        "decode", _decode, (s.graphdef, s.params, state), kwargs={"config": config},
+        "decode", _decode, (graphdef, params, state), kwargs={"config": config},
         runs=_calls_per_round(s), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", rows, 1, keys=s.bucket + A // 2),
         note=f"{rows} rows, cache {s.bucket}+{A}; flops per step at the mean cache fill P + A/2",
@@ -468,6 +482,7 @@ def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: i
     setup = {
         "devices": len(devices), "platform": devices[0].platform,
         "device_kind": getattr(devices[0], "device_kind", ""), "mesh": dict(s.mesh.shape),
+        "rollout_mesh": dict(s.rollout_mesh.shape), "rollout_dtype": s.rollout_dtype,
         "model_params": s.cfg.num_params(), "seq_len": s.seq_len, "update_batch": s.update_batch,
         "micro_batches": config.micro_batches, "tokens_per_device": config.tokens_per_device,
         "row_len": s.budget.row_len, "rows_per_micro_batch": s.rows_per_micro_batch,
@@ -501,7 +516,7 @@ def format_report(report: dict) -> str:
         f"{s['model_params'] / 1e9:.2f}B params ({s['param_dtype']} weights, {s['dtype']} compute, "
         f"remat {s['remat']})  update [{s['update_batch']}, {s['seq_len']}] in {s['micro_batches']} "
         f"micro-batch(es); sampler {s['prompts_per_call']} prompts x bucket {s['bucket']} + "
-        f"{s['max_new_tokens']}  (jax {s['jax']})",
+        f"{s['max_new_tokens']} on the rollout mesh {s['rollout_mesh']} in {s['rollout_dtype']}  (jax {s['jax']})",
         "",
         f"{'memory / device':<16}" + "".join(col(k) for k in ("argument", "output", "alias", "temp", "peak"))
         + col("compile"),

@@ -1,8 +1,10 @@
 """Sharding as data: logical axis names, one rules table onto the mesh, and the mesh itself.
 
 Modules tag every parameter with logical axes (`nnx.Param(x, axes=("embed", "mlp"))`) and
-constrain activations with logical axes too. `RULES` maps each logical name to mesh axes. A mesh
-always has the three axes `data`, `fsdp` and `tensor` (size 1 where unused), built from config.
+constrain activations with logical axes too. `RULES` maps each logical name to mesh axes: the
+training (FSDP) layout; the sampler's layout is another table over the same names
+(`reval_jax.rollout.layout.ROLLOUT_RULES`). A mesh always has the three axes `data`, `fsdp` and
+`tensor` (size 1 where unused), built from config.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def logical_to_spec(
     spec = []
     for i, name in enumerate(axes):
         if name is not None and name not in table:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to sharding.RULES "
+                           "(and to reval_jax.rollout.layout.ROLLOUT_RULES)")
         axis = table.get(name) if name is not None else None
         names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
         if mesh is not None:
@@ -91,19 +94,22 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+def named_sharding(
+    mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int], rules=RULES
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """NamedShardings for every array of an (abstract or concrete) nnx.State from its `axes` metadata.
-    Arrays without `axes` metadata (e.g. scalars, RNG counters) are replicated."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
+    """NamedShardings for every array of an (abstract or concrete) nnx.State from its `axes` metadata
+    under the rules table `rules` (the training layout by default; reval_jax.rollout.layout has the
+    rollout one). Arrays without `axes` metadata (e.g. scalars, RNG counters) are replicated."""
 
     def one(v):
         if isinstance(v, nnx.Variable):
             axes = v.get_metadata().get("axes")
             shape = v.get_value().shape
-            spec = logical_to_spec(axes, shape, mesh) if axes else PartitionSpec()
+            spec = logical_to_spec(axes, shape, mesh, rules) if axes else PartitionSpec()
             return v.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 

@@ -4,6 +4,8 @@
 
 Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-policy first, then
 buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
+The sampler and the evaluation read a copy of the policy in the rollout layout (config.rollout.*,
+reval_jax/rollout/layout.py), built from the master weights before they run and freed after.
 The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
 what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
 every update; regression: the centered reward of Eq. 8), unless `config.algorithm_defaults` is False,
@@ -36,6 +38,7 @@ from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantage
 from reval_jax.packing import Budget, pack
 from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
+from reval_jax.rollout.layout import layout_from_config
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
 from reval_jax.train_step import (
     OptimizerConfig,
@@ -201,6 +204,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- model, optimizer, state
     mesh = make_run_mesh(config)
     policy, tokenizer = load_hf_policy(config, mesh)
+    # the sampler's layout (reval_jax.rollout.layout): built from the master weights once per round
+    rollout_layout = layout_from_config(config, mesh, policy.cfg)
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
     state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
@@ -274,9 +279,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                            enabled=jax.process_index() == 0)
 
     def run_eval(iteration: int):
-        model = nnx.merge(graphdef, state.params)
         start = time.perf_counter()
+        model = rollout_layout(graphdef, state.params)  # the rollout copy, freed on return
         results = evaluate(model, tokenizer, benchmarks, eval_settings, scorer, progress=config.progress)
+        del model
         results["eval_s"] = time.perf_counter() - start
         writer.write("eval", iteration, results, echo=(f"avg@{config.eval.k}",))
         return results[f"avg@{config.eval.k}"]
@@ -335,7 +341,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 print(f"iteration {iteration}/{config.num_iterations}: compiling the sampler and the train step "
                       "(the first iteration is slow)", flush=True)
             examples = next(data_iter)
-            model = nnx.merge(graphdef, state.params)
+            # the policy after the last round's updates, in the rollout layout and dtype (a copy for
+            # this round's sampling only: deleted below, before the updates)
+            model = rollout_layout(graphdef, state.params)
             base_id = iteration * config.data.prompts_per_iteration
             parts, raws, lengths, truncated = [], [], [], []
             for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",

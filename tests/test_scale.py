@@ -138,6 +138,9 @@ def test_checker_reports_every_program_on_a_tiny_config():
 
     decode = programs["decode"]
     assert decode["loop_bound"] == 16 and [16, "condition"] in decode["loops"]
+    # the sampler's programs run on the rollout layout (rollout.tensor 1: a whole model per device)
+    assert setup["rollout_mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert decode["collectives"]["all-gather"] == programs["prefill"]["collectives"]["all-gather"] == 0
     step, total = decode["collective_bytes_per_step"], decode["collective_bytes"]
     assert step > 0 and total == decode["collective_bytes_outside_loop"] + 16 * step
     assert decode["model_flops"] == 16 * decode["model_flops_per_step"]
