@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.tensor = 1  # tensor-parallel size tp (divides devices, heads, kv heads); 1 = a whole model per device
     c.rollout.dtype = ""  # float32 | bfloat16 storage and compute dtype of the sampler's weights; "" = model.dtype
     c.rollout.chunk_mb = 256  # MiB of weights moved at a time from the training layout (bounds the transient)
+    # the rollout engine (reval_jax/rollout/engine.py): continuous batching over decode slots, paged KV cache
+    c.rollout.slots = 0  # rows decoded together; 0 = every sample of a sampler call at once
+    c.rollout.page_size = 16  # tokens per KV-cache page
+    c.rollout.cache_tokens = 0  # KV cache size in tokens (all slots together); 0 = slots × (prompt bucket + max_new)
+    c.rollout.prefill_chunk = 512  # prompt tokens per prefill call and row
 
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "math"  # reward function by name (reval_jax.rewards.REWARDS) or "module:fn"

@@ -21,6 +21,7 @@ from reval_jax.data import PromptExample, load_eval_set
 from reval_jax.distributed import all_gather_rows, process_share, to_host
 from reval_jax.errors import UserError
 from reval_jax.rewards import RewardScorer
+from reval_jax.rollout.engine import EngineConfig, engine_config
 from reval_jax.sampler import Rollout, SamplingConfig, generate
 
 
@@ -33,6 +34,7 @@ class EvalSettings:
     buckets: tuple[int, ...] = (128, 256, 512, 1024)
     prompts_per_call: int = 64  # problems per sampler call
     seed: int = 0
+    engine: EngineConfig | None = None  # the rollout engine's slots and cache (None: one slot per sample)
 
 
 def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> list[str]:
@@ -74,7 +76,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
         chunks = range(0, len(examples), settings.prompts_per_call)
         for start in tqdm(chunks, desc=f"eval {name}", disable=not progress, leave=False):
             batch = examples[start : start + settings.prompts_per_call]
-            rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed,
+            rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed, engine=settings.engine,
                                prompt_ids=list(range(start, start + len(batch))))
             correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch]))
             lengths.append(to_host(rollout.response_length))
@@ -106,6 +108,7 @@ def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
         max_new_tokens=config.eval.max_new_tokens or config.sampling.max_new_tokens,
         stop_ids=tuple(stop_ids), buckets=tuple(config.sampling.buckets), seed=config.seed,
         prompts_per_call=max(1, (config.sampling.batch_size or 1024) // config.eval.k),
+        engine=engine_config(config),
     )
 
 

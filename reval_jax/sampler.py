@@ -317,7 +317,8 @@ def generate(
     limits = np.full(B, A, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
     if limits.shape != (B,) or limits.min() < 1 or limits.max() > A:
         raise ValueError(f"max_new_tokens must be {B} values in 1..{A} (config.max_new_tokens)")
-    engine = engine or EngineConfig(slots=B * N, prefill_rows=B)
+    if engine is None:  # every sample in a slot of its own, the static sampler's cache size
+        engine = EngineConfig(slots=B * N, prefill_rows=B)
     out = Engine(model, config, engine, prompt_bucket=P).run(prompts, seed=seed, prompt_ids=ids, limits=limits)
     response = np.full((B * N, A), config.pad_id, np.int32)
     logp = np.zeros((B * N, A), np.float32)

@@ -38,6 +38,7 @@ from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantage
 from reval_jax.packing import Budget, pack
 from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
+from reval_jax.rollout.engine import engine_config
 from reval_jax.rollout.layout import layout_from_config
 from reval_jax.sampler import SamplingConfig, bucket_length, generate
 from reval_jax.train_step import (
@@ -206,6 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     policy, tokenizer = load_hf_policy(config, mesh)
     # the sampler's layout (reval_jax.rollout.layout): built from the master weights once per round
     rollout_layout = layout_from_config(config, mesh, policy.cfg)
+    engine = engine_config(config)  # the rollout engine's slots and KV cache (None: one slot per sample)
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
     state = init_state(params, optimizer, ref_dtype=config.model.ref_dtype or None)
@@ -349,7 +351,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",
                                   disable=not config.progress or len(examples) <= prompts_per_call, leave=False):
                 chunk = examples[start_row : start_row + prompts_per_call]
-                rollout = generate(model, [e.prompt_ids for e in chunk], sampling,
+                rollout = generate(model, [e.prompt_ids for e in chunk], sampling, engine=engine,
                                    seed=(config.seed * 1_000_003 + iteration) % 2**32,
                                    prompt_ids=[base_id + start_row + j for j in range(len(chunk))])
                 raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk]))

@@ -57,6 +57,16 @@ class EngineConfig:
             raise ValueError(f"cache_tokens={self.cache_tokens} must be >= 0, refill={self.refill} in (0, 1]")
 
 
+def engine_config(config) -> EngineConfig | None:
+    """The run config's `rollout.*` engine fields; None (generate's default: one slot per sample of a
+    call) when `rollout.slots` is 0."""
+    r = config.rollout
+    if not r.get("slots", 0):
+        return None
+    return EngineConfig(slots=r.slots, page_size=r.page_size, cache_tokens=r.cache_tokens,
+                        prefill_chunk=r.prefill_chunk, prefill_rows=max(1, min(r.slots, 64)))
+
+
 @flax.struct.dataclass
 class Slots:
     """The decode loop's carry besides the pool: one row per slot, and the free-page stack."""
@@ -80,7 +90,7 @@ class Request:
 
     index: int  # the prompt's row in the call (0..P-1)
     prompt: np.ndarray  # [p] int32
-    limit: int
+    limits: tuple[int, ...]  # max_new_tokens of each sample
     samples: tuple[int, ...]  # sample indices n
     tokens: np.ndarray | None = None  # resume: response tokens so far [h]
     logp: np.ndarray | None = None
@@ -207,6 +217,22 @@ class Engine:
         self.stop = set(sampling.stop_ids)
         self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0}
 
+    def initial_state(self) -> tuple[Pool, Slots]:
+        """An empty pool (kv heads split over the mesh's `tensor` axis, like the model's) and empty
+        slots: the decode loop's inputs."""
+        from reval_jax.sharding import CACHE_POOL_AXES, named_sharding
+
+        pool = init_pool(self.cfg, self.G, self.engine.page_size)
+        mesh = nnx.merge(self.graphdef, self.params).mesh
+        if mesh is not None:
+            sh = named_sharding(mesh, CACHE_POOL_AXES, pool.k.shape)
+            pool = Pool(k=jax.device_put(pool.k, sh), v=jax.device_put(pool.v, sh))
+        B = self.engine.slots
+        slots = Slots(**{k: jnp.asarray(v) for k, v in self._empty_rows(B).items()},
+                      keys=_base_keys(np.uint32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)),
+                      free=jnp.zeros(self.G, jnp.int32), n_free=jnp.zeros((), jnp.int32))
+        return pool, slots
+
     # --- host-side bookkeeping
 
     def _free_pages(self, table: np.ndarray, held: np.ndarray) -> np.ndarray:
@@ -274,21 +300,20 @@ class Engine:
     # --- the loop
 
     def run(self, prompts: Sequence[Sequence[int]], *, seed: int, prompt_ids: Sequence[int],
-            limits: Sequence[int]):
-        """Every sample of every prompt to its stop token or its limit. Returns, per prompt, a list
-        of N (tokens [h] int32, logp [h] f32) in sample order."""
+            limits):
+        """Every sample of every prompt to its stop token or its limit (`limits`: max_new_tokens per
+        prompt [P] or per sample [P, N]). Returns, per prompt, a list of N (tokens [h] int32,
+        logp [h] f32) in sample order."""
         B, S, N = self.engine.slots, self.engine.page_size, self.sampling.num_samples
         ids = np.asarray(prompt_ids, np.int32)
-        pending = deque(Request(i, np.asarray(p, np.int32), int(limits[i]), tuple(range(N)))
+        limits = np.broadcast_to(np.asarray(limits, np.int32).reshape(len(prompts), -1), (len(prompts), N))
+        pending = deque(Request(i, np.asarray(p, np.int32), tuple(int(x) for x in limits[i]), tuple(range(N)))
                         for i, p in enumerate(prompts))
         results: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         owner: list[tuple[int, int] | None] = [None] * B  # (prompt row, sample) of each slot
         admitted: list[int] = [0] * B  # admission order, for preemption (newest first)
         clock = 0
-        pool = init_pool(self.cfg, self.G, S)
-        slots = Slots(**{k: jnp.asarray(v) for k, v in self._empty_rows(B).items()},
-                      keys=_base_keys(np.uint32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)),
-                      free=jnp.zeros(self.G, jnp.int32), n_free=jnp.zeros((), jnp.int32))
+        pool, slots = self.initial_state()
         table, live, held = np.zeros((B, self.W), np.int32), np.zeros(B, bool), np.zeros(B, bool)
         free = self._free_pages(table, held)
         slots = self._write_rows(slots, [], {}, slots.keys[:0], free)
@@ -347,7 +372,7 @@ class Engine:
             while need.sum() > len(free) and live.sum() > 1:
                 b = max((b for b in range(B) if live[b]), key=lambda b: admitted[b])
                 p_row, n = owner[b]
-                pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), int(limits[p_row]), (n,),
+                pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), (int(limits[p_row, n]),), (n,),
                                            tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy()))
                 owner[b], held[b], live[b], need[b] = None, False, False, False
                 table[b] = TRASH
@@ -404,8 +429,8 @@ class Engine:
                 rows["pos"][r] = len(seq)
                 rows["last"][r] = toks[-1]
                 rows["h"][r] = hh
-                rows["limit"][r] = req.limit
-                rows["live"][r] = not (int(toks[-1]) in self.stop or hh >= req.limit)
+                rows["limit"][r] = req.limits[j]
+                rows["live"][r] = not (int(toks[-1]) in self.stop or hh >= req.limits[j])
                 rows["tokens"][r, :hh], rows["logp"][r, :hh] = toks, lps
                 index.append(b)
                 key_pid.append(ids[req.index])
