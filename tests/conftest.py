@@ -15,6 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "reval_jax_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The matmul precision as an environment variable too, so that the subprocess tests (the command
+# line, the SIGTERM and SIGKILL runs, the two-process run) inherit it: their programs are then the
+# programs this process compiles, and a test that compares their results bit for bit (an exact
+# resume) compares one program with itself. Set by jax.config.update alone, the children compiled
+# with the default precision: other programs (other HLO), equal only while XLA emits the same code.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
 import jax  # noqa: E402
 

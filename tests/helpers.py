@@ -16,6 +16,11 @@ MATH_DATA_DIR = os.environ.get(
     "REVAL_MATH_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "math")
 )
 
+# The hang guard of every test that waits on a subprocess or a condition: only a hung command gets
+# this far. Not a performance bound: a loaded machine that is slow to import and compile never
+# reaches it.
+HANG_S = 1800
+
 
 @functools.cache
 def tiny_tokenizer():

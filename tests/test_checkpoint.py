@@ -9,11 +9,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, metric_records, tb_scalars, tiny_config
+from helpers import HANG_S, REPO_ROOT, metric_records, tb_scalars, tiny_config
 
 from reval_jax import train
 from reval_jax.checkpoint import Checkpointer, CheckpointError
@@ -52,8 +53,10 @@ def test_resume_is_bitwise_identical(straight, data_file, tmp_path):
     assert [r for r in metric_records(tmp_path) if r["kind"] == "train"][-1]["updates"] == 8
 
 
-def _cli(workdir, data_file, extra=(), script=None):
-    """The training command line (or a python script wrapping train.run) as a subprocess."""
+def _cli(workdir, data_file, log, extra=(), script=None, env=None):
+    """The training command line (or a python script wrapping train.run) as a subprocess whose
+    output goes to the file `log` (a pipe that nobody reads while the test waits could fill up and
+    stop the run)."""
     overrides = {"model.path": tiny_config(data_file).model.path, "data.train_files": f"('{data_file}',)"}
     if script is None:
         args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py",
@@ -61,20 +64,32 @@ def _cli(workdir, data_file, extra=(), script=None):
     else:
         args = [sys.executable, "-c", script]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file, "REVAL_TEST_WORKDIR": str(workdir),
-           "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
-    return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+           "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]), **(env or {})}
+    with open(log, "w") as out:
+        return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_iteration(workdir, iteration, proc, timeout=240):
-    deadline = time.time() + timeout
+def _finish(proc, log) -> str:
+    """Waits for the command (HANG_S is the hang guard; it is killed then) and returns its output."""
+    try:
+        proc.wait(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Path(log).read_text()
+
+
+def _wait_for_iteration(workdir, iteration, proc, log):
+    """Waits until the run has written the train record of `iteration` (HANG_S is the hang guard)."""
+    deadline = time.monotonic() + HANG_S
     path = workdir / "metrics.jsonl"
-    while time.time() < deadline:
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        if any(r["kind"] == "train" and r["iteration"] >= iteration for r in rows):
+    while time.monotonic() < deadline:
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []  # a line being written is not one
+        if any(r["kind"] == "train" and r["iteration"] >= iteration for r in map(json.loads, lines)):
             return
         if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
+            raise AssertionError(Path(log).read_text())
         time.sleep(0.2)
     proc.kill()
     raise AssertionError("run did not reach the iteration in time")
@@ -82,19 +97,25 @@ def _wait_for_iteration(workdir, iteration, proc, timeout=240):
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(straight, data_file, tmp_path):
     ref_dir, config = straight
-    proc = _cli(tmp_path, data_file)
-    _wait_for_iteration(tmp_path, 1, proc)
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    # The run waits after iteration 1 until it has received the signal (run_config.py): it cannot
+    # finish before the signal arrives, and stops after iteration 1 exactly.
+    proc = _cli(workdir, data_file, log, env={"REVAL_TEST_PAUSE_AFTER": "1"})
+    try:
+        _wait_for_iteration(workdir, 1, proc, log)
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=240)
+    out = _finish(proc, log)
     assert proc.returncode == 0, out
     assert "received SIGTERM" in out and "rerun the same command to resume" in out
-    stopped_at = Checkpointer(tmp_path / "checkpoints").steps()[-1]
-    assert stopped_at < 4
-    proc = _cli(tmp_path, data_file)  # the same command
-    out, _ = proc.communicate(timeout=300)
+    assert Checkpointer(workdir / "checkpoints").steps()[-1] == 1
+    proc = _cli(workdir, data_file, log)  # the same command
+    out = _finish(proc, log)
     assert proc.returncode == 0, out
-    assert f"resumed from checkpoint {stopped_at}" in out
-    assert_same_run(ref_dir, tmp_path, config)
+    assert "resumed from checkpoint 1" in out
+    assert_same_run(ref_dir, workdir, config)
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
@@ -113,12 +134,13 @@ KILL_DURING_SAVE = textwrap.dedent("""
 
 def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(straight, data_file, tmp_path):
     ref_dir, config = straight
-    proc = _cli(tmp_path, data_file, script=KILL_DURING_SAVE)
-    proc.wait(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
-    assert Checkpointer(tmp_path / "checkpoints").steps()[-1] in (1, 2)
-    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))
-    assert_same_run(ref_dir, tmp_path, config)
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _cli(workdir, data_file, log, script=KILL_DURING_SAVE)
+    out = _finish(proc, log)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert Checkpointer(workdir / "checkpoints").steps()[-1] in (1, 2)
+    train.run(tiny_config(data_file, num_iterations=4), str(workdir))
+    assert_same_run(ref_dir, workdir, config)
 
 
 def test_corrupt_latest_checkpoint_is_reported_and_skipped(straight, data_file, tmp_path, capsys):
@@ -206,7 +228,7 @@ def test_export_cli_writes_a_transformers_model(straight, tmp_path):
     out = tmp_path / "hf"
     proc = subprocess.run(
         [sys.executable, "-m", "reval_jax.export", f"--checkpoint={ref_dir}", f"--out={out}"],
-        cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+        cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="float32").eval()
     tokens = np.arange(1, 11)[None]

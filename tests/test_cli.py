@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import HANG_S, REPO_ROOT
 
 from reval_jax import cli
 from reval_jax.errors import UserError
@@ -15,9 +15,9 @@ from reval_jax.errors import UserError
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def _run(*args, timeout=120):
+def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=HANG_S)
 
 
 @pytest.mark.parametrize("module", ["train", "evaluate", "export", "plot", "toy", "one_prompt"])

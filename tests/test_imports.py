@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO_ROOT
+from helpers import HANG_S, REPO_ROOT
 
 PACKAGE = pathlib.Path(REPO_ROOT) / "reval_jax"
 
@@ -65,5 +65,5 @@ def test_import_graph_has_no_cycle():
 def test_module_imports_first_in_a_fresh_interpreter(module):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO_ROOT}
     proc = subprocess.run([sys.executable, "-c", f"import reval_jax.{module}"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr

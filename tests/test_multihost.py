@@ -1,21 +1,34 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each run the real command and reproduce a
 single-process run of the same global configuration (8 devices, mesh 2x2x2)."""
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
-from helpers import REPO_ROOT, metric_records, tiny_config
+from helpers import HANG_S, REPO_ROOT, metric_records, tiny_config
 
 from reval_jax import train
 
 
-def _free_port() -> int:
+@contextlib.contextmanager
+def _reserved_port():
+    """A local port held for the test: bound (not listening) with SO_REUSEPORT, which the
+    coordinator's gRPC server sets too, so that it can bind the port while no other process takes
+    it. Closing the probe socket before the run would leave the port free to anyone until the
+    coordinator binds it, seconds later on a loaded machine (a taken port crashes the run)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
+
+
+def _kill_if_running(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def test_two_processes_equal_one(data_file, tmp_path):
@@ -24,19 +37,28 @@ def test_two_processes_equal_one(data_file, tmp_path):
     train.run(tiny_config(data_file, **overrides), str(single))
 
     multi = tmp_path / "multi"
-    port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
-    args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py", f"--workdir={multi}",
-            "--config.num_iterations=2", "--config.mesh=(2,2,2)", f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2"]
-    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-5000:]
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files: a full pipe would stall a process
+    with _reserved_port() as port, contextlib.ExitStack() as stack:
+        args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py", f"--workdir={multi}",
+                "--config.num_iterations=2", "--config.mesh=(2,2,2)", f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2"]
+        procs = []
+        for i, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen([*args, f"--process_id={i}"], cwd=REPO_ROOT, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT, text=True))
+            stack.callback(_kill_if_running, procs[-1])  # on a failure
+        for p in procs:
+            p.wait(timeout=HANG_S)
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-5000:]
 
+    # Floats within a tolerance: the collectives of two processes (gloo) sum in another order. The
+    # samples, and so the counts, are equal unless a draw lies within rounding of a tie of the
+    # logits (test_sampler checks that tie-aware); these draws have none.
     a, b = metric_records(single), metric_records(multi)
     assert [r["kind"] for r in a] == [r["kind"] for r in b]
     for ra, rb in zip(a, b, strict=True):

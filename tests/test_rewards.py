@@ -13,17 +13,34 @@ from reval_jax.rewards import (
     resolve_reward,
 )
 
-TIMEOUT_S = 1.5
+# Deadlines of the pools below. A real case takes at most ~50 ms in a started worker (the first
+# \frac, idle): TIMEOUT_S is ~200 times that, so that no real case times out on a loaded machine,
+# while the hang test pays it twice. The other pools never time out (nothing in them hangs), and a
+# worker that takes STARTUP_S to start (imports and a warm-up) is broken, not slow.
+TIMEOUT_S = 10.0
+NO_TIMEOUT_S = 600.0
+STARTUP_S = 600.0
+NUM_WORKERS = 2
 
 
 def faulty_reward(response: str, answer: str, template: str) -> float:
-    """``math_reward``, except that some responses hang, raise or kill the worker (test hooks)."""
+    """``math_reward``, except for test hooks: responses that hang, raise, kill the worker, answer
+    with the worker's pid, wait for the file named by the answer, or create it."""
     if response == "HANG":
         time.sleep(300)
     if response == "RAISE":
         raise RuntimeError("reward failed")
     if response == "CRASH":
         os._exit(3)
+    if response == "PID":
+        return float(os.getpid())
+    if response == "WAIT":
+        while not os.path.exists(answer):
+            time.sleep(0.01)
+        return 1.0
+    if response == "TOUCH":
+        open(answer, "w").close()
+        return 1.0
     return math_reward(response, answer, template)
 
 
@@ -34,10 +51,27 @@ def broken_at_start(response: str, answer: str, template: str) -> float:
 FAULTY = f"{__name__}:faulty_reward"
 
 
+def pool(timeout_s: float) -> RewardScorer:
+    return RewardScorer(FAULTY, template="r1_distill", num_workers=NUM_WORKERS, timeout_s=timeout_s,
+                        startup_timeout_s=STARTUP_S)
+
+
 @pytest.fixture(scope="module")
 def scorer():
-    with RewardScorer(FAULTY, template="r1_distill", num_workers=2, timeout_s=TIMEOUT_S) as s:
+    with pool(NO_TIMEOUT_S) as s:
         yield s
+
+
+def ready_worker_pids(scorer: RewardScorer) -> set[int]:
+    """The pids of the scorer's workers, once all are started and idle: rounds of one PID request
+    per worker until a round is answered by every worker (one still starting takes none). It waits
+    on the workers, not on a clock (STARTUP_S is the hang guard); the first requests of the next
+    call then go one to each worker."""
+    deadline = time.monotonic() + STARTUP_S
+    while len(pids := {int(p) for p in scorer.score([("PID", "")] * NUM_WORKERS)}) < NUM_WORKERS:
+        assert time.monotonic() < deadline, f"only workers {pids} take requests"
+        time.sleep(0.05)  # pacing while a worker starts
+    return pids
 
 
 @pytest.mark.parametrize(
@@ -122,21 +156,29 @@ def test_pool_scores_in_order(scorer):
     assert (after.timeouts, after.errors) == (before.timeouts, before.errors)
 
 
-def test_pool_timeout_scores_zero_and_pool_keeps_working(scorer):
-    before = scorer.stats
-    pairs = [("HANG", "4"), *CASES]
-    start = time.monotonic()
-    assert scorer.score(pairs) == [0.0, *EXPECTED]
-    # The other worker went on scoring while the hung one ran out its time.
-    assert time.monotonic() - start < TIMEOUT_S + 10.0
-    after = scorer.stats
-    assert after.timeouts == before.timeouts + 1
-    assert after.errors == before.errors
-    assert after.restarts == before.restarts + 1
-    # Both workers hung at once: both are replaced, the run goes on.
-    assert scorer.score([("HANG", "4"), ("HANG", "4"), *CASES]) == [0.0, 0.0, *EXPECTED]
-    assert scorer.stats.timeouts == before.timeouts + 3
-    assert scorer.score(CASES) == EXPECTED
+def test_pool_timeout_scores_zero_and_pool_keeps_working(tmp_path):
+    with pool(TIMEOUT_S) as scorer:
+        first = ready_worker_pids(scorer)
+        before = scorer.stats
+        # While one worker is busy the other scores: a request that waits for a file is released
+        # by the other worker creating it (scored one after the other, the wait would time out).
+        flag = str(tmp_path / "flag")
+        assert scorer.score([("WAIT", flag), ("TOUCH", flag)]) == [1.0, 1.0]
+        assert scorer.stats.timeouts == before.timeouts
+        # A hang scores 0 after TIMEOUT_S and its worker is replaced; the other scores the cases.
+        assert scorer.score([("HANG", "4"), *CASES]) == [0.0, *EXPECTED]
+        after = scorer.stats
+        assert after.timeouts == before.timeouts + 1
+        assert after.errors == before.errors
+        assert after.restarts == before.restarts + 1
+        second = ready_worker_pids(scorer)
+        assert len(first & second) == 1  # the worker that did not hang is still there
+        # Both workers hung at once: both are replaced, the run goes on.
+        assert scorer.score([("HANG", "4"), ("HANG", "4"), *CASES]) == [0.0, 0.0, *EXPECTED]
+        assert scorer.stats.timeouts == before.timeouts + 3
+        assert scorer.stats.restarts == before.restarts + 3
+        assert not ready_worker_pids(scorer) & second
+        assert scorer.score(CASES) == EXPECTED
 
 
 def test_pool_errors_score_zero_and_are_counted(scorer):
@@ -151,7 +193,8 @@ def test_pool_errors_score_zero_and_are_counted(scorer):
 
 
 def test_worker_that_cannot_start_is_a_clear_error():
-    scorer = RewardScorer(f"{__name__}:broken_at_start", num_workers=1, timeout_s=TIMEOUT_S)
+    scorer = RewardScorer(f"{__name__}:broken_at_start", num_workers=1, timeout_s=NO_TIMEOUT_S,
+                          startup_timeout_s=STARTUP_S)
     with pytest.raises(RuntimeError, match="failed to start(.|\n)*cannot score anything"):
         scorer.score(CASES)
     with pytest.raises(RuntimeError, match="closed"):
