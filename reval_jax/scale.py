@@ -365,48 +365,80 @@ def _calls_per_round(s: Setup) -> int:
     return -(-s.config.data.prompts_per_iteration // s.prompts_per_call)
 
 
-def build_prefill(s: Setup) -> Program:
-    """sampler._prefill on the rollout layout: B prompts of bucket P, cache grown to P + A slots and
-    repeated N times."""
-    from reval_jax.sampler import _prefill
+def _engine(s: Setup):
+    """The rollout engine's config for this run and its abstract pool / slots on the rollout mesh."""
+    import jax
+    import jax.numpy as jnp
 
-    config = _sampling_config(s)
+    from reval_jax.rollout.engine import EngineConfig, Slots, engine_config
+    from reval_jax.rollout.pages import Pool
+    from reval_jax.sharding import CACHE_POOL_AXES, named_sharding
+
+    rows = s.prompts_per_call * s.num_samples
+    engine = engine_config(s.config) or EngineConfig(slots=rows, prefill_rows=s.prompts_per_call)
+    S, A = engine.page_size, s.max_new_tokens
+    W = -(-(s.bucket + A) // S)
+    G = 1 + (-(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * W)
+    cfg = s.cfg
+    shape = (cfg.num_layers, G, S, cfg.num_kv_heads, cfg.head_dim)
+    page = jax.ShapeDtypeStruct(shape, jnp.dtype(s.rollout_dtype),
+                                sharding=named_sharding(s.rollout_mesh, CACHE_POOL_AXES, shape))
+    B = engine.slots
+    rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(
+        s.rollout_mesh, (None,) * len(shape), shape))
+    slots = Slots(table=rep((B, W), jnp.int32), pos=rep((B,), jnp.int32), last=rep((B,), jnp.int32),
+                  h=rep((B,), jnp.int32), limit=rep((B,), jnp.int32), live=rep((B,), jnp.bool_),
+                  keys=jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B)),
+                  tokens=rep((B, A), jnp.int32), logp=rep((B, A), jnp.float32),
+                  free=rep((G,), jnp.int32), n_free=rep((), jnp.int32))
+    return engine, Pool(k=page, v=page), slots, W, G
+
+
+def build_prefill(s: Setup) -> Program:
+    """The engine's prefill on the rollout layout: `prefill_rows` prompts, one chunk of C tokens each,
+    written into the paged pool (a prompt is prefilled once for its N samples)."""
+    import jax
+    import jax.numpy as jnp
+
+    from reval_jax.rollout.engine import _prefill
+
+    engine, pool, _, W, _ = _engine(s)
+    n, C = min(engine.prefill_rows, s.prompts_per_call), min(engine.prefill_chunk, s.bucket)
+    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    args = (s.rollout_graphdef, s.rollout_params, pool, arr((n, W), jnp.int32), arr((n, C), jnp.int32),
+            arr((n, C), jnp.int32), arr((n, C), jnp.bool_), arr((n,), jnp.int32))
+    chunks = -(-s.bucket // C)
+    calls = -(-s.config.data.prompts_per_iteration // n) * chunks
     return Program(
-        "prefill", _prefill, (s.rollout_graphdef, s.rollout_params, *_prompt_args(s)), kwargs={"config": config},
-        runs=_calls_per_round(s),
-        model_flops=model_flops(s.cfg, "prefill", s.prompts_per_call, s.bucket),
-        note=f"[{s.prompts_per_call}, {s.bucket}] prompts -> {s.prompts_per_call * s.num_samples} rows",
+        "prefill", _prefill, args, kwargs={"block_pages": engine.block_pages}, runs=calls,
+        model_flops=model_flops(s.cfg, "prefill", n, C),
+        note=f"[{n}, {C}] prompt tokens per call (bucket {s.bucket}: {chunks} chunk(s)); pool of "
+             f"{pool.k.shape[1]} pages x {engine.page_size} tokens",
     )
 
 
 def build_decode(s: Setup) -> Program:
-    """sampler._decode on the rollout layout: the while loop over decode steps on the state
-    _prefill returns."""
-    import jax
+    """The engine's decode loop on the rollout layout: every slot one token per step, pages read up
+    to the longest row. Steps per round: rollouts × mean response / slots (ideal refill), the mean
+    response taken as min(max_new_tokens, mean_tokens)."""
+    import jax.numpy as jnp
 
-    from reval_jax.sampler import CACHE_AXES, _decode, _prefill
-    from reval_jax.sharding import named_sharding
+    from reval_jax.rollout.engine import _decode
 
+    engine, pool, slots, W, G = _engine(s)
     config = _sampling_config(s)
-    graphdef, params = s.rollout_graphdef, s.rollout_params
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    state = jax.eval_shape(
-        lambda p, *a: _prefill(graphdef, p, *a, config=config), plain, *_prompt_args(s)
-    )
-    # the layout _constrain_state gives: cache [L, R, S, K, H] by CACHE_AXES, rows on act_batch
-    axes = lambda x: CACHE_AXES if x.ndim == 5 else ("act_batch",) + (None,) * (x.ndim - 1)
-    state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=named_sharding(s.rollout_mesh, axes(x) if x.ndim else (), x.shape)
-        ),
-        state,
-    )
-    rows, A = s.prompts_per_call * s.num_samples, s.max_new_tokens
+    A = s.max_new_tokens
+    rollouts = s.config.data.prompts_per_iteration * s.num_samples
+    mean_response = min(A, s.mean_tokens)
+    steps = -(-rollouts * mean_response // engine.slots)
+    refill = jnp.zeros((), jnp.int32)
+    # one call runs at most A steps (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
     return Program(
-        "decode", _decode, (graphdef, params, state), kwargs={"config": config},
-        runs=_calls_per_round(s), loop_bound=A,
-        model_flops=model_flops(s.cfg, "decode", rows, 1, keys=s.bucket + A // 2),
-        note=f"{rows} rows, cache {s.bucket}+{A}; flops per step at the mean cache fill P + A/2",
+        "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill),
+        kwargs={"config": config, "block_pages": engine.block_pages}, runs=-(-steps // A), loop_bound=A,
+        model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
+        note=f"{engine.slots} slots, {G} pages x {engine.page_size} tokens ({(G - 1) * engine.page_size} cached "
+             f"tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",
     )
 
 

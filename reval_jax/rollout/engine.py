@@ -159,12 +159,13 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, *, config, bl
     idle = jnp.sum(~slots.live)  # slots not live on entry
 
     def cond(c):
-        _, s = c
+        i, _, s = c
         finished = jnp.sum(~s.live) - idle
-        return jnp.any(s.live) & (finished < refill_at) & (jnp.sum(_pages_needed(s, S)) <= s.n_free)
+        # every live row finishes within A steps (no row is admitted inside the loop): i < A bounds it
+        return (i < A) & jnp.any(s.live) & (finished < refill_at) & (jnp.sum(_pages_needed(s, S)) <= s.n_free)
 
     def body(c):
-        pool, s = c
+        i, pool, s = c
         need = _pages_needed(s, S)
         rank = jnp.cumsum(need) - 1
         new = s.free[jnp.clip(s.n_free - 1 - rank, 0, s.free.shape[0] - 1)]
@@ -185,9 +186,10 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, *, config, bl
         s = s.replace(table=table, n_free=s.n_free - jnp.sum(need), pos=s.pos + on,
                       last=jnp.where(on, token, s.last), h=h_new, tokens=tokens, logp=logps,
                       live=on & ~stopped & (h_new < s.limit))
-        return Pool(k=k, v=v), s
+        return i + 1, Pool(k=k, v=v), s
 
-    return jax.lax.while_loop(cond, body, (pool, slots))
+    _, pool, slots = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), pool, slots))
+    return pool, slots
 
 
 # ----------------------------------------------------------------------------- the host loop
