@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reval_jax.distributed import to_host
 from reval_jax.rollout.pages import TRASH, Pool, copy_pages, init_pool, paged_attend
 
 Array = jax.Array
@@ -359,8 +360,10 @@ class Engine:
             self.stats["decode_calls"] += 1
             pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32),
                                   config=self.sampling, block_pages=self.engine.block_pages)
-            host = jax.device_get((slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos))
-            table, now_live, h, tokens, logp, pos = (np.array(x) for x in host)
+            # every process gets the whole state (to_host gathers arrays that span several hosts),
+            # so every process's scheduler takes the same decisions
+            host = (slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos)
+            table, now_live, h, tokens, logp, pos = (np.array(to_host(x)) for x in host)
             # --- collect finished slots
             done = [b for b in range(B) if held[b] and not now_live[b]]
             for b in done:
@@ -401,7 +404,7 @@ class Engine:
             rep = np.asarray([i for i in new for _ in batch[i].samples])
             pid = np.asarray([ids[batch[i].index] for i in new for _ in batch[i].samples], np.int32)
             smp = np.asarray([n for i in new for n in batch[i].samples], np.int32)
-            tok, lp = jax.device_get(_first_tokens(logits[jnp.asarray(rep)], np.uint32(seed), jnp.asarray(pid),
+            tok, lp = map(to_host, _first_tokens(logits[jnp.asarray(rep)], np.uint32(seed), jnp.asarray(pid),
                                                    jnp.asarray(smp), config=self.sampling))
             for j, (i, n) in enumerate(zip(rep, smp, strict=True)):
                 first[(int(i), int(n))] = (int(tok[j]), float(lp[j]))
