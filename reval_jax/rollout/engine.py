@@ -404,8 +404,12 @@ class Engine:
             rep = np.asarray([i for i in new for _ in batch[i].samples])
             pid = np.asarray([ids[batch[i].index] for i in new for _ in batch[i].samples], np.int32)
             smp = np.asarray([n for i in new for n in batch[i].samples], np.int32)
+            m = len(rep)
+            pad = (1 << max(0, (m - 1).bit_length())) - m  # a power of two: few compiled shapes
+            rep, pid, smp = (np.pad(x, (0, pad), mode="edge") for x in (rep, pid, smp))
             tok, lp = map(to_host, _first_tokens(logits[jnp.asarray(rep)], np.uint32(seed), jnp.asarray(pid),
                                                    jnp.asarray(smp), config=self.sampling))
+            rep, smp = rep[:m], smp[:m]
             for j, (i, n) in enumerate(zip(rep, smp, strict=True)):
                 first[(int(i), int(n))] = (int(tok[j]), float(lp[j]))
         src, dst = [], []
