@@ -288,6 +288,23 @@ def _decode(graphdef, params, state: SamplerState, *, config: SamplingConfig) ->
     return jax.lax.while_loop(cond, body, state)
 
 
+def _padded_prompts(model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, prompt_ids):
+    """Both samplers' inputs: the bucket P, left-padded tokens / mask [B, P] and prompt ids [B]
+    (default 0..B-1), checked against the model's positions and the batch size."""
+    B = len(prompts)
+    P = bucket_length(max(len(p) for p in prompts), config.buckets)
+    if P + config.max_new_tokens > model.cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt bucket {P} + max_new_tokens {config.max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={model.cfg.max_position_embeddings}"
+        )
+    tokens, mask = pad_prompts(prompts, P, config.pad_id)
+    ids = np.arange(B, dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
+    if ids.shape != (B,):
+        raise ValueError(f"prompt_ids has shape {ids.shape}; expected ({B},)")
+    return P, tokens, mask, ids
+
+
 def generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
     prompt_ids: Sequence[int] | None = None, engine=None, max_new_tokens: Sequence[int] | None = None,
@@ -304,16 +321,7 @@ def generate(
     from reval_jax.rollout.engine import Engine, EngineConfig
 
     B, N, A = len(prompts), config.num_samples, config.max_new_tokens
-    P = bucket_length(max(len(p) for p in prompts), config.buckets)
-    if P + A > model.cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt bucket {P} + max_new_tokens {A} exceeds the model's "
-            f"max_position_embeddings={model.cfg.max_position_embeddings}"
-        )
-    tokens, mask = pad_prompts(prompts, P, config.pad_id)
-    ids = np.arange(B, dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
-    if ids.shape != (B,):
-        raise ValueError(f"prompt_ids has shape {ids.shape}; expected ({B},)")
+    P, tokens, mask, ids = _padded_prompts(model, prompts, config, prompt_ids)
     limits = np.full(B, A, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
     if limits.shape != (B,) or limits.min() < 1 or limits.max() > A:
         raise ValueError(f"max_new_tokens must be {B} values in 1..{A} (config.max_new_tokens)")
@@ -349,17 +357,7 @@ def generate_static(
     prompt's samples together with `seed` and become the rollouts' `group_id`. Prompts are
     left-padded to `bucket_length(longest prompt, config.buckets)`, so the compiled prefill and
     decode are reused across batches of the same size, bucket and config."""
-    B = len(prompts)
-    P = bucket_length(max(len(p) for p in prompts), config.buckets)
-    if P + config.max_new_tokens > model.cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt bucket {P} + max_new_tokens {config.max_new_tokens} exceeds the model's "
-            f"max_position_embeddings={model.cfg.max_position_embeddings}"
-        )
-    tokens, mask = pad_prompts(prompts, P, config.pad_id)
-    ids = np.arange(B, dtype=np.int32) if prompt_ids is None else np.asarray(prompt_ids, np.int32)
-    if ids.shape != (B,):
-        raise ValueError(f"prompt_ids has shape {ids.shape}; expected ({B},)")
+    _, tokens, mask, ids = _padded_prompts(model, prompts, config, prompt_ids)
     if model.mesh is not None:
         put = lambda x: jax.device_put(x, named_sharding(
             model.mesh, ("act_batch",) + (None,) * (x.ndim - 1), x.shape))

@@ -251,8 +251,7 @@ class Engine:
         return jnp.asarray(stack), jnp.asarray(len(free), jnp.int32)
 
     def _empty_rows(self, n: int) -> dict:
-        B, A, W = self.engine.slots, self.A, self.W
-        del B
+        A, W = self.A, self.W
         return {
             "table": np.zeros((n, W), np.int32), "pos": np.zeros(n, np.int32), "last": np.zeros(n, np.int32),
             "h": np.zeros(n, np.int32), "limit": np.ones(n, np.int32), "live": np.zeros(n, bool),
