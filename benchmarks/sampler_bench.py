@@ -1,212 +1,357 @@
-"""Sampler throughput: reval_jax `generate` against `transformers` `generate` on the same weights.
+"""Sampler throughput: reval_jax `generate` (the rollout engine) against `transformers` generate and
+tunix's `Sampler`, on the same weights and the same prompts, each side in its own process.
 
 CPU (default): the `bench` preset (Qwen2 architecture, V 32000, D 512, F 1408, 8 layers, 8 heads,
-4 kv heads), 16 prompts of 64 tokens, 128 new tokens each, temperature 1.0, no stop tokens on either
-side (transformers also gets min_new_tokens) so both generate every token. Reports the first call
-(compile + run), the steady-state tokens/s of both and their ratio:
+4 kv heads, float32, random weights written once by `transformers` and loaded by every side), 16
+prompts of 64 tokens, 128 new tokens each, no stop token on any side, so every side generates every
+token. Two decoding modes:
+  greedy  argmax on every side (the same work everywhere; the sides' tokens are compared as a check
+          that they run the same model: `agree` is the mean length of the prefix a row shares with
+          reval_jax's, out of 128, float32 rounding may part them at a near tie);
+  sample  temperature 1.0. transformers: do_sample, top_k 0; reval_jax: categorical over the full
+          vocabulary; tunix has no plain-temperature mode: top_p = 1.0, which sorts the vocabulary
+          every step (its cost, reported as is).
 
-    python benchmarks/sampler_bench.py                      # figures in docs/bench_sampler.md
+Each side runs in a subprocess (`--side`): it loads the weights, makes one call (compile and
+warm-up), reports READY and waits; then it repeats the call for `--window` seconds (at least
+`--repeats` calls) and reports the median. First every side alone, one after another; then
+reval_jax with each other side at once, both released by the same GO, so that they share the
+machine over the whole window:
 
-GPU: the DeepSeek-R1-Distill-Qwen-1.5B shapes with random weights in bfloat16, batch 64 and 256,
-1024 new tokens; reports tokens/s and the fraction of the memory-bandwidth bound (weights + KV cache
-bytes read per decode step / HBM bandwidth):
+    python benchmarks/sampler_bench.py                         # figures in docs/bench_sampler.md
+    python benchmarks/sampler_bench.py --tunix-python /work/.venv-tunix/bin/python
 
-    python benchmarks/sampler_bench.py --gpu [--bandwidth 3.35e12]
-    python benchmarks/sampler_bench.py --gpu --tiny-smoke   # the same code path, tiny, on CPU
+tunix (`pip install google-tunix`) is not a dependency of this project: give it its own virtual
+environment (`python -m venv /work/.venv-tunix && /work/.venv-tunix/bin/pip install -r
+requirements.txt google-tunix`) and pass its python; without it the tunix side is skipped, saying so.
+
+GPU (issue #12 point 7): the DeepSeek-R1-Distill-Qwen-1.5B shapes, random weights in bfloat16, the
+engine with 256 slots, prompts of 128 tokens, 1,024 new tokens; tokens/s and the fraction of the
+HBM-bandwidth bound (bytes of weights + filled KV pages read per decode step / HBM bandwidth):
+
+    python benchmarks/sampler_bench.py --gpu [--bandwidth 4.8e12]   # H200; 3.35e12 for an H100 SXM
+    python benchmarks/sampler_bench.py --gpu --tiny-smoke           # the same code path, tiny, on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-import reval_jax  # noqa: E402
-from reval_jax.config import preset, to_hf_config  # noqa: E402
-from reval_jax.sampler import SamplingConfig, _decode, _prefill, generate, pad_prompts  # noqa: E402
-
-
-def block(tree):
-    return jax.block_until_ready(tree)
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by the whole machine, by this process) so far: their difference over a
-    measurement is the load that other processes put on the machine meanwhile (Linux only)."""
-    with open("/proc/stat") as f:
-        fields = [float(x) for x in f.readline().split()[1:]]
-    ticks = os.sysconf("SC_CLK_TCK")
-    machine = (sum(fields[:8]) - fields[3] - fields[4]) / ticks  # all but idle and iowait
-    return machine, time.process_time()
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
+PAD = 0  # prompts are drawn from 1..V-1; no side stops on any token
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    return np.random.RandomState(seed).randint(0, vocab, (batch, length)).tolist()
+    return np.random.RandomState(seed).randint(1, vocab, (batch, length)).tolist()
 
 
-def ours_runner(model, prompts, config: SamplingConfig):
-    """A callable timing one end-to-end `generate` call; returns (seconds, tokens generated)."""
-    seed = iter(range(1, 1 << 30))
-
-    def run():
-        t0 = time.perf_counter()
-        out = block(generate(model, prompts, config, seed=next(seed)))
-        return time.perf_counter() - t0, int(np.asarray(out.response_length).sum())
-
-    return run
+# ----------------------------------------------------------------------------- one side per process
 
 
-def ours_split(model, prompts, config: SamplingConfig) -> tuple[float, float]:
-    """Seconds of the compiled prefill and of the compiled decode loop, timed on their own."""
-    from flax import nnx
+def reval_jax_call(args, weights: str, prompts):
+    """A callable running one `generate` call; returns the response tokens [B, A]."""
+    import jax
 
-    graphdef, params = nnx.split(model)
-    P = max(len(p) for p in prompts)
-    tokens, mask = pad_prompts(prompts, P, config.pad_id)
-    ids = np.arange(len(prompts), dtype=np.int32)
-    t0 = time.perf_counter()
-    state = block(_prefill(graphdef, params, tokens, mask, ids, np.uint32(0), config=config))
-    t1 = time.perf_counter()
-    block(_decode(graphdef, params, state, config=config))
-    return t1 - t0, time.perf_counter() - t1
+    import reval_jax
+    from reval_jax.sampler import SamplingConfig, generate, generate_static
 
-
-def transformers_runner(hf_model, prompts, new_tokens: int):
-    """The same for `transformers` generate: sampling at temperature 1, no top-k/top-p, no early
-    stop (no eos, min_new_tokens = max_new_tokens)."""
-    import torch
-
-    ids = torch.tensor(prompts, dtype=torch.long)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                  top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                  eos_token_id=None)
+    model, _ = reval_jax.load_hf(weights, load_tokenizer=False)
+    config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, greedy=args.mode == "greedy",
+                            buckets=(args.prompt_len,), pad_id=PAD)
+    fn = generate_static if args.side == "static" else generate
     seed = iter(range(1 << 30))
 
-    def run():
-        torch.manual_seed(next(seed))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = hf_model.generate(ids, **kwargs)
-        return time.perf_counter() - t0, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+    def call():
+        out = fn(model, prompts, config, seed=next(seed))
+        jax.block_until_ready(out.response_tokens)
+        assert int(np.asarray(out.response_length).sum()) == len(prompts) * args.new_tokens
+        return np.asarray(out.response_tokens)
 
-    return run
+    return call, f"jax {jax.__version__} ({jax.devices()[0].platform})"
 
 
-def cpu_bench(args):
+def transformers_call(args, weights: str, prompts):
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    cfg = preset("bench")
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**to_hf_config(cfg))).eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d, safe_serialization=True)
-        model, _ = reval_jax.load_hf(d, load_tokenizer=False)
-    prompts = prompts_for(args.batch, args.prompt_len, cfg.vocab_size)
-    config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0,
-                            buckets=(args.prompt_len,))
-    expected = args.batch * args.new_tokens
-    start_wall, (start_machine, start_self) = time.perf_counter(), busy_cpu_seconds()
-    runners = {"reval_jax": ours_runner(model, prompts, config),
-               "transformers": transformers_runner(hf, prompts, args.new_tokens)}
-    first = {name: run() for name, run in runners.items()}  # compile / warm-up
-    times = {name: [] for name in runners}
-    for _ in range(args.repeats):  # interleaved, so that load from elsewhere hits both sides
-        for name, run in runners.items():
-            seconds, generated = run()
-            assert generated == expected, (name, generated)
-            times[name].append(seconds)
-    prefill_s, decode_s = ours_split(model, prompts, config)
-    end_machine, end_self = busy_cpu_seconds()
-    others = (end_machine - start_machine) - (end_self - start_self)
-    wall = time.perf_counter() - start_wall
+    model = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts, dtype=torch.long)
+    A = args.new_tokens
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=A, min_new_tokens=A, pad_token_id=PAD,
+                  eos_token_id=None)
+    kwargs.update(do_sample=False) if args.mode == "greedy" else kwargs.update(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    seed = iter(range(1 << 30))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
-          f"load average before/after {args.load_before:.2f}/{os.getloadavg()[0]:.2f}; other "
-          f"processes used {others / wall:.2f} cores on average during the measurement")
-    print(f"workload: bench preset ({cfg.num_params() / 1e6:.1f}M params, float32), "
-          f"{args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens each "
-          f"({expected} tokens), temperature 1.0; {args.repeats} interleaved repeats")
-    tps = {}
-    for name in runners:
-        best, median = min(times[name]), float(np.median(times[name]))
-        tps[name] = expected / best
-        print(f"{name:12s} first call {first[name][0]:6.2f} s | best {best:6.2f} s = "
-              f"{expected / best:7.1f} tokens/s | median {median:6.2f} s = "
-              f"{expected / median:7.1f} tokens/s")
-    print(f"reval_jax split: prefill {prefill_s:.3f} s, decode loop {decode_s:.2f} s "
-          f"({1e3 * decode_s / (args.new_tokens - 1):.1f} ms/step, "
-          f"{args.batch * (args.new_tokens - 1) / decode_s:.1f} tokens/s)")
-    print(f"ratio reval_jax / transformers (best): {tps['reval_jax'] / tps['transformers']:.2f}x; "
-          f"(median): {np.median(times['transformers']) / np.median(times['reval_jax']):.2f}x")
+    def call():
+        torch.manual_seed(next(seed))
+        with torch.no_grad():
+            out = model.generate(ids, **kwargs)
+        assert out.shape == (len(prompts), ids.shape[1] + A), out.shape
+        return out[:, ids.shape[1]:].numpy()
+
+    return call, (f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                  f"transformers {transformers.__version__}")
 
 
-def gpu_bench(args):
+class _IdTokenizer:
+    """tunix's tokenizer protocol over token ids written as text ("5 17 3"): the prompts are ids."""
+
+    def encode(self, text: str, **_) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **_) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self) -> int:
+        return -1
+
+    def pad_id(self) -> int:
+        return PAD
+
+
+def tunix_call(args, weights: str, prompts):
+    from importlib.metadata import version
+
+    import jax
+    import jax.numpy as jnp
+    from tunix.generate import sampler as tunix_sampler
+    from tunix.models.qwen2 import model as tunix_model
+    from tunix.models.qwen2 import params as tunix_params
+
+    hf = json.loads((Path(weights) / "config.json").read_text())
+    theta = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]  # transformers 5 writes the latter
+    cfg = tunix_model.ModelConfig(
+        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"], head_dim=hf["head_dim"],
+        num_kv_heads=hf["num_key_value_heads"], rope_theta=int(theta), norm_eps=hf["rms_norm_eps"],
+        use_tied_embedding=bool(hf.get("tie_word_embeddings", False)))
+    auto = (jax.sharding.AxisType.Auto,) * 2  # tunix's models name these axes; one device
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=auto)
+    model = tunix_params.create_model_from_safe_tensors(weights, cfg, mesh=mesh, dtype=jnp.float32)
+    P, A = args.prompt_len, args.new_tokens
+    sampler = tunix_sampler.Sampler(model, _IdTokenizer(), tunix_sampler.CacheConfig(
+        cache_size=P + A, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+    text = [" ".join(map(str, p)) for p in prompts]
+    mode = {} if args.mode == "greedy" else dict(temperature=1.0, top_p=1.0, top_k=None)
+    seed = iter(range(1 << 30))
+
+    def call():
+        out = sampler(text, max_generation_steps=A, max_prompt_length=P, eos_tokens=[-1], seed=next(seed), **mode)
+        tokens = np.stack([np.asarray(t) for t in out.tokens])
+        assert tokens.shape == (len(prompts), A), tokens.shape
+        return tokens
+
+    return call, f"jax {jax.__version__}, google-tunix {version('google-tunix')}"
+
+
+def run_side(args) -> None:
+    """The `--side` subprocess: warm up, READY, wait for GO, repeat for the window, print JSON."""
+    make = {"reval_jax": reval_jax_call, "static": reval_jax_call, "transformers": transformers_call,
+            "tunix": tunix_call}[args.side]
+    hf = json.loads((Path(args.weights) / "config.json").read_text())
+    prompts = prompts_for(args.batch, args.prompt_len, hf["vocab_size"])
+    call, versions = make(args, args.weights, prompts)
+    t0 = time.perf_counter()
+    tokens = call()
+    first = time.perf_counter() - t0
+    print("READY", flush=True)
+    sys.stdin.readline()
+    times, start = [], time.perf_counter()
+    while len(times) < args.repeats or time.perf_counter() - start < args.window:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"side": args.side, "versions": versions, "first_s": first, "times": times,
+                      "median_s": float(np.median(times)), "tokens": tokens.tolist()}), flush=True)
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def busy_cores(seconds: float, start: tuple[float, float]) -> float:
+    """Average cores busy on the whole machine since `start` (/proc/stat, Linux)."""
+    return (_busy() - start[0]) / seconds
+
+
+def _busy() -> float:
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def write_weights(path: str, seed: int = 0) -> None:
+    """The bench preset's random weights, as a `transformers` Qwen2 checkpoint every side reads."""
+    import torch
+    import transformers
+
+    from reval_jax.config import preset, to_hf_config
+
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**to_hf_config(preset("bench")))).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+
+
+def run_group(args, sides: list[str], weights: str) -> dict[str, dict]:
+    """Starts one process per side, releases them together once all are warm, returns their JSON."""
+    procs = {}
+    for side in sides:
+        python = args.tunix_python if side == "tunix" else sys.executable
+        cmd = [python, __file__, "--side", side, "--weights", weights, "--mode", args.mode,
+               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--window", str(args.window)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    for side, proc in procs.items():
+        line = proc.stdout.readline()
+        if line.strip() != "READY":
+            proc.wait()
+            raise SystemExit(f"the {side} side failed before its first call (exit {proc.returncode})")
+    start, busy = time.perf_counter(), _busy()
+    for proc in procs.values():
+        proc.stdin.write("GO\n")
+        proc.stdin.flush()
+    results = {}
+    for side, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
+        results[side] = json.loads(out.strip().splitlines()[-1])
+    cores = busy_cores(time.perf_counter() - start, (busy, 0))
+    for r in results.values():
+        r["machine_busy_cores"] = cores
+    return results
+
+
+def agreed_prefix(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean, over rows, of the number of leading tokens two [B, A] greedy outputs share."""
+    differ = np.asarray(a) != np.asarray(b)
+    return float(np.where(differ.any(1), differ.argmax(1), differ.shape[1]).mean())
+
+
+def cpu_bench(args) -> None:
+    sides = [s for s in args.sides if s != "tunix" or args.tunix_python]
+    if "tunix" in args.sides and not args.tunix_python:
+        print("tunix: skipped (pass --tunix-python, a python with google-tunix installed)")
+    tokens = args.batch * args.new_tokens
+    with tempfile.TemporaryDirectory() as weights:
+        write_weights(weights)
+        print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+              f"workload: bench preset, {args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} "
+              f"new tokens ({tokens} tokens per call), mode {args.mode}, window {args.window:.0f} s, "
+              f">= {args.repeats} calls")
+        alone = {s: run_group(args, [s], weights)[s] for s in sides}
+        together = {other: run_group(args, ["reval_jax", other], weights)
+                    for other in sides if other != "reval_jax"}
+    ref = np.asarray(alone["reval_jax"]["tokens"])
+    for s, r in alone.items():
+        agree = f"agree {agreed_prefix(ref, r['tokens']):5.1f}/{args.new_tokens}" if args.mode == "greedy" else ""
+        print(f"{'alone':>13} {s:>12}: first call {r['first_s']:6.2f} s, median {r['median_s']:6.3f} s of "
+              f"{len(r['times'])} = {tokens / r['median_s']:7.1f} tokens/s (machine busy "
+              f"{r['machine_busy_cores']:.2f} cores) {agree} [{r['versions']}]")
+    for other, group in together.items():
+        ours, theirs = group["reval_jax"], group[other]
+        print(f"{'side by side':>13} {'reval_jax':>12}: median {ours['median_s']:6.3f} s of {len(ours['times'])} = "
+              f"{tokens / ours['median_s']:7.1f} tokens/s | {other}: median {theirs['median_s']:6.3f} s of "
+              f"{len(theirs['times'])} = {tokens / theirs['median_s']:7.1f} tokens/s (machine busy "
+              f"{ours['machine_busy_cores']:.2f} cores)")
+    for other in together:
+        print(f"reval_jax / {other}: alone {alone[other]['median_s'] / alone['reval_jax']['median_s']:.2f}x, "
+              f"side by side {together[other][other]['median_s'] / together[other]['reval_jax']['median_s']:.2f}x "
+              "(target >= 1.5x)")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def gpu_bench(args) -> None:
+    import jax
+
+    import reval_jax
+    from reval_jax.config import preset
+    from reval_jax.rollout.engine import Engine, EngineConfig
+    from reval_jax.sampler import SamplingConfig
+
     cfg = preset("deepseek-r1-distill-qwen-1.5b", param_dtype="bfloat16", dtype="bfloat16")
-    batches, new_tokens, prompt_len = args.gpu_batches, args.gpu_new_tokens, args.gpu_prompt_len
+    slots, A, P = args.gpu_slots, args.gpu_new_tokens, args.gpu_prompt_len
     if args.tiny_smoke:
         cfg = cfg.replace(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=32)
-        batches, new_tokens, prompt_len = [4, 8], 16, 16
+        slots, A, P = 8, 16, 16
     model = reval_jax.create_model(cfg, seed=0)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-          f"HBM bandwidth {args.bandwidth:.3g} B/s"
-          f"{'; TINY SMOKE RUN, not a measurement' if args.tiny_smoke else ''}")
-    print(f"model: {cfg.num_params() / 1e9:.3f}B params, bfloat16, random weights; prompts of "
-          f"{prompt_len} tokens, {new_tokens} new tokens, temperature 1.0, no stop tokens")
+          f"HBM bandwidth {args.bandwidth:.3g} B/s{'; TINY SMOKE RUN, not a measurement' if args.tiny_smoke else ''}")
+    print(f"model: {cfg.num_params() / 1e9:.3f}B params, bfloat16, random weights; {slots} slots, prompts of "
+          f"{P} tokens, {A} new tokens each, temperature 1.0, no stop tokens")
+    prompts = prompts_for(slots, P, cfg.vocab_size)
+    config = SamplingConfig(max_new_tokens=A, temperature=1.0, buckets=(P,))
+    S = 16
+    best = None
+    for r in range(args.repeats + 1):  # the first call compiles
+        engine = Engine(model, config, EngineConfig(slots=slots, page_size=S, prefill_rows=min(slots, 64)),
+                        prompt_bucket=P)
+        t0 = time.perf_counter()
+        out = engine.run(prompts, seed=r, prompt_ids=list(range(slots)), limits=np.full(slots, A))
+        seconds = time.perf_counter() - t0
+        assert sum(len(t) for o in out for t, _ in o) == slots * A
+        if r and (best is None or seconds < best[0]):
+            best = (seconds, dict(engine.stats))
+        print(f"call {r}: {seconds:.2f} s {engine.stats}")
+    seconds, stats = best
+    step_s = stats["decode_s"] / (A - 1)  # a_1 comes from the prefill; the loop runs A - 1 steps
     itemsize = 2
-    # every parameter is read once per step, except the embedding table (B rows are gathered)
-    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # B rows gathered, not read
     weight_bytes = (cfg.num_params() - embed) * itemsize
-    for batch in batches:
-        prompts = prompts_for(batch, prompt_len, cfg.vocab_size)
-        config = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, buckets=(prompt_len,))
-        run = ours_runner(model, prompts, config)
-        first_s, generated = run()
-        assert generated == batch * new_tokens
-        seconds = min(run()[0] for _ in range(args.repeats))
-        _, decode_s = ours_split(model, prompts, config)
-        step_s = decode_s / (new_tokens - 1)
-        per_slot = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * itemsize  # k, v
-        kv_read = per_slot * (prompt_len + new_tokens)  # the whole preallocated cache, as attended
-        kv_filled = per_slot * (prompt_len + new_tokens / 2)  # only its filled part, on average
-        bound_read = (weight_bytes + kv_read) / args.bandwidth
-        bound_filled = (weight_bytes + kv_filled) / args.bandwidth
-        print(f"batch {batch:4d}: first call {first_s:6.1f} s | end-to-end "
-              f"{generated / seconds:9.0f} tokens/s | decode loop {batch * (new_tokens - 1) / decode_s:9.0f} tokens/s, "
-              f"{1e3 * step_s:.3f} ms/step | bytes/step {weight_bytes / 1e6:.1f} MB weights + "
-              f"{kv_read / 1e6:.1f} MB KV cache | fraction of the bandwidth bound "
-              f"{bound_read / step_s:.2f} (whole cache) / {bound_filled / step_s:.2f} "
-              "(filled part)")
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize  # k and v of one position
+    kv_bytes = slots * per_token * S * np.ceil((P + A / 2) / S)  # the filled pages, on average over the steps
+    bound = (weight_bytes + kv_bytes) / args.bandwidth
+    print(f"end to end {slots * A / seconds:.0f} tokens/s ({seconds:.2f} s: admit {stats['admit_s']:.2f} s, "
+          f"decode {stats['decode_s']:.2f} s) | decode {slots * (A - 1) / stats['decode_s']:.0f} tokens/s, "
+          f"{1e3 * step_s:.3f} ms/step | bytes/step {weight_bytes / 1e6:.1f} MB weights + {kv_bytes / 1e6:.1f} MB "
+          f"KV pages | bandwidth bound {1e3 * bound:.3f} ms/step = {bound / step_s:.0%} of it reached (target >= 60%)")
 
 
 def main():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="the 1.5B-shaped bfloat16 benchmark")
-    p.add_argument("--tiny-smoke", action="store_true", help="with --gpu: tiny config, runs on CPU")
-    p.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bytes/s (H100 SXM)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", choices=["reval_jax", "static", "transformers", "tunix"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--sides", nargs="+", default=["reval_jax", "transformers", "tunix"],
+                   help="sides to run (also: static, the sampler the engine replaced)")
+    p.add_argument("--tunix-python", default="", help="a python with google-tunix installed")
+    p.add_argument("--mode", choices=["greedy", "sample"], default="greedy")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--gpu-batches", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per side")
+    p.add_argument("--window", type=float, default=60.0, help="and calls for at least this many seconds")
+    p.add_argument("--gpu", action="store_true", help="the 1.5B-shaped bfloat16 engine benchmark")
+    p.add_argument("--tiny-smoke", action="store_true", help="with --gpu: tiny config, runs on CPU")
+    p.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bytes/s (H100 SXM 3.35e12, H200 4.8e12)")
+    p.add_argument("--gpu-slots", type=int, default=256)
     p.add_argument("--gpu-new-tokens", type=int, default=1024)
     p.add_argument("--gpu-prompt-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    args.load_before = os.getloadavg()[0]
-    gpu_bench(args) if args.gpu else cpu_bench(args)
+    if args.side:
+        run_side(args)
+    elif args.gpu:
+        gpu_bench(args)
+    else:
+        cpu_bench(args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -218,7 +219,9 @@ class Engine:
                 f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
         self.G = 1 + pages
         self.stop = set(sampling.stop_ids)
-        self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0}
+        # calls, preemptions, and wall seconds spent in the compiled decode loop (to the host's read
+        # of its result) and in admissions (prefill, first tokens, slot writes)
+        self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0, "decode_s": 0.0, "admit_s": 0.0}
 
     def initial_state(self) -> tuple[Pool, Slots]:
         """An empty pool (kv heads split over the mesh's `tensor` axis, like the model's) and empty
@@ -275,9 +278,12 @@ class Engine:
     def _prefill_rows(self, pool, rows: list[tuple[np.ndarray, np.ndarray]]):
         """Prefills rows of (tokens [t], table row [W]) in chunks of C; returns (pool, logits [n, V]
         at each row's last token)."""
-        C, bp = self.engine.prefill_chunk, self.engine.block_pages
-        n = len(rows)
+        bp, n = self.engine.block_pages, len(rows)
         n_pad = 1 << max(0, (n - 1).bit_length())  # a power of two: few compiled shapes
+        longest = max(len(tok) for tok, _ in rows)
+        # chunks of prefill_chunk tokens, or of the longest row rounded up to a power of two (>= 16)
+        # when that is shorter: short prompts are not padded to a long chunk
+        C = min(self.engine.prefill_chunk, 1 << max(4, (longest - 1).bit_length()))
         table = np.zeros((n_pad, self.W), np.int32)
         for i, (_, t) in enumerate(rows):
             table[i] = t
@@ -345,9 +351,12 @@ class Engine:
                 batch_pages.append(pages[full + (partial > 0):])  # the partial page's copies
                 open_slots = open_slots[len(req.samples):]
             if batch:
+                t0 = time.perf_counter()
                 slots, pool, table, live, held, clock = self._admit(
                     batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
                     seed, ids, np.asarray(free_list, np.int32))
+                jax.block_until_ready(slots)
+                self.stats["admit_s"] += time.perf_counter() - t0
             if not held.any():
                 if not pending:
                     break
@@ -357,12 +366,14 @@ class Engine:
             refill_at = max(1, int(self.engine.refill * B), max((len(r.samples) for r in pending), default=0)) \
                 if pending else B + 1
             self.stats["decode_calls"] += 1
+            t0 = time.perf_counter()
             pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32),
                                   config=self.sampling, block_pages=self.engine.block_pages)
             # every process gets the whole state (to_host gathers arrays that span several hosts),
             # so every process's scheduler takes the same decisions
             host = (slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos)
             table, now_live, h, tokens, logp, pos = (np.array(to_host(x)) for x in host)
+            self.stats["decode_s"] += time.perf_counter() - t0
             # --- collect finished slots
             done = [b for b in range(B) if held[b] and not now_live[b]]
             for b in done:

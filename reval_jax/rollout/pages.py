@@ -69,7 +69,6 @@ def paged_attend(
     slot = jnp.where(valid, positions % S, 0)
     k_pages = k_pages.at[layer, page, slot].set(k.astype(k_pages.dtype))
     v_pages = v_pages.at[layer, page, slot].set(v.astype(v_pages.dtype))
-    k_layer, v_layer = k_pages[layer], v_pages[layer]  # [G, S, K, H]
 
     qg = q.reshape(B, T, K, G_, H)
     q_pos = jnp.where(valid, positions, -1)  # a padding query attends to nothing
@@ -82,8 +81,10 @@ def paged_attend(
     def body(i, carry):
         m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]  float32
         ids = jax.lax.dynamic_slice_in_dim(table, i * block_pages, block_pages, axis=1)  # [B, bp]
-        kb = k_layer[ids].reshape(B, span, K, H)  # [B, bp·S, K, H]
-        vb = v_layer[ids].reshape(B, span, K, H)
+        # gathered from the stacked pool at (layer, page): a slice of the layer's pages would be
+        # a copy of them, every layer of every step
+        kb = k_pages[layer, ids].reshape(B, span, K, H)  # [B, bp·S, K, H]
+        vb = v_pages[layer, ids].reshape(B, span, K, H)
         key_pos = i * span + jnp.arange(span)  # [bp·S]
         allowed = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, bp·S]
         # slots past a row's last query may hold anything (a recycled page): never let them reach p·v
