@@ -5,6 +5,7 @@ override a handful of fields (see qwen7b.py, dpsk_r1_distill_1p5b.py, tiny.py); 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 SHARED = "../shared/data/math"  # the project's math data, relative to the repository root
 
@@ -33,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.answer_key = "answer"  # column holding the ground-truth answer (a number is used as its string)
     c.data.strict = False  # True: a JSONL line that is not valid JSON is an error (else skipped and counted)
     c.data.template = "qwen_math"  # prompt template: r1_distill | qwen_math | plain
+    c.data.enable_thinking = config_dict.placeholder(bool)  # Qwen3 chat template: None = default, False = no thinking
     c.data.max_prompt_len = 1024  # prompts longer than this (in tokens) are dropped and counted
     c.data.prompts_per_iteration = 128  # prompts per generation round (global, all processes)
 

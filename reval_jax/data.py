@@ -170,10 +170,13 @@ def read_rows(
 
 
 def _tokenize(
-    rows: Sequence[ProblemRow], tokenizer: Any, template: str, max_prompt_len: int | None
+    rows: Sequence[ProblemRow], tokenizer: Any, template: str, max_prompt_len: int | None,
+    enable_thinking: bool | None = None,
 ) -> tuple[list[PromptExample], int]:
-    """Templated, tokenised examples of ``rows`` and how many were dropped as too long."""
-    texts = [apply_template(tokenizer, row.problem, template) for row in rows]
+    """Templated, tokenised examples of ``rows`` and how many were dropped as too long
+    (``enable_thinking``: see ``templates.apply_template``)."""
+    texts = [apply_template(tokenizer, row.problem, template, enable_thinking=enable_thinking)
+             for row in rows]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     examples = []
     for row, prompt_ids in zip(rows, ids, strict=True):
@@ -191,6 +194,7 @@ def load_examples(
     problem_key: str = "problem",
     answer_key: str = "answer",
     strict: bool = False,
+    enable_thinking: bool | None = None,
 ) -> tuple[list[PromptExample], DataStats]:
     """All usable examples of the files, in file order, with the loading counts.
 
@@ -199,7 +203,7 @@ def load_examples(
     paths = _as_paths(paths)
     invalid: list[str] = []
     rows, rows_read, skipped = read_rows(paths, problem_key, answer_key, strict=strict, invalid=invalid)
-    examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len)
+    examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len, enable_thinking)
     if not examples:
         raise UserError(
             f"every prompt of {paths} is longer than max_prompt_len={max_prompt_len} tokens"
@@ -259,10 +263,12 @@ def prompt_batches(
     process_index: int = 0,
     process_count: int = 1,
     strict: bool = False,
+    enable_thinking: bool | None = None,
 ) -> tuple[grain.DatasetIterator, DataStats]:
     """Training prompts: ``load_examples`` then an endless ``batch_iterator`` over them."""
     examples, stats = load_examples(
-        paths, tokenizer, template, max_prompt_len, problem_key, answer_key, strict=strict
+        paths, tokenizer, template, max_prompt_len, problem_key, answer_key, strict=strict,
+        enable_thinking=enable_thinking,
     )
     iterator = batch_iterator(
         examples, prompts_per_batch, seed, process_index=process_index, process_count=process_count
@@ -280,6 +286,7 @@ def load_eval_set(
     problem_key: str = "problem",
     answer_key: str = "answer",
     strict: bool = False,
+    enable_thinking: bool | None = None,
 ) -> tuple[list[PromptExample], DataStats]:
     """A benchmark: the first ``limit`` valid problems after a shuffle with ``seed`` (all of them,
     in file order, when ``limit`` is None).
@@ -297,7 +304,7 @@ def load_eval_set(
         order = np.random.default_rng(seed).permutation(len(rows))
         capped = max(0, len(rows) - limit)
         rows = [rows[i] for i in order[:limit]]
-    examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len)
+    examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len, enable_thinking)
     if not examples:
         raise UserError(
             f"every prompt of {paths} is longer than max_prompt_len={max_prompt_len} tokens"

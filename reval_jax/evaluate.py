@@ -91,13 +91,15 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
 
 def load_benchmarks(files: Sequence[str], tokenizer, template: str, *, limit: int, seed: int,
                     max_prompt_len: int, problem_key: str = "problem",
-                    answer_key: str = "answer", strict: bool = False) -> dict[str, list[PromptExample]]:
+                    answer_key: str = "answer", strict: bool = False,
+                    enable_thinking: bool | None = None) -> dict[str, list[PromptExample]]:
     """Each file's fixed-seed subset of `limit` problems (0 = all), named by the file stem."""
     out = {}
     for path in files:
         examples, _ = load_eval_set(path, tokenizer, template, limit=limit or None, seed=seed,
                                     max_prompt_len=max_prompt_len, problem_key=problem_key,
-                                    answer_key=answer_key, strict=strict)
+                                    answer_key=answer_key, strict=strict,
+                                    enable_thinking=enable_thinking)
         out[Path(path).stem] = examples
     return out
 
@@ -138,7 +140,8 @@ def main(argv):
                                  limit=config.eval.limit, seed=config.seed,
                                  max_prompt_len=config.data.max_prompt_len,
                                  problem_key=config.data.problem_key, answer_key=config.data.answer_key,
-                                 strict=config.data.strict)
+                                 strict=config.data.strict,
+                                 enable_thinking=config.data.get("enable_thinking"))
     settings = settings_from_config(config, stop_token_ids(tokenizer))
     with RewardScorer(config.reward.name, template=config.data.template,
                       num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as scorer:

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints in and out: `load_hf(path)` and `save_hf(model, tokenizer, path)`.
 
-The conversion is one declarative table, `TABLE`: HF tensor name -> our parameter, transpose and
-reshape. Loading reads it forwards, saving reads it backwards. Tensors are read lazily from
+The conversion is one declarative table, `TABLE`, shared by every family (Qwen2, Qwen3 and Llama
+name their tensors alike): HF tensor name -> our parameter, transpose and reshape. A config uses the
+rows of the parameters its family has (`model.layer_param_names`: Qwen2's q/k/v biases, Qwen3's
+q_norm / k_norm). Loading reads it forwards, saving reads it backwards. Tensors are read lazily from
 memory-mapped safetensors files (bfloat16 included, no torch) and placed straight into their target
 sharding with `jax.make_array_from_callback`: each device asks only for its own slice, one layer
 tensor at a time, so a 7B model is never whole on one device nor twice in host memory.
@@ -26,7 +28,7 @@ from jax.sharding import Mesh
 
 from reval_jax.config import ModelConfig, from_hf_config, to_hf_config
 from reval_jax.errors import UserError
-from reval_jax.model import Qwen2, dims
+from reval_jax.model import LAYER_PARAMS, Qwen2, dims, layer_param_names
 from reval_jax.sharding import state_shardings
 
 
@@ -43,8 +45,10 @@ TABLE: tuple[Rule, ...] = (
     Rule("model.layers.{i}.input_layernorm.weight", "attn_norm"),  # [D]
     Rule("model.layers.{i}.self_attn.q_proj.weight", "q_proj", (1, 0), "DNH"),  # [N*H, D]
     Rule("model.layers.{i}.self_attn.q_proj.bias", "q_bias", None, "NH"),  # [N*H]
+    Rule("model.layers.{i}.self_attn.q_norm.weight", "q_norm"),  # [H]
     Rule("model.layers.{i}.self_attn.k_proj.weight", "k_proj", (1, 0), "DKH"),  # [K*H, D]
     Rule("model.layers.{i}.self_attn.k_proj.bias", "k_bias", None, "KH"),
+    Rule("model.layers.{i}.self_attn.k_norm.weight", "k_norm"),  # [H]
     Rule("model.layers.{i}.self_attn.v_proj.weight", "v_proj", (1, 0), "DKH"),
     Rule("model.layers.{i}.self_attn.v_proj.bias", "v_bias", None, "KH"),
     Rule("model.layers.{i}.self_attn.o_proj.weight", "o_proj", (1, 0), "NHD"),  # [D, N*H]
@@ -67,8 +71,11 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 def _rules(cfg: ModelConfig) -> Iterator[tuple[Rule, str, int | None]]:
     """(rule, HF name, layer) for every tensor of a checkpoint with this config."""
+    present = layer_param_names(cfg)
     for rule in TABLE:
         if rule.ours == "lm_head" and cfg.tie_word_embeddings:
+            continue
+        if rule.ours in LAYER_PARAMS and rule.ours not in present:
             continue
         if "{i}" in rule.hf:
             for i in range(cfg.num_layers):
@@ -169,7 +176,7 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
     missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"{path}: checkpoint tensors do not match a {cfg.num_layers}-layer Qwen2 config: "
+            f"{path}: checkpoint tensors do not match a {cfg.num_layers}-layer {cfg.family} config: "
             f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)}), "
             f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
             f"({len(unexpected)}). Is config.json the one of these weights?"
@@ -187,7 +194,8 @@ def load_hf(
     dtype: str | None = None, remat: str | None = None, attention: str | None = None,
     load_tokenizer: bool = True,
 ):
-    """Loads a local Hugging Face Qwen2 directory. Returns `(model, tokenizer)`.
+    """Loads a local Hugging Face directory of a supported family (`config.FAMILIES`: Qwen2, Qwen3,
+    Llama). Returns `(model, tokenizer)`.
 
     `param_dtype` / `dtype` / `remat` / `attention` override the ModelConfig fields (defaults:
     float32, attention "auto"). With a
@@ -314,7 +322,8 @@ def save_hf(
     model: Qwen2, tokenizer, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
     dtype: str | None = None,
 ) -> Path:
-    """Writes `model` (and `tokenizer`, if given) as a Hugging Face Qwen2 directory: config.json,
+    """Writes `model` (and `tokenizer`, if given) as a Hugging Face directory of its family
+    (`config.to_hf_config`): config.json,
     safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when there is
     more than one), and the tokenizer files. `dtype` defaults to the model's parameter dtype."""
     path = Path(path)

@@ -1,11 +1,16 @@
-"""The Qwen2-family decoder in Flax NNX, with stacked (scanned) layers and a KV-cache path.
+"""The decoder of the Qwen2, Qwen3 and Llama 3 families in Flax NNX, with stacked (scanned) layers and
+a KV-cache path.
 
     tokens [B, T] --embed--> x [B, T, D] --L x Block (lax.scan)--> RMSNorm --unembed--> logits [B, T, V]
 
-Block = x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). Attention is grouped-query with RoPE, q/k/v
-biases and no output bias. Layer parameters carry a leading `layers` axis and one `lax.scan` runs them
+Block = x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). Attention is grouped-query with RoPE and
+no output bias. The family's switches (`ModelConfig`) add to it: q/k/v biases (`attention_bias`,
+Qwen2), an RMSNorm over the head dim of every query and key head before RoPE (`qk_norm`, Qwen3),
+Llama 3's scaled RoPE frequencies (`rope_scaling`); a parameter a family lacks is not created
+(`layer_param_names`). Layer parameters carry a leading `layers` axis and one `lax.scan` runs them
 all, so compile time does not grow with depth; each step can be rematerialised (`ModelConfig.remat`).
-Logits are always float32, whatever the compute dtype.
+Logits are always float32, whatever the compute dtype. `Qwen2` is the class of every family
+(`Decoder` is the same class).
 
 Padding: `mask [B, T]` marks real tokens; positions default to `cumsum(mask) - 1`, so left- and
 right-padded batches give the same logits at real tokens. Packing: `segment_ids [B, T]` (1, 2, ...;
@@ -19,6 +24,7 @@ keys/values at slot `cache.index` and attends to every valid slot at or before e
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.struct
 import jax
@@ -27,21 +33,24 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reval_jax.attention import attention
-from reval_jax.config import ModelConfig
+from reval_jax.config import ModelConfig, RopeScaling
 from reval_jax.sharding import constrain
 
 Array = jax.Array
 DECODE_EINSUM_MAX_T = 16  # cached steps of at most this many tokens attend by einsum over the cache
 
-# name -> (shape, logical axes, init) of each stacked layer parameter; shapes use the alphabet.
+# name -> (shape, logical axes, init[, the ModelConfig switch that creates it]) of each stacked
+# layer parameter; shapes use the alphabet. A parameter with a switch exists only where it is on.
 LAYER_PARAMS = {
     "attn_norm": ("LD", ("layers", "norm"), "ones"),
     "q_proj": ("LDNH", ("layers", "embed", "heads", "head_dim"), "normal"),
-    "q_bias": ("LNH", ("layers", "heads", "head_dim"), "zeros"),
+    "q_bias": ("LNH", ("layers", "heads", "head_dim"), "zeros", "attention_bias"),
+    "q_norm": ("LH", ("layers", "head_dim"), "ones", "qk_norm"),
     "k_proj": ("LDKH", ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-    "k_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros"),
+    "k_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros", "attention_bias"),
+    "k_norm": ("LH", ("layers", "head_dim"), "ones", "qk_norm"),
     "v_proj": ("LDKH", ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-    "v_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros"),
+    "v_bias": ("LKH", ("layers", "kv_heads", "head_dim"), "zeros", "attention_bias"),
     "o_proj": ("LNHD", ("layers", "heads", "head_dim", "embed"), "normal"),
     "mlp_norm": ("LD", ("layers", "norm"), "ones"),
     "gate_proj": ("LDF", ("layers", "embed", "mlp"), "normal"),
@@ -54,6 +63,14 @@ REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def layer_param_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The LAYER_PARAMS entries this config has, in table order (Qwen2: the q/k/v biases; Qwen3:
+    q_norm and k_norm; Llama: neither)."""
+    return tuple(
+        name for name, spec in LAYER_PARAMS.items() if len(spec) < 4 or getattr(cfg, spec[3])
+    )
 
 
 def dims(cfg: ModelConfig) -> dict[str, int]:
@@ -97,10 +114,32 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight * y.astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, half-split layout of Hugging Face Qwen2. x [B, T, n, H], positions [B, T]."""
-    H = x.shape[-1]
+def rope_frequencies(H: int, theta: float, scaling: RopeScaling | None = None) -> Array:
+    """The H/2 rotary frequencies f_j = theta^(-2j/H), float32 as in Hugging Face.
+
+    With Llama 3's `scaling` (transformers' `_compute_llama3_parameters`): wavelength λ_j = 2π/f_j,
+    s = factor, C = original_max_position_embeddings, λ_lo = C / low_freq_factor, λ_hi = C /
+    high_freq_factor; f_j is kept where λ_j < λ_hi, becomes f_j / s where λ_j > λ_lo, and in
+    between (1 - a_j) f_j / s + a_j f_j with a_j = (C / λ_j - low_freq_factor) /
+    (high_freq_factor - low_freq_factor)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
+    if scaling is None:
+        return inv_freq
+    s, C = scaling.factor, scaling.original_max_position_embeddings
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # [H/2]
+    scaled = jnp.where(wavelen > C / lo, inv_freq / s, inv_freq)
+    a = (C / wavelen - lo) / (hi - lo)
+    smoothed = (1 - a) * scaled / s + a * scaled
+    medium = ~(wavelen < C / hi) & ~(wavelen > C / lo)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
+    """Rotary embedding, half-split layout of Hugging Face. x [B, T, n, H], positions [B, T];
+    frequencies from `rope_frequencies`."""
+    H = x.shape[-1]
+    inv_freq = rope_frequencies(H, theta, scaling)  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]  # [B, T, 1, H]
     sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
@@ -108,6 +147,22 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _qkv(h: Array, p: dict[str, Array], cfg: ModelConfig) -> tuple[Array, Array, Array]:
+    """Query, key and value heads of h [B, T, D], before RoPE: q = h W_q (+ b_q), likewise k and v;
+    with `qk_norm` (Qwen3) q and k are then RMS-normalised over H, head by head, as in
+    transformers' Qwen3Attention (norm of the projection, then RoPE)."""
+    dt = h.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", h, p["q_proj"].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", h, p["k_proj"].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", h, p["v_proj"].astype(dt))
+    if cfg.attention_bias:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    if cfg.qk_norm:  # weights [H], broadcast over B, T and the heads
+        q = rms_norm(q, p["q_norm"].astype(dt), cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"].astype(dt), cfg.rms_norm_eps)
+    return q, k, v
 
 
 def _block(
@@ -121,11 +176,11 @@ def _block(
     dt = x.dtype
 
     h = rms_norm(x, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, p["q_proj"].astype(dt)) + p["q_bias"].astype(dt)
-    k = jnp.einsum("BTD,DKH->BTKH", h, p["k_proj"].astype(dt)) + p["k_bias"].astype(dt)
-    v = jnp.einsum("BTD,DKH->BTKH", h, p["v_proj"].astype(dt)) + p["v_bias"].astype(dt)
-    q = constrain(rope(q, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_heads", None))
-    k = constrain(rope(k, positions, cfg.rope_theta), mesh, ("act_batch", "act_length", "act_kv_heads", None))
+    q, k, v = _qkv(h, p, cfg)  # [B, T, N, H], [B, T, K, H], [B, T, K, H]
+    q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+    k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+    q = constrain(q, mesh, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(k, mesh, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
     out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, layer)  # [B, T, N, H]
     x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
@@ -163,7 +218,8 @@ def _attend(q, k, v, k_cache, v_cache, layer, *, cfg: ModelConfig, mesh: Mesh | 
 
 
 class Qwen2(nnx.Module):
-    """Qwen2-architecture causal LM. `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+    """Causal LM of any family of `config.FAMILIES` (the name is historical; `Decoder` is the same
+    class). `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
@@ -171,7 +227,8 @@ class Qwen2(nnx.Module):
         d = dims(cfg)
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Param(_init("normal", rngs, (d["V"], d["D"]), pdt), axes=("vocab", "embed"))
-        for name, (shape, axes, kind) in LAYER_PARAMS.items():
+        for name in layer_param_names(cfg):
+            shape, axes, kind = LAYER_PARAMS[name][:3]
             value = _init(kind, rngs, tuple(d[c] for c in shape), pdt)
             setattr(self, name, nnx.Param(value, axes=axes))
         self.final_norm = nnx.Param(jnp.ones((d["D"],), pdt), axes=("norm",))
@@ -179,7 +236,7 @@ class Qwen2(nnx.Module):
             self.lm_head = nnx.Param(_init("normal", rngs, (d["D"], d["V"]), pdt), axes=("embed", "vocab"))
 
     def layer_params(self) -> dict[str, Array]:
-        return {name: getattr(self, name)[...] for name in LAYER_PARAMS}
+        return {name: getattr(self, name)[...] for name in layer_param_names(self.cfg)}
 
     def hidden_states(
         self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
@@ -269,6 +326,9 @@ class Qwen2(nnx.Module):
         )
         logits = self.unembed(h)
         return logits if cache is None else (logits, new_cache)
+
+
+Decoder = Qwen2
 
 
 def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Qwen2:

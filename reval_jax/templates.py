@@ -9,13 +9,18 @@ Templates are chosen by name (ALGORITHMS.md, "Prompt templates", paper App. F):
 - ``plain``: one user turn holding the problem only (toy tasks).
 
 Every template goes through the tokenizer's own chat template, so the special tokens of the model
-family (ChatML for Qwen, ``<｜User｜>`` for DeepSeek-R1-Distill) come from the checkpoint.
-``QWEN_CHAT_TEMPLATE`` is the ChatML template given to the locally built test tokenizer.
+family (ChatML for Qwen, ``<｜User｜>`` for DeepSeek-R1-Distill, ``<|start_header_id|>`` for
+Llama 3) come from the checkpoint. ``enable_thinking`` (config ``data.enable_thinking``; None = the
+chat template's default) is handed to chat templates that read it: Qwen3's opens the assistant turn
+with an empty ``<think>\n\n</think>\n\n`` block when it is False, so the model answers without
+thinking. ``QWEN_CHAT_TEMPLATE`` is the ChatML template given to the locally built test tokenizer.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from reval_jax.errors import UserError
 
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -34,6 +39,8 @@ QWEN_CHAT_TEMPLATE = (
 
 # Stop tokens of Qwen-family chat models (ALGORITHMS.md): both end the response.
 QWEN_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")
+# Llama 3's: end of a turn, end of text, end of a tool-call message.
+LLAMA3_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
 
 def _r1_distill(problem: str) -> tuple[list[dict[str, str]], str]:
@@ -71,8 +78,28 @@ def template_messages(problem: str, name: str) -> list[dict[str, str]]:
     return TEMPLATES[name](problem)[0]
 
 
-def apply_template(tokenizer: Any, problem: str, name: str) -> str:
-    """Renders ``problem`` with template ``name`` through the tokenizer's chat template.
+def _chat_kwargs(tokenizer: Any, name: str, enable_thinking: bool | None) -> dict[str, Any]:
+    """Extra variables of the chat template: ``enable_thinking`` when set, refused where the chat
+    template never reads it (it would be silently ignored) or where it contradicts ``r1_distill``."""
+    if enable_thinking is None:
+        return {}
+    if "enable_thinking" not in str(tokenizer.chat_template):
+        raise UserError(
+            f"data.enable_thinking={enable_thinking} but the chat template of tokenizer "
+            f"{type(tokenizer).__name__} does not read enable_thinking (Qwen3's does); leave "
+            "data.enable_thinking unset (None) for this model"
+        )
+    if name == "r1_distill" and not enable_thinking:
+        raise UserError(
+            "data.enable_thinking=False contradicts data.template='r1_distill', which opens the "
+            "thinking block; use another template or leave enable_thinking unset"
+        )
+    return {"enable_thinking": bool(enable_thinking)}
+
+
+def apply_template(tokenizer: Any, problem: str, name: str, *, enable_thinking: bool | None = None) -> str:
+    """Renders ``problem`` with template ``name`` through the tokenizer's chat template
+    (``enable_thinking``, when not None, is passed to it: see the module docstring).
 
     The result ends with the generation prompt (and ``<think>\\n`` for ``r1_distill``, added only
     when the chat template did not already open the thinking block).
@@ -84,7 +111,8 @@ def apply_template(tokenizer: Any, problem: str, name: str) -> str:
             f"{name!r} needs one (set tokenizer.chat_template, e.g. to QWEN_CHAT_TEMPLATE)"
         )
     messages, assistant_prefix = TEMPLATES[name](problem)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = _chat_kwargs(tokenizer, name, enable_thinking)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     # DeepSeek-R1-Distill's template already ends with "<think>\n" (or "<think>"): never double it.
@@ -94,18 +122,19 @@ def apply_template(tokenizer: Any, problem: str, name: str) -> str:
     return text
 
 
-def encode_prompt(tokenizer: Any, problem: str, name: str) -> list[int]:
+def encode_prompt(tokenizer: Any, problem: str, name: str, *, enable_thinking: bool | None = None) -> list[int]:
     """Token ids of the rendered prompt. The chat template already holds every special token the
     model needs (a BOS included, for families that use one), so none are added on top."""
-    text = apply_template(tokenizer, problem, name)
+    text = apply_template(tokenizer, problem, name, enable_thinking=enable_thinking)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that end a response: ``<|endoftext|>`` and ``<|im_end|>`` where the vocabulary has them,
-    then the tokenizer's EOS; deduplicated, in that order."""
+    """Ids that end a response: ``<|endoftext|>`` and ``<|im_end|>`` (Qwen), ``<|eot_id|>``,
+    ``<|end_of_text|>`` and ``<|eom_id|>`` (Llama 3) where the vocabulary has them, then the
+    tokenizer's EOS; deduplicated, in that order."""
     vocab = tokenizer.get_vocab()
-    ids = [vocab[token] for token in QWEN_STOP_TOKENS if token in vocab]
+    ids = [vocab[token] for token in QWEN_STOP_TOKENS + LLAMA3_STOP_TOKENS if token in vocab]
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     if not ids:

@@ -256,14 +256,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     data_iter, data_stats = prompt_batches(
         list(config.data.train_files), tokenizer, config.data.template, config.data.max_prompt_len,
         config.data.prompts_per_iteration, config.seed, problem_key=config.data.problem_key,
-        answer_key=config.data.answer_key, strict=config.data.strict)  # every process reads the same batch
+        answer_key=config.data.answer_key, strict=config.data.strict,
+        enable_thinking=config.data.get("enable_thinking"))  # every process reads the same batch
     benchmarks = {}
     if config.eval.every:
         benchmarks = load_benchmarks(list(config.eval.files), tokenizer, config.data.template,
                                      limit=config.eval.limit, seed=config.seed,
                                      max_prompt_len=config.data.max_prompt_len,
                                      problem_key=config.data.problem_key,
-                                     answer_key=config.data.answer_key, strict=config.data.strict)
+                                     answer_key=config.data.answer_key, strict=config.data.strict,
+                                     enable_thinking=config.data.get("enable_thinking"))
     buffer = ReplayBuffer(config.replay.capacity, seq_len, seed=config.seed,
                           prioritized=config.replay.prioritized, alpha=config.replay.alpha,
                           beta_is=config.replay.beta_is, pad_id=sampling.pad_id)

@@ -1,5 +1,6 @@
-"""Shared tiny models for tests: random `transformers` Qwen2 checkpoints saved as HF directories,
-and our own tiny models. Everything is built locally and cached for the whole test session."""
+"""Shared tiny models for tests: random `transformers` checkpoints of each family (Qwen2, Qwen3,
+Llama 3) saved as HF directories, and our own tiny models. Everything is built locally and cached
+for the whole test session."""
 
 from __future__ import annotations
 
@@ -16,27 +17,50 @@ _ROOT = Path(tempfile.mkdtemp(prefix="reval_jax_models_"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
-def hf_config(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, vocab: int = VOCAB):
+FAMILIES = ("qwen2", "qwen3", "llama")
+# Llama 3 frequency scaling with every band present at head_dim 16, theta 1e4 (wavelengths 2π·10^(j/2)
+# = 6.3, 19.9, 62.8, ...): high (λ < 32/4 = 8), medium (8..32) and low (λ > 32, divided by 8).
+# The shortest wavelength of any RoPE is 2π, so original / high_freq_factor must exceed it.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+LONG = 48  # sequence length of the family tests: positions past every band's wavelength scale
+
+
+def hf_config(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, vocab: int = VOCAB,
+              family: str = "qwen2"):
+    """A tiny `transformers` config of `family`. Qwen2 keeps head_dim = hidden / heads = 8; Qwen3
+    and Llama have an explicit head_dim of 16 (N·H = 64 != D = 32, as in Qwen3-0.6B); Llama uses
+    the llama3 RoPE scaling `LLAMA3_ROPE` and rms eps 1e-5."""
     import transformers
 
-    return transformers.Qwen2Config(
+    common = dict(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
         rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie,
     )
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=16)
+    if family == "llama":
+        return transformers.LlamaConfig(**{**common, "rms_norm_eps": 1e-5}, head_dim=16,
+                                        rope_scaling=dict(LLAMA3_ROPE), bos_token_id=None,
+                                        eos_token_id=None)  # as the Qwen configs: no stop in generate
+    raise ValueError(family)
 
 
 @functools.cache
 def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0,
-             vocab: int = VOCAB):
-    """A random `transformers` Qwen2ForCausalLM (float32, eval mode) with weights large enough
+             vocab: int = VOCAB, family: str = "qwen2"):
+    """A random `transformers` causal LM of `family` (float32, eval mode) with weights large enough
     (std 0.2, norms around 1) that the logits are far from trivial."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    cfg = hf_config(num_kv_heads=num_kv_heads, tie=tie, layers=layers, vocab=vocab)
-    model = transformers.Qwen2ForCausalLM(cfg)
+    cfg = hf_config(num_kv_heads=num_kv_heads, tie=tie, layers=layers, vocab=vocab, family=family)
+    cls = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+    model = getattr(transformers, cls[family])(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -48,11 +72,14 @@ def hf_model(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed:
 
 @functools.cache
 def hf_dir(*, num_kv_heads: int = 2, tie: bool = False, layers: int = 2, seed: int = 0,
-           max_shard_size: str | None = None, tokenizer: bool = False, vocab: int = VOCAB) -> Path:
+           max_shard_size: str | None = None, tokenizer: bool = False, vocab: int = VOCAB,
+           family: str = "qwen2") -> Path:
     """`hf_model(...)` saved with `save_pretrained` (optionally sharded) plus the tiny tokenizer."""
-    name = f"hf_kv{num_kv_heads}_tie{int(tie)}_l{layers}_s{seed}_{max_shard_size}_{int(tokenizer)}_v{vocab}"
+    name = (f"hf_{family}_kv{num_kv_heads}_tie{int(tie)}_l{layers}_s{seed}_{max_shard_size}_"
+            f"{int(tokenizer)}_v{vocab}")
     path = _ROOT / name
-    model = hf_model(num_kv_heads=num_kv_heads, tie=tie, layers=layers, seed=seed, vocab=vocab)
+    model = hf_model(num_kv_heads=num_kv_heads, tie=tie, layers=layers, seed=seed, vocab=vocab,
+                     family=family)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     if tokenizer:

@@ -6,10 +6,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import hf_dir, hf_logits, padded_batch
+from models import FAMILIES, LLAMA3_ROPE, LONG, hf_dir, hf_logits, padded_batch
 
 import reval_jax
-from reval_jax.config import preset
+from reval_jax.config import family_switches, preset
 from reval_jax.hf import SafetensorsDir, write_safetensors
 
 
@@ -18,22 +18,38 @@ def _tensors(path) -> dict[str, np.ndarray]:
     return {n: np.array(st.read(n)) for n in st.names()}
 
 
-def test_ours_to_hf_to_transformers_gives_same_logits(tmp_path):
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def _tiny(family: str, **overrides):
+    """preset("tiny") in `family`; Llama with scaled RoPE (positions up to LONG cross every band)."""
+    if family == "llama":
+        overrides["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"}
+    return preset("tiny", **family_switches(family), **overrides)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ours_to_hf_to_transformers_gives_same_logits(tmp_path, family):
     import transformers
 
     for tie in (False, True):
-        model = reval_jax.create_model(preset("tiny", tie_word_embeddings=tie), seed=3)
+        model = reval_jax.create_model(_tiny(family, tie_word_embeddings=tie), seed=3)
         out = reval_jax.save_hf(model, None, tmp_path / f"tie{tie}")
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="float32").eval()
-        tokens, mask, positions = padded_batch("left", vocab=model.cfg.vocab_size)
+        assert type(hf).__name__ == ARCHITECTURES[family]
+        assert hf.num_parameters() == model.cfg.num_params()
+        tokens, mask, positions = padded_batch("left", vocab=model.cfg.vocab_size, length=LONG)
         ours = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(mask)))
         ref = hf_logits(hf, tokens, mask, positions)
         assert np.abs(ours - ref)[mask].max() <= 1e-4
+        again, _ = reval_jax.load_hf(out, load_tokenizer=False)
+        assert again.cfg == model.cfg
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, tie):
-    src = hf_dir(tie=tie)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, family, tie):
+    src = hf_dir(tie=tie, family=family)
     model, _ = reval_jax.load_hf(src, load_tokenizer=False)
     out = reval_jax.save_hf(model, None, tmp_path / "out")
     a, b = _tensors(src), _tensors(out)
@@ -41,7 +57,22 @@ def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, tie):
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["tie_word_embeddings"] == tie
+    assert cfg["architectures"] == [ARCHITECTURES[family]] and cfg["tie_word_embeddings"] == tie
+    assert cfg["model_type"] == family
+
+
+def test_both_rope_spellings_of_config_json_load_alike(tmp_path):
+    """transformers 5.x writes `rope_parameters` (holding rope_theta); Llama-3.1's own config.json
+    (transformers 4.x) has `rope_theta` and `rope_scaling`."""
+    path = _copy(tmp_path, family="llama")
+    cfg = json.loads((path / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    assert params["rope_type"] == "llama3"
+    new, _ = reval_jax.load_hf(path, load_tokenizer=False)
+    cfg.update(rope_theta=params.pop("rope_theta"), rope_scaling=params)
+    (path / "config.json").write_text(json.dumps(cfg))
+    old, _ = reval_jax.load_hf(path, load_tokenizer=False)
+    assert old.cfg == new.cfg and old.cfg.rope_scaling.original_max_position_embeddings == 32
 
 
 def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
@@ -143,8 +174,37 @@ def test_missing_directory_is_named(tmp_path):
 
 def test_unsupported_architecture_is_named(tmp_path):
     path = _copy(tmp_path)
-    _edit_config(path, model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(ValueError, match="unsupported model.*llama.*LlamaForCausalLM"):
+    _edit_config(path, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
+    with pytest.raises(ValueError, match="unsupported model.*qwen3_moe.*Qwen3MoeForCausalLM"):
+        reval_jax.load_hf(path, load_tokenizer=False)
+    _edit_config(path, model_type="llama", architectures=["Qwen2ForCausalLM"])  # disagreeing
+    with pytest.raises(ValueError, match="unsupported model.*llama.*Qwen2ForCausalLM"):
+        reval_jax.load_hf(path, load_tokenizer=False)
+
+
+@pytest.mark.parametrize("family, changes, pattern", [
+    ("llama", {"attention_bias": True}, "attention_bias=true is not supported for model_type 'llama'"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=true is not supported for model_type 'qwen3'"),
+    ("llama", {"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                   "original_max_position_embeddings": 32}},
+     "rope_parameters rope_type='yarn' is not supported"),
+    ("qwen2", {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling rope_type='dynamic' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+     r"rope_parameters of rope_type 'llama3' lacks \['low_freq_factor'"),
+    ("qwen3", {"use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]},
+     r"layer_types \['sliding_attention'\] are not supported"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+], ids=["llama-attention-bias", "qwen3-attention-bias", "mlp-bias", "yarn", "dynamic",
+        "llama3-incomplete", "sliding-window", "layer-types", "gelu"])
+def test_unsupported_field_is_named(tmp_path, family, changes, pattern):
+    from reval_jax.errors import UserError
+
+    path = _copy(tmp_path, family=family)
+    _edit_config(path, **changes)
+    with pytest.raises(UserError, match=pattern):
         reval_jax.load_hf(path, load_tokenizer=False)
 
 

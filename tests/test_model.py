@@ -1,28 +1,63 @@
-"""The Qwen2 model: logits parity with `transformers`, padding invariance, scan and remat."""
+"""The decoder of every family: logits parity with `transformers`, Llama 3's RoPE frequencies,
+padding invariance, scan and remat."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import hf_dir, hf_logits, hf_model, padded_batch
+from models import FAMILIES, LLAMA3_ROPE, LONG, hf_dir, hf_logits, hf_model, padded_batch
 
 import reval_jax
-from reval_jax.config import preset
+from reval_jax.config import RopeScaling, preset
+from reval_jax.model import layer_param_names, rope_frequencies
 
 TOL = 1e-4  # max abs logits difference against transformers (float32); never loosened
 
 
-@pytest.mark.parametrize("layout", ["none", "left", "right"])
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_logits_match_transformers(num_kv_heads, tie, layout):
-    model, _ = reval_jax.load_hf(hf_dir(num_kv_heads=num_kv_heads, tie=tie), load_tokenizer=False)
-    tokens, mask, positions = padded_batch(layout)
-    ref = hf_logits(hf_model(num_kv_heads=num_kv_heads, tie=tie), tokens, mask, positions)
-    ours = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(mask)))
-    assert ours.dtype == np.float32 and ours.shape == ref.shape
-    assert np.abs(ours - ref)[mask].max() <= TOL
-    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family, num_kv_heads, tie):
+    kw = dict(family=family, num_kv_heads=num_kv_heads, tie=tie)
+    model, _ = reval_jax.load_hf(hf_dir(**kw), load_tokenizer=False)
+    assert model.cfg.family == family and model.cfg.num_params() == hf_model(**kw).num_parameters()
+    for layout in ("none", "left", "right"):
+        tokens, mask, positions = padded_batch(layout, length=LONG)
+        ref = hf_logits(hf_model(**kw), tokens, mask, positions)
+        ours = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(mask)))
+        assert ours.dtype == np.float32 and ours.shape == ref.shape
+        assert np.abs(ours - ref)[mask].max() <= TOL, layout
+        assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
+
+
+def test_family_parameters_exist_only_where_the_family_has_them():
+    has = {f: set(layer_param_names(reval_jax.load_hf(hf_dir(family=f), load_tokenizer=False)[0].cfg))
+           for f in FAMILIES}
+    assert {"q_bias", "k_bias", "v_bias"} <= has["qwen2"] and not has["qwen2"] & {"q_norm", "k_norm"}
+    assert {"q_norm", "k_norm"} <= has["qwen3"] and not has["qwen3"] & {"q_bias", "k_bias", "v_bias"}
+    assert not has["llama"] & {"q_bias", "k_bias", "v_bias", "q_norm", "k_norm"}
+
+
+@pytest.mark.parametrize("head_dim, theta, scaling", [
+    (16, 10_000.0, LLAMA3_ROPE),  # the tiny test model's
+    (128, 500_000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),  # Llama-3.1-8B's
+], ids=["tiny", "llama3.1-8b"])
+def test_llama3_rope_frequencies_match_transformers(head_dim, theta, scaling):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = transformers.LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim, rope_theta=theta,
+        max_position_embeddings=131_072, rope_scaling=dict(scaling))
+    ref = ROPE_INIT_FUNCTIONS["llama3"](hf)[0].numpy()
+    params = {k: v for k, v in scaling.items() if k != "rope_type"}
+    ours = np.asarray(rope_frequencies(head_dim, theta, RopeScaling(**params)))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+    plain = np.asarray(rope_frequencies(head_dim, theta))
+    ratio = ours / plain  # every band is exercised: kept (1), divided by factor, and in between
+    assert np.any(ratio == 1) and np.any(np.isclose(ratio, 1 / scaling["factor"]))
+    assert np.any((ratio < 1) & (ratio > 1 / scaling["factor"] + 1e-6))
 
 
 def test_left_and_right_padding_give_same_logits():
@@ -103,5 +138,13 @@ def test_presets_have_the_real_shapes():
     assert 1.7e9 < r1.num_params() < 1.8e9  # 1.78B with an untied head
     assert 7.0e9 < preset("qwen2.5-math-7b").num_params() < 7.7e9
     assert 1.5e9 < preset("qwen2.5-1.5b").num_params() < 1.6e9
+    # Qwen3-1.7B (tied) 1.72B, Qwen3-8B 8.19B, Llama-3.1-8B 8.03B (the model cards' 1.7B / 8.2B / 8B)
+    assert preset("qwen3-1.7b").num_params() == 1_720_574_976
+    assert preset("qwen3-8b").num_params() == 8_190_735_360
+    assert preset("llama-3.1-8b").num_params() == 8_030_261_248
+    q3, llama = preset("qwen3-8b"), preset("llama-3.1-8b")
+    assert (q3.family, q3.qk_norm, q3.attention_bias, q3.head_dim) == ("qwen3", True, False, 128)
+    assert (llama.family, llama.attention_bias, llama.rope_theta) == ("llama", False, 500_000.0)
+    assert llama.rope_scaling.original_max_position_embeddings == 8192 and llama.rms_norm_eps == 1e-5
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("qwen9")

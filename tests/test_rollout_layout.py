@@ -157,23 +157,26 @@ def test_decode_gathers_no_parameter_on_the_rollout_layout(mesh_shape):
 
 
 @functools.cache
-def _hf_policy(mesh_shape=None):
+def _hf_policy(mesh_shape=None, family="qwen2"):
     mesh = None if mesh_shape is None else make_mesh(mesh_shape)
-    return reval_jax.load_hf(hf_dir(), load_tokenizer=False, mesh=mesh)[0]
+    return reval_jax.load_hf(hf_dir(family=family), load_tokenizer=False, mesh=mesh)[0]
 
 
-@pytest.mark.parametrize("config", [
-    SamplingConfig(max_new_tokens=8, num_samples=2, top_k=20, top_p=0.9, temperature=0.8, buckets=(8,)),
-    SamplingConfig(max_new_tokens=8, greedy=True, buckets=(8,)),
+SAMPLED = SamplingConfig(max_new_tokens=8, num_samples=2, top_k=20, top_p=0.9, temperature=0.8, buckets=(8,))
+
+
+@pytest.mark.parametrize("config, family", [
+    (SAMPLED, "qwen2"), (SamplingConfig(max_new_tokens=8, greedy=True, buckets=(8,)), "qwen2"),
+    (SAMPLED, "qwen3"), (SAMPLED, "llama"),
 ])
-def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config):
+def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config, family):
     """A float32 rollout layout (tp 2 × dp 4 from an FSDP master) samples what one device samples:
     the same tokens, log-probs within float32 rounding of a differently compiled program."""
-    master = _hf_policy((1, 8, 1))  # the random HF model: weights of std 0.2, logits far apart
+    master = _hf_policy((1, 8, 1), family)  # the random HF model: weights of std 0.2, logits far apart
     graphdef, params = nnx.split(master)
     model = to_rollout(graphdef, params, rollout_mesh(master.mesh, 2, master.cfg), "float32")
     assert dict(model.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-    single = jax.tree.map(np.asarray, generate(_hf_policy(), PROMPTS, config, seed=3))
+    single = jax.tree.map(np.asarray, generate(_hf_policy(None, family), PROMPTS, config, seed=3))
     ours = generate(model, PROMPTS, config, seed=3)
     ours = jax.tree.map(np.asarray, ours)
     np.testing.assert_array_equal(ours.response_tokens, single.response_tokens)
@@ -184,7 +187,7 @@ def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config):
     tokens, mask = pad_prompts(PROMPTS, 8)  # and the logits of a forward pass
     forward = lambda m: np.asarray(jax.jit(lambda s, t, k: nnx.merge(nnx.graphdef(m), s)(t, mask=k))(
         nnx.state(m), tokens, mask))
-    np.testing.assert_allclose(forward(model), forward(_hf_policy()), atol=1e-5)
+    np.testing.assert_allclose(forward(model), forward(_hf_policy(None, family)), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from models import VOCAB, hf_dir, hf_model
+from models import FAMILIES, VOCAB, hf_dir, hf_model
 
 import reval_jax
 from reval_jax.sampler import (
@@ -36,32 +36,33 @@ SAMPLE = SamplingConfig(max_new_tokens=8, num_samples=2, top_k=20, top_p=0.9, te
 
 
 @functools.cache
-def tiny(mesh_shape=None):
+def tiny(mesh_shape=None, family="qwen2"):
     mesh = None if mesh_shape is None else make_mesh(mesh_shape)
-    return reval_jax.load_hf(hf_dir(), load_tokenizer=False, mesh=mesh)[0]
+    return reval_jax.load_hf(hf_dir(family=family), load_tokenizer=False, mesh=mesh)[0]
 
 
 @functools.cache
-def _forward():
-    graphdef, _ = nnx.split(tiny())
+def _forward(family="qwen2"):
+    graphdef, _ = nnx.split(tiny(family=family))
     return jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state)(tokens, mask=mask))
 
 
-def full_logits(tokens, mask):
+def full_logits(tokens, mask, family="qwen2"):
     """One forward pass over whole sequences: logits [B, T, V] float32."""
-    return np.asarray(_forward()(nnx.state(tiny()), jnp.asarray(tokens), jnp.asarray(mask)))
+    state = nnx.state(tiny(family=family))
+    return np.asarray(_forward(family)(state, jnp.asarray(tokens), jnp.asarray(mask)))
 
 
 @functools.cache
-def rollout(config: SamplingConfig = SAMPLE, seed: int = 0, mesh_shape=None):
-    return jax.tree.map(np.asarray, generate(tiny(mesh_shape), PROMPTS, config, seed=seed))
+def rollout(config: SamplingConfig = SAMPLE, seed: int = 0, mesh_shape=None, family="qwen2"):
+    return jax.tree.map(np.asarray, generate(tiny(mesh_shape, family), PROMPTS, config, seed=seed))
 
 
-def response_logits(r):
+def response_logits(r, family="qwen2"):
     """Logits that predicted each response token, from one full forward pass: [R, A, V]."""
     traj = r.to_trajectories()
     P = r.prompt_tokens.shape[1]
-    logits = full_logits(traj.tokens, traj.attn_mask)
+    logits = full_logits(traj.tokens, traj.attn_mask, family)
     return logits[:, P - 1 : -1]
 
 
@@ -154,8 +155,9 @@ def test_near_ties_are_told_from_real_differences():
     assert steps == r.response_mask.sum() > 0 and ties <= steps // 10, (ties, steps)
 
 
-def test_cached_decode_equals_full_forward():
-    model = tiny()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(family):
+    model = tiny(family=family)
     graphdef, state = nnx.split(model)
     P, steps = 16, 6
     tokens, mask = pad_prompts(PROMPTS, P)
@@ -175,7 +177,7 @@ def test_cached_decode_equals_full_forward():
 
     seq = np.concatenate([tokens, cont], 1)
     seq_mask = np.concatenate([mask, np.ones_like(cont, bool)], 1)
-    ref = full_logits(seq, seq_mask)[:, P - 1 :]  # [B, steps + 1, V]
+    ref = full_logits(seq, seq_mask, family)[:, P - 1 :]  # [B, steps + 1, V]
     assert stepped.dtype == np.float32 and stepped.shape == ref.shape
     assert np.abs(stepped - ref).max() <= TOL
     assert np.abs(ref).max() > 1.0
@@ -198,12 +200,13 @@ def test_sampled_logp_equals_full_forward_distribution():
     assert np.all(r.logp < 0)  # no row was left with a single candidate throughout
 
 
-def test_greedy_matches_transformers_generate():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers_generate(family):
     import torch
 
     config = SamplingConfig(max_new_tokens=12, greedy=True, buckets=BUCKETS)
-    r = rollout(config)
-    hf = hf_model()
+    r = rollout(config, family=family)
+    hf = hf_model(family=family)
     expected = []
     for prompt in PROMPTS:  # each prompt alone: no padding on the reference side
         with torch.no_grad():
@@ -213,7 +216,7 @@ def test_greedy_matches_transformers_generate():
         expected.append(out[0, len(prompt) :].numpy())
         assert len(set(expected[-1].tolist())) >= 5, expected[-1]  # not one token repeated
     # transformers' tokens; two frameworks round differently, so a near tie may go either way
-    agreed_columns(r.response_tokens, np.stack(expected), response_logits(r), config)
+    agreed_columns(r.response_tokens, np.stack(expected), response_logits(r, family), config)
     assert np.all(r.logp == 0) and np.all(r.truncated) and np.all(r.response_length == 12)
 
 

@@ -30,11 +30,14 @@ def test_mesh_errors_name_the_problem():
     assert make_mesh((-1, 1, 2)).shape == {"data": 4, "fsdp": 1, "tensor": 2}
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 4), (1, 2, 4), (2, 2, 2)])
-def test_sharded_forward_equals_single_device(shape):
+@pytest.mark.parametrize("shape, family", [
+    ((2, 1, 4), "qwen2"), ((1, 2, 4), "qwen2"), ((2, 2, 2), "qwen2"), ((1, 2, 4), "qwen3"),
+    ((2, 2, 2), "llama"),
+])
+def test_sharded_forward_equals_single_device(shape, family):
     mesh = make_mesh(shape)
-    single, _ = reval_jax.load_hf(hf_dir(num_kv_heads=4), load_tokenizer=False)
-    sharded, _ = reval_jax.load_hf(hf_dir(num_kv_heads=4), load_tokenizer=False, mesh=mesh)
+    single, _ = reval_jax.load_hf(hf_dir(num_kv_heads=4, family=family), load_tokenizer=False)
+    sharded, _ = reval_jax.load_hf(hf_dir(num_kv_heads=4, family=family), load_tokenizer=False, mesh=mesh)
     assert sharded.q_proj[...].sharding.spec == logical_to_spec(
         ("layers", "embed", "heads", "head_dim"), sharded.q_proj[...].shape, mesh)
     assert len(sharded.gate_proj[...].addressable_shards) == 8

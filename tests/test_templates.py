@@ -62,6 +62,52 @@ def test_r1_think_newline_added_after_bare_think():
     assert text.count("<think>") == 1
 
 
+# Qwen3's chat template, reduced to what decides the prompt: ChatML turns, and with thinking off an
+# empty thinking block opening the assistant turn (the real template's `enable_thinking is false`).
+QWEN3_LIKE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def _qwen3_tokenizer():
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = QWEN3_LIKE_TEMPLATE
+    return tokenizer
+
+
+def test_enable_thinking_reaches_the_chat_template(tmp_path):
+    from helpers import write_arith_data
+
+    from reval_jax.data import load_examples
+
+    tokenizer = _qwen3_tokenizer()
+    turn = f"<|im_start|>user\n{PROBLEM}<|im_end|>\n<|im_start|>assistant\n"
+    assert apply_template(tokenizer, PROBLEM, "plain") == turn  # the template's default: thinking
+    assert apply_template(tokenizer, PROBLEM, "plain", enable_thinking=True) == turn
+    off = apply_template(tokenizer, PROBLEM, "plain", enable_thinking=False)
+    assert off == turn + "<think>\n\n</think>\n\n"
+    ids = encode_prompt(tokenizer, PROBLEM, "plain", enable_thinking=False)
+    assert ids[-6:] == tokenizer.convert_tokens_to_ids(["<think>", "\n", "\n", "</think>", "\n", "\n"])
+    # through the data pipeline (config data.enable_thinking)
+    path = write_arith_data(tmp_path / "arith.jsonl", n=3)
+    examples, _ = load_examples(path, tokenizer, "plain", None, enable_thinking=False)
+    assert tokenizer.decode(examples[0].prompt_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_enable_thinking_is_refused_where_it_would_be_ignored_or_contradicted():
+    from reval_jax.errors import UserError
+
+    with pytest.raises(UserError, match="does not read enable_thinking"):
+        apply_template(tiny_tokenizer(), PROBLEM, "plain", enable_thinking=False)  # ChatML ignores it
+    with pytest.raises(UserError, match="contradicts data.template='r1_distill'"):
+        apply_template(_qwen3_tokenizer(), PROBLEM, "r1_distill", enable_thinking=False)
+
+
 def test_unknown_template_lists_valid_names():
     with pytest.raises(ValueError, match="unknown prompt template 'r1'") as info:
         apply_template(tiny_tokenizer(), PROBLEM, "r1")
@@ -91,6 +137,10 @@ def test_stop_token_ids():
     assert stop_token_ids(tokenizer) == [end, im_end]  # eos is <|endoftext|>: listed once
     tokenizer.eos_token = "<think>"
     assert stop_token_ids(tokenizer) == [end, im_end, tokenizer.convert_tokens_to_ids("<think>")]
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|end_of_text|>"]})
+    eot, eot_text = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"])
+    assert stop_token_ids(tokenizer) == [end, im_end, eot, eot_text]  # Llama 3's end of turn and text
 
 
 def test_tokenizer_fixed_ids_and_deterministic():

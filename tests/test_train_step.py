@@ -11,6 +11,7 @@ from flax import nnx
 from models import tiny_model
 
 from reval_jax.batch import Trajectories
+from reval_jax.config import RopeScaling, family_switches
 from reval_jax.losses import LossNorm, grpo_advantages, transform_rewards
 from reval_jax.packing import Budget, pack, pack_rows
 from reval_jax.sharding import make_mesh, state_shardings
@@ -305,6 +306,24 @@ def test_sharded_step_equals_single_device(loss):
     assert sharded.params["gate_proj"][...].sharding.spec == jax.sharding.PartitionSpec(
         None, "fsdp", "tensor"
     )
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+
+
+FAMILY_MODELS = {  # preset("tiny") overrides: every family's parameters and RoPE through the update
+    "qwen3": family_switches("qwen3"),
+    "llama": {**family_switches("llama"), "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 16)},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_sharded_step_equals_single_device_for_every_family(family):
+    batch = make_batch(seed=6)
+    cfg = StepConfig(loss="grpo", beta=0.1)
+    model = FAMILY_MODELS[family]
+    single, m1 = run_step(cfg, batch, micro_batches=2, **model)
+    sharded, m8 = run_step(cfg, batch, mesh=make_mesh((2, 2, 2)), micro_batches=2, **model)
+    assert ("q_norm" in sharded.params) == (family == "qwen3") and "q_bias" not in sharded.params
+    assert m1["grad_norm"] > 1e-3 and m1["skipped"] == 0
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
