@@ -184,12 +184,8 @@ def run_side(args) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def busy_cores(seconds: float, start: tuple[float, float]) -> float:
-    """Average cores busy on the whole machine since `start` (/proc/stat, Linux)."""
-    return (_busy() - start[0]) / seconds
-
-
 def _busy() -> float:
+    """CPU seconds the whole machine has been busy (/proc/stat, Linux)."""
     with open("/proc/stat") as f:
         fields = [float(x) for x in f.readline().split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
@@ -232,7 +228,7 @@ def run_group(args, sides: list[str], weights: str) -> dict[str, dict]:
         if proc.returncode:
             raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
         results[side] = json.loads(out.strip().splitlines()[-1])
-    cores = busy_cores(time.perf_counter() - start, (busy, 0))
+    cores = (_busy() - busy) / (time.perf_counter() - start)  # average cores busy meanwhile
     for r in results.values():
         r["machine_busy_cores"] = cores
     return results

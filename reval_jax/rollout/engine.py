@@ -219,8 +219,9 @@ class Engine:
                 f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
         self.G = 1 + pages
         self.stop = set(sampling.stop_ids)
-        # calls, preemptions, and wall seconds spent in the compiled decode loop (to the host's read
-        # of its result) and in admissions (prefill, first tokens, slot writes)
+        # calls, preemptions, and host wall seconds: in the decode loop up to the host's read of its
+        # result, and in admissions (prefill to the first tokens' read, then dispatching the slot
+        # writes, whose device time falls into the next decode_s: no sync is added to time them)
         self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0, "decode_s": 0.0, "admit_s": 0.0}
 
     def initial_state(self) -> tuple[Pool, Slots]:
@@ -355,7 +356,6 @@ class Engine:
                 slots, pool, table, live, held, clock = self._admit(
                     batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
                     seed, ids, np.asarray(free_list, np.int32))
-                jax.block_until_ready(slots)
                 self.stats["admit_s"] += time.perf_counter() - t0
             if not held.any():
                 if not pending:
