@@ -297,8 +297,15 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **overrid
 
 def to_hf_config(cfg: ModelConfig, *, torch_dtype: str | None = None) -> dict[str, Any]:
     """The `config.json` of the family's HF architecture with our shapes. RoPE is written the
-    transformers 4.x way (`rope_theta`, `rope_scaling`), which 5.x reads too."""
-    out = {
+    transformers 4.x way (`rope_theta`, `rope_scaling` when set), which 5.x reads too. A Qwen2
+    config is written exactly as before the other families existed (same keys, same order)."""
+    scaling = {} if cfg.rope_scaling is None else {"rope_scaling": cfg.rope_scaling.to_hf()}
+    switches = {
+        "qwen2": {"use_sliding_window": False},  # q/k/v biases always on: no attention_bias field
+        "qwen3": {"use_sliding_window": False, "attention_bias": False},
+        "llama": {"attention_bias": False, "mlp_bias": False},
+    }[cfg.family]
+    return {
         "architectures": [FAMILIES[cfg.family].architecture],
         "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
@@ -310,17 +317,11 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: str | None = None) -> dict[st
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if cfg.rope_scaling is None else cfg.rope_scaling.to_hf(),
+        **scaling,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
+        **switches,
         "attention_dropout": 0.0,
         "torch_dtype": torch_dtype or cfg.param_dtype,
     }
-    if cfg.family in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = False
-    if cfg.family != "qwen2":  # Qwen2 always has q/k/v biases and no such field
-        out["attention_bias"] = False
-    if cfg.family == "llama":
-        out["mlp_bias"] = False
-    return out
