@@ -64,7 +64,7 @@ def side(args) -> dict:
                                       prefill_chunk=args.prompt_len, prefill_rows=args.slots // 4),
                          prompt_bucket=args.prompt_len)
             out = eng.run(prompts, seed=r, prompt_ids=list(range(len(prompts))), limits=lengths.reshape(-1, N))
-            got = sum(len(tokens) for o in out for tokens, _ in o)
+            got = sum(len(tokens) for o in out for tokens, _, _ in o)
             assert got == useful, (got, useful)
             stats = eng.stats
         else:

@@ -304,7 +304,7 @@ def gpu_bench(args) -> None:
         t0 = time.perf_counter()
         out = engine.run(prompts, seed=r, prompt_ids=list(range(slots)), limits=np.full(slots, A))
         seconds = time.perf_counter() - t0
-        assert sum(len(t) for o in out for t, _ in o) == slots * A
+        assert sum(len(t) for o in out for t, _, _ in o) == slots * A
         if r and (best is None or seconds < best[0]):
             best = (seconds, dict(engine.stats))
         print(f"call {r}: {seconds:.2f} s {engine.stats}")

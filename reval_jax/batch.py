@@ -31,7 +31,10 @@ FIELD_DTYPES: dict[str, np.dtype] = {
     "ref_version": np.dtype(np.int32),
     "sampler_logp": np.dtype(np.float32),
     "iteration": np.dtype(np.int32),
+    "sampler_version": np.dtype(np.int32),
 }
+# Fields `from_numpy` fills when they are missing (batches built before the field existed).
+FIELD_DEFAULTS: dict[str, int] = {"sampler_version": -1}
 # Fields with a time axis ([B, T]); the others are per trajectory ([B]).
 TOKEN_FIELDS: tuple[str, ...] = (
     "tokens",
@@ -39,6 +42,7 @@ TOKEN_FIELDS: tuple[str, ...] = (
     "response_mask",
     "ref_logp",
     "sampler_logp",
+    "sampler_version",
 )
 
 
@@ -58,6 +62,7 @@ class Trajectories:
     ref_version: Array  # [B] int32  reference version of ref_logp/ref_v (-1 = not computed)
     sampler_logp: Array  # [B, T] f32  sampler's log-prob of token t, 0 where not response
     iteration: Array  # [B] int32  generation iteration that produced the sample
+    sampler_version: Array  # [B, T] int32  policy version (updates) token t was sampled under, -1 where not response
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +82,10 @@ class Trajectories:
 
         Missing or unknown fields and inconsistent shapes raise ValueError.
         """
+        if FIELD_DEFAULTS.keys() - arrays.keys() and "tokens" in arrays:
+            shape = np.shape(arrays["tokens"])
+            arrays = {**{k: np.full(shape if k in TOKEN_FIELDS else shape[:1], v)
+                         for k, v in FIELD_DEFAULTS.items()}, **arrays}
         missing = sorted(set(FIELD_DTYPES) - set(arrays))
         unknown = sorted(set(arrays) - set(FIELD_DTYPES))
         if missing or unknown:
@@ -94,7 +103,8 @@ class Trajectories:
         return jax.tree.map(lambda x: x[index], self)
 
     def pad_to(self, length: int, pad_id: int = 0) -> Trajectories:
-        """Right-pads the time axis to `length` (host arrays): pad tokens, masks False, log-probs 0.
+        """Right-pads the time axis to `length` (host arrays): pad tokens, masks False, log-probs 0,
+        versions -1.
 
         Indices (s1_index) are unchanged by right padding. A batch longer than `length` raises.
         """
@@ -105,7 +115,7 @@ class Trajectories:
             return self
         fields = self.to_numpy()
         for name in TOKEN_FIELDS:
-            fill = pad_id if name == "tokens" else 0
+            fill = pad_id if name == "tokens" else FIELD_DEFAULTS.get(name, 0)
             fields[name] = np.pad(fields[name], ((0, 0), (0, extra)), constant_values=fill)
         return Trajectories.from_numpy(fields)
 

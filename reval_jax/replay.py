@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from reval_jax.batch import FIELD_DTYPES, TOKEN_FIELDS, Trajectories
+from reval_jax.batch import FIELD_DEFAULTS, FIELD_DTYPES, TOKEN_FIELDS, Trajectories
 
 # recompute_fn(stale entries) -> (ref_logp [k, T], ref_v [k]) under the current reference.
 RecomputeFn = Callable[[Trajectories], tuple[np.ndarray, np.ndarray]]
@@ -319,6 +319,9 @@ class ReplayBuffer:
                 f"{(self.capacity, self.seq_len, self.prioritized)}"
             )
         for name, dtype in FIELD_DTYPES.items():
+            if f"data/{name}" not in state and name in FIELD_DEFAULTS:  # saved before the field existed
+                self._data[name] = np.full_like(self._data[name], FIELD_DEFAULTS[name])
+                continue
             self._data[name] = np.array(state[f"data/{name}"], dtype=dtype)
         self._uses = np.array(state["uses"], np.int64)
         self._priorities = np.array(state["priorities"], np.float64)

@@ -102,6 +102,7 @@ class Rollout:
     truncated: Array  # [B·N] bool  reached A tokens without a stop token
     logp: Array  # [B·N, A] f32  log q(a_h | s_h) of the sampling distribution, 0 where masked
     group_id: Array  # [B·N] int32  the prompt id of the sample
+    version: Array  # [B·N, A] int32  policy version each token was sampled under, -1 where masked
 
     def to_trajectories(self, *, iteration: int = 0, pad_id: int = 0):
         """The trainer's host batch: tokens = prompt ++ response ([B·N, P + A]), masks and
@@ -127,6 +128,8 @@ class Rollout:
             "ref_v": zeros,
             "ref_version": np.full((R,), -1),
             "sampler_logp": np.concatenate([none, np.where(rmask, to_host(self.logp), 0.0)], 1),
+            "sampler_version": np.concatenate([np.full(pmask.shape, -1), np.where(rmask, to_host(self.version), -1)],
+                                              1),
             "iteration": np.full((R,), iteration),
         })
 
@@ -308,6 +311,7 @@ def _padded_prompts(model: Qwen2, prompts: Sequence[Sequence[int]], config: Samp
 def generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
     prompt_ids: Sequence[int] | None = None, engine=None, max_new_tokens: Sequence[int] | None = None,
+    version: int = 0, weights=None, max_steps: int = 0, in_flight: str = "continue",
 ) -> Rollout:
     """Samples `config.num_samples` responses to each prompt (a list of token ids) with the rollout
     engine (`reval_jax.rollout.engine`: continuous batching on a paged KV cache).
@@ -317,7 +321,11 @@ def generate(
     `EngineConfig` (default: every sample in a slot of its own, pages of 16 tokens);
     `max_new_tokens` per prompt (default: config.max_new_tokens for all; none may exceed it).
     The Rollout's layout is the static sampler's: prompts left-padded to the bucket, A =
-    config.max_new_tokens response columns."""
+    config.max_new_tokens response columns.
+
+    Asynchronous training (reval_jax.pipeline): `version` is the policy version of `model`;
+    `weights`, `max_steps` and `in_flight` let newer weights in between decode calls
+    (`Engine.run`); `Rollout.version` records each token's version."""
     from reval_jax.rollout.engine import Engine, EngineConfig
 
     B, N, A = len(prompts), config.num_samples, config.max_new_tokens
@@ -327,22 +335,25 @@ def generate(
         raise ValueError(f"max_new_tokens must be {B} values in 1..{A} (config.max_new_tokens)")
     if engine is None:  # every sample in a slot of its own, the static sampler's cache size
         engine = EngineConfig(slots=B * N, prefill_rows=B)
-    out = Engine(model, config, engine, prompt_bucket=P).run(prompts, seed=seed, prompt_ids=ids, limits=limits)
+    out = Engine(model, config, engine, prompt_bucket=P, version=version).run(
+        prompts, seed=seed, prompt_ids=ids, limits=limits, weights=weights, max_steps=max_steps, in_flight=in_flight)
     response = np.full((B * N, A), config.pad_id, np.int32)
     logp = np.zeros((B * N, A), np.float32)
+    versions = np.full((B * N, A), -1, np.int32)
     length = np.zeros(B * N, np.int32)
     stopped = np.zeros(B * N, bool)
     stops = set(config.stop_ids)
     for b in range(B):
-        for n, (tok, lp) in enumerate(out[b]):
+        for n, (tok, lp, ver) in enumerate(out[b]):
             r = b * N + n
             response[r, : len(tok)], logp[r, : len(tok)], length[r] = tok, lp, len(tok)
+            versions[r, : len(tok)] = ver
             stopped[r] = len(tok) > 0 and int(tok[-1]) in stops
     return Rollout(
         prompt_tokens=jnp.asarray(np.repeat(tokens, N, 0)), prompt_mask=jnp.asarray(np.repeat(mask, N, 0)),
         response_tokens=jnp.asarray(response), response_mask=jnp.asarray(np.arange(A) < length[:, None]),
         response_length=jnp.asarray(length), truncated=jnp.asarray(~stopped), logp=jnp.asarray(logp),
-        group_id=jnp.asarray(np.repeat(ids, N)),
+        group_id=jnp.asarray(np.repeat(ids, N)), version=jnp.asarray(versions),
     )
 
 
@@ -366,9 +377,10 @@ def generate_static(
     state = _prefill(graphdef, params, tokens, mask, ids, np.uint32(seed), config=config)
     state = _decode(graphdef, params, state, config=config)
     N, A = config.num_samples, config.max_new_tokens
+    response_mask = jnp.arange(A) < state.length[:, None]
     return Rollout(
         prompt_tokens=jnp.repeat(tokens, N, 0), prompt_mask=jnp.repeat(mask, N, 0),
-        response_tokens=state.tokens, response_mask=jnp.arange(A) < state.length[:, None],
+        response_tokens=state.tokens, response_mask=response_mask,
         response_length=state.length, truncated=~state.done, logp=state.logp,
-        group_id=jnp.repeat(ids, N),
+        group_id=jnp.repeat(ids, N), version=jnp.where(response_mask, 0, -1).astype(jnp.int32),
     )

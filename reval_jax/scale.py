@@ -432,9 +432,10 @@ def build_decode(s: Setup) -> Program:
     mean_response = min(A, s.mean_tokens)
     steps = -(-rollouts * mean_response // engine.slots)
     refill = jnp.zeros((), jnp.int32)
+    max_steps = jnp.asarray(A, jnp.int32)  # no weight pickup inside a call (async step pickup lowers it)
     # one call runs at most A steps (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
     return Program(
-        "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill),
+        "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill, max_steps),
         kwargs={"config": config, "block_pages": engine.block_pages}, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
         note=f"{engine.slots} slots, {G} pages x {engine.page_size} tokens ({(G - 1) * engine.page_size} cached "

@@ -113,7 +113,7 @@ def test_prompt_pages_are_shared_by_the_samples():
     out = e.run([prompt], seed=1, prompt_ids=[5], limits=[16])
     assert e.stats["preempted"] == 0 and e.stats["prefill_calls"] == 1
     ref = jax.tree.map(np.asarray, generate_static(tiny_model(), [prompt], config, seed=1, prompt_ids=[5]))
-    for n, (tokens, logp) in enumerate(out[0]):
+    for n, (tokens, logp, _) in enumerate(out[0]):
         np.testing.assert_array_equal(tokens, ref.response_tokens[n, : len(tokens)])
         np.testing.assert_allclose(logp, ref.logp[n, : len(tokens)], atol=1e-5)
 

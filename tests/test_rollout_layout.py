@@ -110,7 +110,8 @@ def _decode_hlo(model, config: SamplingConfig, slots: int = 6) -> str:
     # 6 slots: the rows' activations (6 × kv heads × head_dim, ...) have no weight's element count
     engine = Engine(model, config, EngineConfig(slots=slots, page_size=4), prompt_bucket=8)
     pool, slots = engine.initial_state()
-    return _decode.lower(engine.graphdef, engine.params, pool, slots, jnp.asarray(1, jnp.int32), config=config,
+    return _decode.lower(engine.graphdef, engine.params, pool, slots, jnp.asarray(1, jnp.int32),
+                         jnp.asarray(config.max_new_tokens, jnp.int32), config=config,
                          block_pages=engine.engine.block_pages).compile().as_text()
 
 

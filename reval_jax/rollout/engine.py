@@ -13,6 +13,14 @@
 Dimension alphabet: B slots, W page-table width, G pages, S tokens per page, C prefill chunk,
 A = max_new_tokens (response columns), V vocabulary.
 
+Weights can change while the engine runs (asynchronous training, reval_jax/pipeline.py): `run(...,
+weights=poll)` calls `poll()` before every decode call; when it returns (version, params) the next
+call decodes under them. Rows in flight keep their KV cache and continue under the new weights
+(in_flight="continue"), or the engine admits nothing new until they have finished under the old
+ones and switches then (in_flight="finish"). Each response token's policy version is returned with
+it. `max_steps` bounds the decode steps of one call, so that new weights are picked up within that
+many tokens.
+
 Randomness is the static sampler's: the noise of (seed, prompt id, sample n) at response step h
 comes from fold_in(fold_in(fold_in(key(seed), prompt id), n), h), so the tokens depend on neither
 the batch composition, the slot a sample gets, its pages nor preemption — only on the model's
@@ -96,6 +104,7 @@ class Request:
     samples: tuple[int, ...]  # sample indices n
     tokens: np.ndarray | None = None  # resume: response tokens so far [h]
     logp: np.ndarray | None = None
+    versions: np.ndarray | None = None  # resume: the policy version of each of those tokens [h]
 
 
 def _base_keys(seed, prompt_ids: Array, samples: Array) -> Array:
@@ -147,9 +156,9 @@ def _pages_needed(s: Slots, S: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "block_pages"),
                    donate_argnames=("pool", "slots"))
-def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, *, config, block_pages: int):
-    """Decode steps of every live slot until `refill_at` of them have finished, none is live, or a
-    step would need more pages than are free."""
+def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, config, block_pages: int):
+    """Decode steps of every live slot until `refill_at` of them have finished, none is live, a
+    step would need more pages than are free, or `max_steps` steps have run."""
     from reval_jax.sampler import sample_logits
 
     model = nnx.merge(graphdef, params)
@@ -164,7 +173,8 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, *, config, bl
         i, _, s = c
         finished = jnp.sum(~s.live) - idle
         # every live row finishes within A steps (no row is admitted inside the loop): i < A bounds it
-        return (i < A) & jnp.any(s.live) & (finished < refill_at) & (jnp.sum(_pages_needed(s, S)) <= s.n_free)
+        fits = jnp.sum(_pages_needed(s, S)) <= s.n_free
+        return (i < A) & (i < max_steps) & jnp.any(s.live) & (finished < refill_at) & fits
 
     def body(c):
         i, pool, s = c
@@ -205,8 +215,9 @@ class Engine:
         # out: per prompt, per sample, (tokens [h] int32, logp [h] f32, stopped bool)
     """
 
-    def __init__(self, model, sampling, engine: EngineConfig, *, prompt_bucket: int):
+    def __init__(self, model, sampling, engine: EngineConfig, *, prompt_bucket: int, version: int = 0):
         self.graphdef, self.params = nnx.split(model)
+        self.version = version  # the policy version of `params` (asynchronous training's weight pushes)
         self.cfg, self.sampling, self.engine = model.cfg, sampling, engine
         S, A = engine.page_size, sampling.max_new_tokens
         self.A = A
@@ -309,10 +320,19 @@ class Engine:
     # --- the loop
 
     def run(self, prompts: Sequence[Sequence[int]], *, seed: int, prompt_ids: Sequence[int],
-            limits):
+            limits, weights=None, max_steps: int = 0, in_flight: str = "continue"):
         """Every sample of every prompt to its stop token or its limit (`limits`: max_new_tokens per
         prompt [P] or per sample [P, N]). Returns, per prompt, a list of N (tokens [h] int32,
-        logp [h] f32) in sample order."""
+        logp [h] f32, versions [h] int32: the policy version each token was sampled under) in
+        sample order.
+
+        weights: None, or `poll() -> (version, model) | None`, called before every decode call;
+          a model it returns (the same architecture and layout) replaces the current one there.
+        max_steps: decode steps per call at most (0: up to max_new_tokens).
+        in_flight: "continue" (rows in flight go on under new weights, keeping their cache) or
+          "finish" (nothing is admitted until they have finished under the old weights)."""
+        if in_flight not in ("continue", "finish"):
+            raise ValueError(f"in_flight={in_flight!r}: use 'continue' or 'finish'")
         B, S, N = self.engine.slots, self.engine.page_size, self.sampling.num_samples
         ids = np.asarray(prompt_ids, np.int32)
         limits = np.broadcast_to(np.asarray(limits, np.int32).reshape(len(prompts), -1), (len(prompts), N))
@@ -324,15 +344,29 @@ class Engine:
         clock = 0
         pool, slots = self.initial_state()
         table, live, held = np.zeros((B, self.W), np.int32), np.zeros(B, bool), np.zeros(B, bool)
+        h = np.zeros(B, np.int32)  # response tokens of each slot, as of the last read
+        spans: list[list[tuple[int, int]]] = [[] for _ in range(B)]  # (first response index, version)
+        staged = None  # new weights waiting for the rows in flight to finish (in_flight="finish")
         free = self._free_pages(table, held)
         slots = self._write_rows(slots, [], {}, slots.keys[:0], free)
+        steps = jnp.asarray(max_steps or self.A, jnp.int32)
 
         while True:
-            # --- admit waiting requests into free slots while their pages fit
+            # --- new weights, between decode calls
+            new = weights() if weights is not None else None
+            if new is not None:
+                staged = new
+            if staged is not None and (in_flight == "continue" or not held.any()):
+                self._set_weights(*staged)
+                staged = None
+                for b in np.flatnonzero(live):
+                    spans[b].append((int(h[b]), self.version))
+            # --- admit waiting requests into free slots while their pages fit (not while rows
+            # finish under old weights)
             batch, batch_rows, batch_pages = [], [], []
             open_slots = [b for b in range(B) if not held[b]]
             free_list = list(free)
-            while pending and len(batch) < self.engine.prefill_rows:
+            while pending and staged is None and len(batch) < self.engine.prefill_rows:
                 req = pending[0]
                 resume = req.tokens is not None
                 seq = np.concatenate([req.prompt, req.tokens[:-1]]) if resume else req.prompt
@@ -355,7 +389,7 @@ class Engine:
                 t0 = time.perf_counter()
                 slots, pool, table, live, held, clock = self._admit(
                     batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-                    seed, ids, np.asarray(free_list, np.int32))
+                    seed, ids, np.asarray(free_list, np.int32), h, spans)
                 self.stats["admit_s"] += time.perf_counter() - t0
             if not held.any():
                 if not pending:
@@ -367,7 +401,7 @@ class Engine:
                 if pending else B + 1
             self.stats["decode_calls"] += 1
             t0 = time.perf_counter()
-            pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32),
+            pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32), steps,
                                   config=self.sampling, block_pages=self.engine.block_pages)
             # every process gets the whole state (to_host gathers arrays that span several hosts),
             # so every process's scheduler takes the same decisions
@@ -377,7 +411,7 @@ class Engine:
             # --- collect finished slots
             done = [b for b in range(B) if held[b] and not now_live[b]]
             for b in done:
-                results[owner[b]] = (tokens[b, : h[b]].copy(), logp[b, : h[b]].copy())
+                results[owner[b]] = (tokens[b, : h[b]].copy(), logp[b, : h[b]].copy(), _expand(spans[b], h[b]))
                 owner[b], held[b] = None, False
             live = now_live.copy()
             # --- out of pages: preempt the newest rows until the next step fits
@@ -388,7 +422,8 @@ class Engine:
                 b = max((b for b in range(B) if live[b]), key=lambda b: admitted[b])
                 p_row, n = owner[b]
                 pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), (int(limits[p_row, n]),), (n,),
-                                           tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy()))
+                                           tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy(),
+                                           versions=_expand(spans[b], h[b])))
                 owner[b], held[b], live[b], need[b] = None, False, False, False
                 table[b] = TRASH
                 victims.append(b)
@@ -404,8 +439,9 @@ class Engine:
         return [[results[(i, n)] for n in range(N)] for i in range(len(prompts))]
 
     def _admit(self, batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-               seed, ids, free):
-        """Prefills the batch's prompts once, copies partial pages, samples a_1 and fills slots."""
+               seed, ids, free, h, spans):
+        """Prefills the batch's prompts once, copies partial pages, samples a_1 and fills slots
+        (their response lengths `h` and version spans `spans` too, in place)."""
         S = self.engine.page_size
         pool, logits = self._prefill_rows(pool, batch_rows)
         new = [i for i, r in enumerate(batch) if r.tokens is None]
@@ -456,6 +492,10 @@ class Engine:
                 key_smp.append(n)
                 owner[b], held[b], admitted[b] = (req.index, n), True, clock
                 table[b], live[b] = row, rows["live"][r]
+                h[b] = hh
+                spans[b] = _spans(req.versions) if req.tokens is not None else []
+                if not spans[b] or spans[b][-1][1] != self.version:
+                    spans[b].append((hh if req.tokens is not None else 0, self.version))
                 clock += 1
                 r += 1
         if src:
@@ -463,3 +503,22 @@ class Engine:
         keys = _base_keys(np.uint32(seed), jnp.asarray(key_pid, jnp.int32), jnp.asarray(key_smp, jnp.int32))
         slots = self._write_rows(slots, index, rows, keys, free)
         return slots, pool, table, live, held, clock
+
+    def _set_weights(self, version: int, model) -> None:
+        graphdef, params = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("new weights for the engine must have the model's architecture, dtype and layout")
+        self.version, self.params = int(version), params
+
+
+def _expand(spans: list[tuple[int, int]], n: int) -> np.ndarray:
+    """[n] int32: the version of each response token, from (first index, version) spans."""
+    out = np.zeros(n, np.int32)
+    for start, version in spans:
+        out[start:] = version
+    return out
+
+
+def _spans(versions: np.ndarray) -> list[tuple[int, int]]:
+    """The (first index, version) spans of a per-token version array."""
+    return [(int(i), int(versions[i])) for i in range(len(versions)) if i == 0 or versions[i] != versions[i - 1]]
