@@ -60,6 +60,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.cache_tokens = 0  # KV cache size in tokens (all slots together); 0 = slots × (prompt bucket + max_new)
     c.rollout.prefill_chunk = 512  # prompt tokens per prefill call and row
 
+    # generation and training in turn (sync) or overlapped with bounded staleness (async): reval_jax/pipeline.py
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.mode = "sync"  # sync (generate, then train: the reproducible default) | async (generation runs ahead)
+    c.pipeline.max_staleness = 0  # async: updates a round's weights may lag the trainer when it is trained
+    c.pipeline.sync_every = 1  # async: push the trainer's weights to the rollout side every this many updates
+    c.pipeline.rollout_devices = 0  # async: 0 = time-sliced on every device; n = the first n devices generate
+    c.pipeline.pickup = "round"  # two groups: round (each round under one version, deterministic) | step
+    c.pipeline.in_flight = "continue"  # step pickup: rows in flight continue under new weights | finish (old ones)
+    c.pipeline.pickup_steps = 16  # step pickup: decode steps between checks for new weights
+
     c.reward = ml_collections.ConfigDict()
     c.reward.name = "math"  # reward function by name (reval_jax.rewards.REWARDS) or "module:fn"
     c.reward.transform = "centered"  # binary | centered (r − group mean) | plus_minus_one

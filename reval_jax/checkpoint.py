@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,21 @@ def verify(meta: dict, **items) -> list[str] | None:
     return bad
 
 
+def _saved_numpy_tree(sums: dict[str, str] | None) -> dict[str, np.ndarray] | None:
+    """A flat dict of zero numpy arrays with the keys, dtypes and shapes recorded in a buffer's
+    checksums (`fingerprints` of a flat dict of numpy arrays), or None when there are none."""
+    if not sums:
+        return None
+    tree = {}
+    for path, value in sums.items():
+        match = re.fullmatch(r"\['(.+)'\]", path)
+        spec = re.fullmatch(r"(\w+)(\[[\d, ]*\]):[0-9a-f]+", value)
+        if match is None or spec is None:
+            return None  # not a flat dict of numpy arrays: restore onto the caller's template
+        tree[match.group(1)] = np.zeros(json.loads(spec.group(2)), np.dtype(spec.group(1)))
+    return tree
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 
 
@@ -257,7 +273,12 @@ class Checkpointer:
         and whether checksums were verified (False: a checkpoint older than checksums)."""
         items = {"state": ocp.args.StandardRestore(_abstract(state_like)), "meta": ocp.args.JsonRestore()}
         if buffer_like is not None:
-            items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like))
+            # the buffer item as it was saved (its keys, shapes and dtypes are in the checksums):
+            # entries added to the buffer state since, or that vary between runs (the queued rounds
+            # of an asynchronous run), restore as saved; the caller fills in what is missing
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            saved = _saved_numpy_tree(meta.get("checksums", {}).get("buffer"))
+            items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like if saved is None else saved))
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         trees = {"state": out.state, **({"buffer": out.buffer} if buffer_like is not None else {})}
         bad = verify(dict(out.meta), **trees)

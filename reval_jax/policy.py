@@ -13,9 +13,9 @@ import jax
 from reval_jax.sharding import make_mesh
 
 
-def make_run_mesh(config):
-    """The device mesh of a run config (`config.mesh`)."""
-    return make_mesh(tuple(config.mesh))
+def make_run_mesh(config, devices=None):
+    """The device mesh of a run config (`config.mesh`), over `devices` (default: all)."""
+    return make_mesh(tuple(config.mesh), devices)
 
 
 def load_hf_policy(config, mesh, path: str | None = None):

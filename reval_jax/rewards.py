@@ -24,6 +24,7 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import threading
 import time
 import traceback
 from collections import deque
@@ -205,7 +206,8 @@ class RewardScorer:
     Every answer has ``timeout_s`` seconds from the moment a worker receives it; past that it scores
     0, is counted in ``stats.timeouts`` and its worker is killed and replaced. An exception in the
     reward or a dead worker scores 0 and is counted in ``stats.errors``. Use as a context manager or
-    call ``close()``.
+    call ``close()``. Calls from several threads (an asynchronous run's rollout thread and the
+    trainer's evaluation) take turns: one call owns the workers at a time.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class RewardScorer:
         self.startup_timeout_s = float(startup_timeout_s)
         self._ctx = multiprocessing.get_context("spawn")
         self._scored = self._timeouts = self._errors = self._restarts = 0
+        self._lock = threading.Lock()
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
     @property
@@ -250,6 +253,10 @@ class RewardScorer:
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Rewards of ``pairs`` of (response, ground-truth answer), in order."""
+        with self._lock:
+            return self._score(pairs)
+
+    def _score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         if not self._workers:
             raise RuntimeError("RewardScorer is closed")
         for slot, worker in enumerate(self._workers):

@@ -6,6 +6,10 @@ Each iteration: prompts -> sampler -> reward -> replay buffer -> K updates (on-p
 buffer draws; or buffer only) -> reference reset every R updates -> metrics -> periodic evaluation.
 The sampler and the evaluation read a copy of the policy in the rollout layout (config.rollout.*,
 reval_jax/rollout/layout.py), built from the master weights before they run and freed after.
+Where a round's rollouts come from is the pipeline's (config.pipeline.*, reval_jax/pipeline.py):
+generated at the top of the iteration (sync, the default), or ahead of time under a policy at most
+`pipeline.max_staleness` updates older (async: time-sliced on every device, or on a rollout device
+group while the others train); the loop body is the same, it takes round i from the pipeline.
 The algorithm (reval | tbrm | regression | grpo) is one config field; `ALGORITHM_DEFAULTS` sets
 what each baseline implies (TBRM: fixed reference, 0/1 reward, on-policy; GRPO: fresh rollouts
 every update; regression: the centered reward of Eq. 8), unless `config.algorithm_defaults` is False,
@@ -36,6 +40,7 @@ from reval_jax.distributed import to_host
 from reval_jax.errors import UserError
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantages, transform_rewards
 from reval_jax.packing import Budget, pack
+from reval_jax.pipeline import Clock, Round, make_pipeline, pipeline_config
 from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
 from reval_jax.rollout.engine import engine_config
@@ -59,7 +64,7 @@ ALGORITHM_DEFAULTS = {
     "grpo": {"replay.updates_per_iteration": 1, "replay.schedule": "on_policy_first"},
 }
 TRAIN_ECHO = ("accuracy", "loss", "delta_abs_max", "kl_mean", "grad_norm", "response_length",
-              "generate_s", "update_s")
+              "generate_s", "update_s", "staleness_max")
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -202,11 +207,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # compilation cache, config.compile_cache, may gain entries)
     enable_compile_cache(config, Path(workdir))
 
+    # --- devices: all of them train and generate in turn, or (async, two groups) the first
+    # pipeline.rollout_devices generate while the others train (reval_jax/pipeline.py)
+    pipe_cfg = pipeline_config(config, len(jax.devices()), jax.process_count())
+    rollout_devices = jax.devices()[: pipe_cfg.rollout_devices]
+    mesh = make_run_mesh(config, jax.devices()[pipe_cfg.rollout_devices:])
+
     # --- model, optimizer, state
-    mesh = make_run_mesh(config)
     policy, tokenizer = load_hf_policy(config, mesh)
     # the sampler's layout (reval_jax.rollout.layout): built from the master weights once per round
-    rollout_layout = layout_from_config(config, mesh, policy.cfg)
+    # (evaluation always samples on the training devices)
+    eval_layout = layout_from_config(config, mesh, policy.cfg)
+    rollout_layout = layout_from_config(config, rollout_devices, policy.cfg) if rollout_devices else eval_layout
     engine = engine_config(config)  # the rollout engine's slots and KV cache (None: one slot per sample)
     graphdef, params = nnx.split(policy)
     optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
@@ -284,17 +296,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     def run_eval(iteration: int):
         start = time.perf_counter()
-        model = rollout_layout(graphdef, state.params)  # the rollout copy, freed on return
+        model = eval_layout(graphdef, state.params)  # the rollout copy, freed on return
         results = evaluate(model, tokenizer, benchmarks, eval_settings, scorer, progress=config.progress)
         del model
         results["eval_s"] = time.perf_counter() - start
         writer.write("eval", iteration, results, echo=(f"avg@{config.eval.k}",))
         return results[f"avg@{config.eval.k}"]
 
+    # --- generation: one round of prompts -> sampler -> rewards, on whichever side the pipeline runs it
+    def produce(iteration: int, model, version: int, weights=None) -> Round:
+        """Round `iteration` sampled by `model` (the policy at `version`, in the rollout layout);
+        `weights` lets newer pushes in between decode calls (two-group async, step pickup)."""
+        t0 = time.perf_counter()
+        examples = next(data_iter)
+        base_id = iteration * config.data.prompts_per_iteration
+        parts, raws, truncated = [], [], []
+        for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",
+                              disable=not config.progress or len(examples) <= prompts_per_call, leave=False):
+            chunk = examples[start_row : start_row + prompts_per_call]
+            rollout = generate(model, [e.prompt_ids for e in chunk], sampling, engine=engine,
+                               seed=(config.seed * 1_000_003 + iteration) % 2**32,
+                               prompt_ids=[base_id + start_row + j for j in range(len(chunk))],
+                               version=version, weights=weights, max_steps=pickup_steps,
+                               in_flight=pipe_cfg.in_flight)
+            raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk]))
+            truncated.append(to_host(rollout.truncated))
+            parts.append(rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len))
+            if weights is not None:  # the next call starts under the newest weights taken so far
+                version, model = pipe.in_use()
+        batch, raw = concatenate(parts), np.concatenate(raws)
+        reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
+        batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
+        return Round(iteration, batch, np.concatenate(truncated), time.perf_counter() - t0)
+
+    pickup_steps = pipe_cfg.pickup_steps if pipe_cfg.pickup == "step" else 0
+    clock = Clock()
+    pipe = make_pipeline(pipe_cfg, config.replay.updates_per_iteration, config.num_iterations, produce,
+                         lambda s: rollout_layout(graphdef, s.params), clock)
+
     # --- resume from the newest loadable checkpoint, if any
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(state, buffer.state_dict())
+    restored = ckpt.restore_latest(state, {**buffer.state_dict(), **pipe.state_dict()})
     start = 1
     if restored is None:
         writer.write("data", 0, {k: v for k, v in vars(data_stats).items() if k != "files"},
@@ -302,6 +345,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     else:
         state, start = restored.state, restored.iteration + 1
         buffer.load_state_dict(restored.buffer)
+        pipe.load_state_dict(restored.buffer)
+        if pipe.queue and pipe_cfg.mode == "sync":
+            raise UserError(f"checkpoint {restored.iteration} in {ckpt.directory} was written by an asynchronous run "
+                            f"with rounds {sorted(pipe.queue)} generated ahead: resume it with "
+                            "--config.pipeline.mode=async")
+        for i, rnd in pipe.queue.items():  # generated under the checkpoint's bound: refused if over this one's
+            over = staleness_of(rnd.batch, (i - 1) * config.replay.updates_per_iteration).max(initial=0)
+            if over > pipe_cfg.max_staleness:
+                raise UserError(f"checkpoint {restored.iteration} in {ckpt.directory} holds round {i} generated "
+                                f"{over} updates ahead of its training, over pipeline.max_staleness="
+                                f"{pipe_cfg.max_staleness}: resume with --config.pipeline.max_staleness={over} "
+                                "or more (or from an earlier checkpoint)")
         data_iter.set_state(restored.meta["data"])
         scorer.restore_stats(RewardStats(**restored.meta["verifier"]))
         dropped = writer.rewind(restored.iteration)  # metrics.jsonl and TensorBoard events
@@ -311,9 +366,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             print(f"warning: config differs from the checkpoint's: {diff}")
 
     def save(iteration: int):
+        pipe.quiesce()  # the rounds generated ahead, and the data position after them, at one point
         meta = {"data": data_iter.get_state(), "verifier": dataclasses.asdict(scorer.stats),
                 "config": json_config}
-        ckpt.save(iteration, state, buffer.state_dict(), meta)
+        ckpt.save(iteration, state, {**buffer.state_dict(), **pipe.state_dict()}, meta)
 
     # --- SIGTERM / SIGINT: finish the iteration, checkpoint, exit (a second SIGINT aborts)
     stop_signal: list[int] = []
@@ -337,42 +393,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if config.eval.every and restored is None:
             print("evaluating the initial policy (the first sampler call compiles: slow)", flush=True)
             run_eval(0)
+        if start <= config.num_iterations:
+            pipe.start(state, start)  # async: generates (or starts generating) the rounds due now
+        window = time.perf_counter()
         for iteration in range(start, config.num_iterations + 1):
             ckpt.poll()  # a failed background write of the last checkpoint stops the run here
-            # --- generate: prompts -> sampler -> rewards
+            # --- this round's rollouts: generated now (sync: from the policy after the last round's
+            # updates, in the rollout layout and dtype), or ahead of time under an older policy (async)
             t0 = time.perf_counter()
             if iteration == start:
                 print(f"iteration {iteration}/{config.num_iterations}: compiling the sampler and the train step "
                       "(the first iteration is slow)", flush=True)
-            examples = next(data_iter)
-            # the policy after the last round's updates, in the rollout layout and dtype (a copy for
-            # this round's sampling only: deleted below, before the updates)
-            model = rollout_layout(graphdef, state.params)
-            base_id = iteration * config.data.prompts_per_iteration
-            parts, raws, lengths, truncated = [], [], [], []
-            for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",
-                                  disable=not config.progress or len(examples) <= prompts_per_call, leave=False):
-                chunk = examples[start_row : start_row + prompts_per_call]
-                rollout = generate(model, [e.prompt_ids for e in chunk], sampling, engine=engine,
-                                   seed=(config.seed * 1_000_003 + iteration) % 2**32,
-                                   prompt_ids=[base_id + start_row + j for j in range(len(chunk))])
-                raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk]))
-                lengths.append(to_host(rollout.response_length))
-                truncated.append(to_host(rollout.truncated))
-                parts.append(rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len))
-            del model
-            batch, raw = concatenate(parts), np.concatenate(raws)
-            lengths, truncated = np.concatenate(lengths), np.concatenate(truncated)
-            reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
-            batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
+            rnd = pipe.take(iteration, state)
+            batch, truncated, generate_s = rnd.batch, rnd.truncated, rnd.generate_s
+            raw, reward = np.asarray(batch.raw_reward), np.asarray(batch.reward)
+            lengths = np.asarray(batch.response_mask).sum(1)
+            staleness = staleness_of(batch, int(state.step))
             if stores_reference:
                 batch = fill_reference(batch)
             buffer.add(batch)
-            generate_s = time.perf_counter() - t0
 
             # --- K updates: on-policy first (or buffer only), reference reset every R updates
             t1 = time.perf_counter()
-            update_metrics = []
+            update_metrics, update_staleness = [], []
             for k in range(config.replay.updates_per_iteration):
                 if k == 0 and config.replay.schedule == "on_policy_first":
                     train_batch, weights, indices = batch, np.ones(update_batch, np.float32), None
@@ -381,7 +424,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                            ref_version=int(state.ref_version) if stores_reference else None,
                                            recompute_fn=recompute if stores_reference else None)
                     train_batch, weights, indices = sample.batch, sample.weights, sample.indices
-                state, m = update(state, train_batch, weights)
+                update_staleness.append(staleness_of(train_batch, int(state.step)))
+                with clock.busy("train"):
+                    state, m = update(state, train_batch, weights)
                 if indices is not None and config.replay.prioritized:
                     buffer.update_priorities(indices, m["abs_delta"])
                 update_metrics.append({k: v for k, v in m.items() if np.ndim(v) == 0})
@@ -397,6 +442,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     state = reset_reference(state)
                     if config.replay.on_reset == "flush":
                         buffer.flush()
+                pipe.updated(state)  # async: rounds whose weights have come are generated / pushed
             update_s = time.perf_counter() - t1
 
             # --- metrics
@@ -410,8 +456,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 updates=int(state.step), skipped_total=int(state.skipped),
                 ref_version=int(state.ref_version), verifier_timeouts=scorer.stats.timeouts,
                 verifier_errors=scorer.stats.errors,
+                staleness_mean=float(staleness.mean()), staleness_max=float(staleness.max()),
+                update_staleness_mean=float(np.mean(np.concatenate(update_staleness))),
+                update_staleness_max=float(np.max(np.concatenate(update_staleness))),
+                rounds_ahead=len(pipe.queue),
                 **{f"buffer_{k}": v for k, v in buffer.stats().items()},
+                **clock.window(window, time.perf_counter()),
             )
+            window = time.perf_counter()
             last["iteration"] = iteration
             if iteration % config.log_every == 0 or iteration == config.num_iterations:
                 writer.write("train", iteration, last, echo=TRAIN_ECHO)
@@ -434,10 +486,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        pipe.close()
         ckpt.close()
         scorer.close()
         writer.close()
     return last
+
+
+def staleness_of(batch: Trajectories, version: int) -> np.ndarray:
+    """[B] updates between the oldest policy a trajectory's response was sampled under and
+    `version`, the policy it is trained at (0 for a trajectory without recorded versions)."""
+    v = np.asarray(batch.sampler_version)
+    none = np.iinfo(np.int32).max
+    oldest = np.where(np.asarray(batch.response_mask) & (v >= 0), v, none).min(1)
+    return np.where(oldest == none, 0, version - oldest).astype(np.int64)
 
 
 def default_workdir(config_file: str) -> str:

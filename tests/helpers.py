@@ -100,7 +100,7 @@ def tiny_config(data_file, **overrides):
     return c
 
 
-TIMING_SUFFIXES = ("seconds", "_s", "tokens_per_s")
+TIMING_SUFFIXES = ("seconds", "_s", "tokens_per_s", "_busy")
 
 
 def metric_records(workdir) -> list[dict]:

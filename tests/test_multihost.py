@@ -1,5 +1,6 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each run the real command and reproduce a
-single-process run of the same global configuration (8 devices, mesh 2x2x2)."""
+single-process run of the same global configuration (8 devices, mesh 2x2x2), in sync mode and in
+async mode (time-sliced, rounds generated 2 updates ahead)."""
 
 import contextlib
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import HANG_S, REPO_ROOT, metric_records, tiny_config
 
 from reval_jax import train
@@ -31,8 +33,14 @@ def _kill_if_running(proc):
         proc.wait()
 
 
-def test_two_processes_equal_one(data_file, tmp_path):
-    overrides = {"num_iterations": 2, "mesh": (2, 2, 2)}
+# async: time-sliced (pipeline.rollout_devices=0, the multi-process form), round 2 generated from
+# the initial weights before round 1's updates, 2 updates stale when trained
+ASYNC = {"pipeline.mode": "async", "pipeline.max_staleness": 2}
+
+
+@pytest.mark.parametrize("pipeline", [{}, ASYNC], ids=["sync", "async"])
+def test_two_processes_equal_one(pipeline, data_file, tmp_path):
+    overrides = {"num_iterations": 2, "mesh": (2, 2, 2), **pipeline}
     single = tmp_path / "single"
     train.run(tiny_config(data_file, **overrides), str(single))
 
@@ -44,7 +52,7 @@ def test_two_processes_equal_one(data_file, tmp_path):
     with _reserved_port() as port, contextlib.ExitStack() as stack:
         args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py", f"--workdir={multi}",
                 "--config.num_iterations=2", "--config.mesh=(2,2,2)", f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2"]
+                "--num_processes=2", *(f"--config.{k}={v}" for k, v in pipeline.items())]
         procs = []
         for i, log in enumerate(logs):
             with open(log, "w") as out:
@@ -68,6 +76,8 @@ def test_two_processes_equal_one(data_file, tmp_path):
                 np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
             else:
                 assert ra[k] == rb[k], k
+    if pipeline:
+        assert [r["staleness_max"] for r in b if r["kind"] == "train"] == [0, 2]
     from reval_jax.checkpoint import Checkpointer
 
     assert Checkpointer(multi / "checkpoints").steps() == [1, 2]
