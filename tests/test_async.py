@@ -52,6 +52,19 @@ def interrupt_at(monkeypatch, cls, iteration):
     monkeypatch.setattr(cls, "take", take_)
 
 
+def assert_sigterm_resume_is_exact(straight, cls, overrides, data_file, workdir, monkeypatch):
+    """SIGTERM in iteration 2 of 4, then the same command: the straight run's records and weights."""
+    interrupt_at(monkeypatch, cls, 2)
+    config = tiny_config(data_file, num_iterations=4, **overrides)
+    train.run(config, str(workdir))
+    assert [r["iteration"] for r in trains(workdir)] == [1, 2]
+    monkeypatch.undo()
+    train.run(config, str(workdir))
+    assert metric_records(workdir) == metric_records(straight)
+    for x, y in zip(final_params(workdir, config), final_params(straight, config), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 # ----------------------------------------------------------------------------- the schedule
 
 
@@ -163,15 +176,7 @@ def test_grpo_async_uses_the_sampler_log_probs(data_file, tmp_path, monkeypatch)
 def test_time_sliced_resume_is_exact(sliced, data_file, tmp_path, monkeypatch):
     """SIGTERM during iteration 2 checkpoints the rounds generated ahead (3 and 4, from updates 2 and
     4) with the data position after them; the same command then finishes the straight run's run."""
-    interrupt_at(monkeypatch, pipeline.TimeSliced, 2)
-    config = tiny_config(data_file, num_iterations=4, **ASYNC2)
-    train.run(config, str(tmp_path))
-    assert [r["iteration"] for r in trains(tmp_path)] == [1, 2]
-    monkeypatch.undo()
-    train.run(config, str(tmp_path))
-    assert metric_records(tmp_path) == metric_records(sliced)
-    for x, y in zip(final_params(tmp_path, config), final_params(sliced, config), strict=True):
-        np.testing.assert_array_equal(x, y)
+    assert_sigterm_resume_is_exact(sliced, pipeline.TimeSliced, ASYNC2, data_file, tmp_path, monkeypatch)
 
 
 def test_resuming_refuses_rounds_over_a_smaller_bound(sliced, data_file, tmp_path):
@@ -212,15 +217,7 @@ def test_two_groups_run_the_time_sliced_schedule(groups, sliced):
 def test_two_groups_resume_is_exact(groups, data_file, tmp_path, monkeypatch):
     """SIGTERM: the rollout thread is brought to rest at its bound, the rounds it generated ahead
     are saved, and the rerun continues the straight two-group run bit for bit."""
-    interrupt_at(monkeypatch, pipeline.TwoGroups, 2)
-    config = tiny_config(data_file, num_iterations=4, **GROUPS)
-    train.run(config, str(tmp_path))
-    assert [r["iteration"] for r in trains(tmp_path)] == [1, 2]
-    monkeypatch.undo()
-    train.run(config, str(tmp_path))
-    assert metric_records(tmp_path) == metric_records(groups)
-    for x, y in zip(final_params(tmp_path, config), final_params(groups, config), strict=True):
-        np.testing.assert_array_equal(x, y)
+    assert_sigterm_resume_is_exact(groups, pipeline.TwoGroups, GROUPS, data_file, tmp_path, monkeypatch)
 
 
 def test_a_failing_rollout_group_is_reported(data_file, tmp_path, monkeypatch):
