@@ -60,6 +60,7 @@ def make_batch(B=8, seed=0, vocab=128, layout="left") -> Trajectories:
         ref_v=jnp.zeros(B, jnp.float32),
         ref_version=jnp.zeros(B, jnp.int32),
         sampler_logp=jnp.asarray(zeros_t),
+        sampler_version=jnp.full((B, T), -1, jnp.int32),
         iteration=jnp.zeros(B, jnp.int32),
     )
 
