@@ -160,7 +160,7 @@ class Clock:
         out = {}
         with self._lock:
             for what, spans in self.intervals.items():
-                out[what] = sum(max(0.0, min(end if b is None else b, end) - max(a, start)) for a, b in spans)
+                out[what] = sum(max(0.0, (end if b is None else min(b, end)) - max(a, start)) for a, b in spans)
                 self.intervals[what] = [x for x in spans if x[1] is None or x[1] > end]
         span = max(end - start, 1e-9)
         return {"rollout_busy": out["generate"] / span, "train_busy": out["train"] / span,
@@ -174,6 +174,9 @@ Snapshot = Callable[[object], object]  # snapshot(state) -> the rollout side's m
 
 
 class _Pipeline:
+    """What the training loop calls; each way to run (Sync, TimeSliced, TwoGroups) decides when
+    rounds are generated and defines `take(iteration, state) -> Round`, the round to train now."""
+
     def __init__(self, cfg: PipelineConfig, updates_per_round: int, num_iterations: int, produce: Produce,
                  snapshot: Snapshot, clock: Clock):
         self.cfg, self.K, self.num_iterations = cfg, updates_per_round, num_iterations
@@ -188,9 +191,6 @@ class _Pipeline:
         """Before the first iteration (after a resume: the queue restored, `next_iteration` the first to train)."""
         self.next = max([next_iteration, *(i + 1 for i in self.queue)])
 
-    def take(self, iteration: int, state) -> Round:
-        raise NotImplementedError
-
     def updated(self, state) -> None:
         """After every update."""
 
@@ -198,7 +198,7 @@ class _Pipeline:
         """Before a checkpoint: the rollout side at rest, its queue and data position consistent."""
 
     def close(self) -> None:
-        pass
+        """At the end of the run (also after an error): nothing to release unless a thread runs."""
 
     # --- checkpoints: the rounds waiting to be trained, as flat numpy arrays
     def state_dict(self) -> dict[str, np.ndarray]:
