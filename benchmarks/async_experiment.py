@@ -19,8 +19,9 @@ the overlap the schedule allows, not an accelerator's speed-up.
     python benchmarks/async_experiment.py --part=busy --out=docs/async
     python benchmarks/async_experiment.py --part=staleness --rounds=4 --seeds=0 --staleness=0,2   # a quick look
 
-Run directories go under --work (default /tmp/reval_async_runs); finished runs there are reused
-(--rerun to redo them); the tables and per-run JSON lines go to --out.
+Run directories go under --work (default /tmp/reval_async_runs); finished runs there, and runs
+already recorded in --out/staleness.jsonl, are reused (--rerun to redo them); the tables and per-run
+JSON lines go to --out.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def rounds_to_target(accuracy: list[float], target: float, window: int = 3) -> i
 
 def staleness_part(args) -> list[dict]:
     rows = []
+    # runs already recorded in --out (e.g. by an earlier sweep whose --work is gone) are kept, not redone
+    recorded = {}
+    if (Path(args.out) / "staleness.jsonl").exists() and not args.rerun:
+        for r in map(json.loads, (Path(args.out) / "staleness.jsonl").read_text().splitlines()):
+            recorded[r["algorithm"], r["staleness"], r["seed"], r["rounds"]] = r
     # staleness outermost, in the order given: a partial sweep has every algorithm and seed of the
     # first staleness values
     for staleness in map(int, args.staleness.split(",")):
@@ -72,6 +78,12 @@ def staleness_part(args) -> list[dict]:
                 if (workdir / "metrics.jsonl").exists() and not args.rerun:
                     records = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
                                if r["kind"] == "train"]
+                kept = recorded.get((algorithm, staleness, seed, args.rounds))
+                if len(records) != args.rounds and kept is not None:
+                    # the target may differ from the recording sweep's: recompute from the accuracies
+                    rows.append({**kept, "rounds_to_target": rounds_to_target(kept["accuracy"], args.target)})
+                    print(f"{workdir.name}: kept from {args.out}/staleness.jsonl", flush=True)
+                    continue
                 if len(records) != args.rounds:  # not run, unfinished, or another length: run it
                     if workdir.exists():
                         import shutil

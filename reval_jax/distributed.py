@@ -10,11 +10,14 @@ gathered, so verifier time also splits across hosts.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Sharding
+from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import PartitionSpec as P
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
@@ -59,14 +62,30 @@ def process_share(n: int) -> slice:
     return slice(start, min(start + per, n))
 
 
-def all_gather_rows(local: np.ndarray, n: int) -> np.ndarray:
-    """Concatenates every process's `process_share(n)` rows into the full [n, ...] array."""
+def all_gather_rows(local: np.ndarray, n: int, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """Concatenates every process's `process_share(n)` rows into the full [n, ...] array.
+
+    The gather runs on one device of each process, the first of `devices` (default: all devices)
+    that the process owns: a two-group async run passes its training devices, so that a gather
+    never queues behind the rollout group's decoding."""
     if jax.process_count() == 1:
         return local
-    from jax.experimental import multihost_utils
-
     per = -(-n // jax.process_count())
     padded = np.zeros((per, *local.shape[1:]), local.dtype)
     padded[: len(local)] = local
-    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, per, ...]
-    return gathered.reshape(-1, *local.shape[1:])[:n]
+    devices = list(jax.devices() if devices is None else devices)
+    owners = [next((d for d in devices if d.process_index == p), None) for p in range(jax.process_count())]
+    if None in owners:
+        raise ValueError(f"all_gather_rows: processes {[p for p, d in enumerate(owners) if d is None]} own none "
+                         "of the devices given")
+    mesh = Mesh(np.asarray(owners), ("processes",))
+    mine = jax.device_put(padded[None], owners[jax.process_index()])  # [1, per, ...]
+    stacked = jax.make_array_from_single_device_arrays(
+        (len(owners), *padded.shape), NamedSharding(mesh, P("processes")), [mine])  # [processes, per, ...]
+    whole = _replicate(NamedSharding(mesh, P()))(stacked)
+    return np.asarray(whole.addressable_data(0)).reshape(-1, *local.shape[1:])[:n]
+
+
+@functools.cache
+def _replicate(sharding: NamedSharding):
+    return jax.jit(lambda x: x, out_shardings=sharding)

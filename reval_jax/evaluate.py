@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from reval_jax.data import PromptExample, load_eval_set
@@ -49,16 +50,21 @@ def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> 
     return texts
 
 
-def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Sequence[str]) -> np.ndarray:
-    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`. Each process
-    scores its share of the rows; every process gets all the scores."""
+def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Sequence[str], *,
+                  shared: bool = True, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`.
+
+    shared: every process holds the same rollout; each scores its share of the rows and every
+    process gets all the scores (gathered on one of `devices` per process, default any). Not
+    shared: the rollout is this process's own (its own rollout group's, async on several
+    processes); it scores every row itself, with no communication."""
     total = to_host(rollout.response_length).shape[0]
     samples = total // len(answers)
-    rows = process_share(total)
+    rows = process_share(total) if shared else slice(0, total)
     texts = decode_responses(tokenizer, rollout, rows)
     pairs = [(t, answers[(rows.start + i) // samples]) for i, t in enumerate(texts)]
     local = np.asarray(scorer.score(pairs) if pairs else [], np.float32)
-    return all_gather_rows(local, total)
+    return all_gather_rows(local, total, devices) if shared else local
 
 
 def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
@@ -71,6 +77,8 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
                             buckets=settings.buckets)
     results: dict[str, float] = {}
     key = f"avg@{settings.k}"
+    # scores are gathered on the model's own devices (not a rollout group's, in a two-group run)
+    devices = None if model.mesh is None else list(model.mesh.devices.flat)
     for name, examples in benchmarks.items():
         correct, lengths, truncated = [], [], []
         chunks = range(0, len(examples), settings.prompts_per_call)
@@ -78,7 +86,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
             batch = examples[start : start + settings.prompts_per_call]
             rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed, engine=settings.engine,
                                prompt_ids=list(range(start, start + len(batch))))
-            correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch]))
+            correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch], devices=devices))
             lengths.append(to_host(rollout.response_length))
             truncated.append(to_host(rollout.truncated))
         results[f"{name}/{key}"] = float(np.mean(np.concatenate(correct)))

@@ -30,6 +30,12 @@ Where async runs (`pipeline.rollout_devices`):
                  continuing under them (in_flight = "continue") or finishing under the old weights
                  first (in_flight = "finish"): lower staleness, timing-dependent, every token's
                  version recorded.
+      On several processes (a TPU pod, a multi-node GPU cluster) n is split evenly: the first n / P
+      devices of every process form that process's own rollout group, which generates its share of
+      each round's prompts with no communication while it decodes; the others, of every process,
+      form the training mesh. A push gathers the weights onto the training devices (a collective,
+      in the trainer's thread) and puts each process's copy onto its rollout group; the trainers
+      put the shares of a round together when they take it (or before a checkpoint).
 
 Checkpoints hold the rounds generated but not yet trained (`state_dict`) and the data position
 after them; before a save the rollout side is brought to rest at its staleness bound (`quiesce`),
@@ -46,6 +52,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from reval_jax.batch import FIELD_DTYPES, Trajectories
@@ -103,11 +110,34 @@ def pipeline_config(config, devices: int, processes: int = 1) -> PipelineConfig:
     if cfg.rollout_devices and cfg.mode != "async":
         bad("rollout_devices", f"{cfg.rollout_devices} needs pipeline.mode='async' (sync generates on every device)")
     if cfg.rollout_devices and processes > 1:
-        bad("rollout_devices", "two device groups run in one process only so far; on several processes use "
-            "rollout_devices=0 (async, time-sliced on every device)")
+        if cfg.rollout_devices % processes:
+            bad("rollout_devices", f"{cfg.rollout_devices} on {processes} processes of {devices // processes} devices "
+                "each: every process gives the same number of its own devices to the rollout group (and keeps one "
+                f"to train at least), so use a multiple of {processes} below {devices} (or 0: async time-sliced on "
+                "every device)")
+        prompts = config.data.prompts_per_iteration
+        if prompts % processes:
+            raise UserError(f"config.data.prompts_per_iteration: {prompts} does not split over the {processes} "
+                            "processes' rollout groups (each generates its share of a round's prompts): use a "
+                            f"multiple of {processes}")
     if cfg.pickup == "step" and not cfg.two_groups:
         bad("pickup", "'step' picks up weights while the rollout group decodes: it needs rollout_devices > 0")
     return cfg
+
+
+def device_groups(cfg: PipelineConfig) -> tuple[list[jax.Device], list[jax.Device]]:
+    """(this process's rollout devices, the training devices of every process).
+
+    Two groups: the first `rollout_devices / processes` devices of each process generate (a
+    rollout group of its own per process, with no communication while it decodes); the others, of
+    every process, form the training mesh. Otherwise: no rollout group, every device trains."""
+    devices = jax.devices()
+    if not cfg.two_groups:
+        return [], devices
+    per = cfg.rollout_devices // jax.process_count()
+    owned = {p: [d for d in devices if d.process_index == p] for p in range(jax.process_count())}
+    rollout = {d for ds in owned.values() for d in ds[:per]}
+    return owned[jax.process_index()][:per], [d for d in devices if d not in rollout]
 
 
 def round_version(iteration: int, updates_per_round: int, cfg: PipelineConfig) -> int:
@@ -126,6 +156,7 @@ class Round:
     batch: Trajectories  # [R, T] host arrays
     truncated: np.ndarray  # [R] bool
     generate_s: float  # wall seconds the rollout side spent on it
+    local: bool = False  # this process's share of the round only (two groups on several processes)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -170,6 +201,7 @@ class Clock:
 # ----------------------------------------------------------------------------- the three ways to run
 
 Produce = Callable[..., Round]  # produce(iteration, model, version, weights=None) -> Round
+Gather = Callable[[Round], Round]  # every process's share of a round -> the whole round (a collective)
 Snapshot = Callable[[object], object]  # snapshot(state) -> the rollout side's model of the policy
 
 
@@ -263,8 +295,12 @@ class RolloutFailed(RuntimeError):
 class TwoGroups(_Pipeline):
     """Async on two device groups: a rollout thread generates while the trainer updates."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, gather: Gather | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # several processes: each rollout thread makes its process's share of a round; the trainers
+        # put the shares together (`gather`, a collective on the training devices), always in the
+        # trainer's thread and in the same order on every process (take, quiesce)
+        self.gather = gather
         self._cv = threading.Condition()
         self._mailbox: deque[tuple[int, object]] = deque()  # (version, rollout model) pushed, not taken
         self._pushed = -1  # newest version pushed
@@ -317,7 +353,7 @@ class TwoGroups(_Pipeline):
             self._raise_if_failed()
             r = self.queue.pop(iteration)
             self._cv.notify_all()
-        return r
+        return self.gather(r) if r.local else r
 
     def quiesce(self):
         with self._cv:
@@ -325,6 +361,13 @@ class TwoGroups(_Pipeline):
                                                         and not self._available(self._waiting_for))):
                 self._cv.wait(1.0)
             self._raise_if_failed()
+            shares = sorted(i for i, r in self.queue.items() if r.local)
+        # the rollout thread rests at the bound, which every process reaches at the same round: the
+        # same shares are waiting everywhere; put together, the checkpoint holds whole rounds
+        for i in shares:
+            whole = self.gather(self.queue[i])
+            with self._cv:
+                self.queue[i] = whole
 
     def close(self):
         with self._cv:
@@ -413,6 +456,9 @@ class TwoGroups(_Pipeline):
 
 
 def make_pipeline(cfg: PipelineConfig, updates_per_round: int, num_iterations: int, produce: Produce,
-                  snapshot: Snapshot, clock: Clock) -> _Pipeline:
-    kind = Sync if cfg.mode == "sync" else TwoGroups if cfg.two_groups else TimeSliced
+                  snapshot: Snapshot, clock: Clock, gather: Gather | None = None) -> _Pipeline:
+    """`gather` puts the processes' shares of a round together (two groups on several processes)."""
+    if cfg.two_groups:
+        return TwoGroups(cfg, updates_per_round, num_iterations, produce, snapshot, clock, gather=gather)
+    kind = Sync if cfg.mode == "sync" else TimeSliced
     return kind(cfg, updates_per_round, num_iterations, produce, snapshot, clock)

@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from reval_jax import distributed
 from reval_jax.batch import Trajectories, concatenate
-from reval_jax.distributed import to_host
+from reval_jax.distributed import all_gather_rows, process_share, to_host
 from reval_jax.errors import UserError
 from reval_jax.losses import LOSSES, REWARD_TRANSFORMS, LossNorm, grpo_advantages, transform_rewards
 from reval_jax.packing import Budget, pack
-from reval_jax.pipeline import Clock, Round, make_pipeline, pipeline_config
+from reval_jax.pipeline import Clock, Round, device_groups, make_pipeline, pipeline_config
 from reval_jax.policy import load_hf_policy, make_run_mesh
 from reval_jax.replay import ReplayBuffer
 from reval_jax.rollout.engine import engine_config
@@ -210,8 +210,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- devices: all of them train and generate in turn, or (async, two groups) the first
     # pipeline.rollout_devices generate while the others train (reval_jax/pipeline.py)
     pipe_cfg = pipeline_config(config, len(jax.devices()), jax.process_count())
-    rollout_devices = jax.devices()[: pipe_cfg.rollout_devices]
-    mesh = make_run_mesh(config, jax.devices()[pipe_cfg.rollout_devices:])
+    rollout_devices, train_devices = device_groups(pipe_cfg)  # rollout: this process's own
+    mesh = make_run_mesh(config, train_devices)
+    # two groups on several processes: each process's rollout group generates its share of a round
+    shares = pipe_cfg.two_groups and jax.process_count() > 1
 
     # --- model, optimizer, state
     policy, tokenizer = load_hf_policy(config, mesh)
@@ -308,8 +310,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         """Round `iteration` sampled by `model` (the policy at `version`, in the rollout layout);
         `weights` lets newer pushes in between decode calls (two-group async, step pickup)."""
         t0 = time.perf_counter()
-        examples = next(data_iter)
+        examples = next(data_iter)  # the round's prompts, the same on every process
         base_id = iteration * config.data.prompts_per_iteration
+        if shares:
+            mine = process_share(len(examples))
+            examples, base_id = examples[mine], base_id + mine.start
         parts, raws, truncated = [], [], []
         for start_row in tqdm(range(0, len(examples), prompts_per_call), desc=f"generate {iteration}",
                               disable=not config.progress or len(examples) <= prompts_per_call, leave=False):
@@ -319,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                prompt_ids=[base_id + start_row + j for j in range(len(chunk))],
                                version=version, weights=weights, max_steps=pickup_steps,
                                in_flight=pipe_cfg.in_flight)
-            raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk]))
+            raws.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in chunk], shared=not shares))
             truncated.append(to_host(rollout.truncated))
             parts.append(rollout.to_trajectories(iteration=iteration, pad_id=sampling.pad_id).pad_to(seq_len))
             if weights is not None:  # the next call starts under the newest weights taken so far
@@ -327,12 +332,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         batch, raw = concatenate(parts), np.concatenate(raws)
         reward = transform_rewards(raw, np.asarray(batch.group_id), config.reward.transform)
         batch = batch.replace(raw_reward=raw, reward=np.asarray(reward, np.float32))
-        return Round(iteration, batch, np.concatenate(truncated), time.perf_counter() - t0)
+        return Round(iteration, batch, np.concatenate(truncated), time.perf_counter() - t0, local=shares)
+
+    def gather_round(r: Round) -> Round:
+        """Every process's share of round r (prompt-major rows) put together, on the training devices."""
+        n = rollouts
+        whole = {k: all_gather_rows(v, n, train_devices) for k, v in r.batch.to_numpy().items()}
+        seconds = all_gather_rows(np.asarray([r.generate_s]), jax.process_count(), train_devices)
+        return Round(r.iteration, Trajectories.from_numpy(whole), all_gather_rows(r.truncated, n, train_devices),
+                     float(seconds.max()))
 
     pickup_steps = pipe_cfg.pickup_steps if pipe_cfg.pickup == "step" else 0
     clock = Clock()
     pipe = make_pipeline(pipe_cfg, config.replay.updates_per_iteration, config.num_iterations, produce,
-                         lambda s: rollout_layout(graphdef, s.params), clock)
+                         lambda s: rollout_layout(graphdef, s.params), clock, gather=gather_round)
 
     # --- resume from the newest loadable checkpoint, if any
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,

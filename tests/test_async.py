@@ -87,8 +87,8 @@ def test_round_versions():
     assert [round_version(i, 2, PipelineConfig(mode="async", max_staleness=0)) for i in range(1, 5)] == [0, 2, 4, 6]
 
 
-def _config(**pipeline_fields):
-    c = ml_collections.ConfigDict({"replay": {"updates_per_iteration": 2}})
+def _config(prompts=4, **pipeline_fields):
+    c = ml_collections.ConfigDict({"replay": {"updates_per_iteration": 2}, "data": {"prompts_per_iteration": prompts}})
     c.pipeline = dict(mode="async", max_staleness=2, sync_every=1, rollout_devices=0, pickup="round",
                       in_flight="continue", pickup_steps=16)
     c.pipeline.update(pipeline_fields)
@@ -103,7 +103,8 @@ def _config(**pipeline_fields):
     ({"sync_every": 4, "max_staleness": 1}, 1, "pipeline.sync_every: 4: a round would wait"),
     ({"rollout_devices": 8}, 1, "use 0 .time-sliced. or 1..7 of the 8 devices"),
     ({"mode": "sync", "rollout_devices": 4}, 1, "needs pipeline.mode='async'"),
-    ({"rollout_devices": 4}, 2, "two device groups run in one process only"),
+    ({"rollout_devices": 3}, 2, "3 on 2 processes of 4 devices each: .* multiple of 2 below 8"),
+    ({"rollout_devices": 2, "prompts": 3}, 2, "prompts_per_iteration: 3 does not split over the 2 processes"),
     ({"pickup": "step"}, 1, "'step' picks up weights while the rollout group decodes"),
 ])
 def test_bad_pipeline_configs_are_refused(fields, processes, message):
@@ -160,7 +161,7 @@ def test_grpo_async_uses_the_sampler_log_probs(data_file, tmp_path, monkeypatch)
     that move the policy."""
     from reval_jax import evaluate
 
-    def parity(scorer, tokenizer, rollout, answers):
+    def parity(scorer, tokenizer, rollout, answers, **_):
         return np.asarray(rollout.response_tokens[:, 0] % 2, np.float32)
 
     monkeypatch.setattr(evaluate, "score_rollout", parity)

@@ -1,8 +1,10 @@
 """Two processes on 127.0.0.1 with 4 fake CPU devices each run the real command and reproduce a
-single-process run of the same global configuration (8 devices, mesh 2x2x2), in sync mode and in
-async mode (time-sliced, rounds generated 2 updates ahead)."""
+single-process run of the same global configuration (8 devices): in sync mode and in async mode
+time-sliced (mesh 2x2x2, rounds generated 2 updates ahead), and in async mode on two device groups
+(2 rollout devices of each process generate its half of every round, the other 4 train)."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -36,9 +38,12 @@ def _kill_if_running(proc):
 # async: time-sliced (pipeline.rollout_devices=0, the multi-process form), round 2 generated from
 # the initial weights before round 1's updates, 2 updates stale when trained
 ASYNC = {"pipeline.mode": "async", "pipeline.max_staleness": 2}
+# two groups: devices 0-1 of each process generate (one process: devices 0-3), the rest train on
+# a (1, 4, 1) mesh; each process generates its prompt of the 2 per round
+GROUPS = {**ASYNC, "pipeline.rollout_devices": 4, "mesh": (1, 4, 1)}
 
 
-@pytest.mark.parametrize("pipeline", [{}, ASYNC], ids=["sync", "async"])
+@pytest.mark.parametrize("pipeline", [{}, ASYNC, GROUPS], ids=["sync", "async", "two_groups"])
 def test_two_processes_equal_one(pipeline, data_file, tmp_path):
     overrides = {"num_iterations": 2, "mesh": (2, 2, 2), **pipeline}
     single = tmp_path / "single"
@@ -51,8 +56,8 @@ def test_two_processes_equal_one(pipeline, data_file, tmp_path):
     logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files: a full pipe would stall a process
     with _reserved_port() as port, contextlib.ExitStack() as stack:
         args = [sys.executable, "-m", "reval_jax.train", "--config=tests/run_config.py", f"--workdir={multi}",
-                "--config.num_iterations=2", "--config.mesh=(2,2,2)", f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2", *(f"--config.{k}={v}" for k, v in pipeline.items())]
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                *(f"--config.{k}={v}".replace(" ", "") for k, v in overrides.items())]
         procs = []
         for i, log in enumerate(logs):
             with open(log, "w") as out:
@@ -72,12 +77,29 @@ def test_two_processes_equal_one(pipeline, data_file, tmp_path):
     for ra, rb in zip(a, b, strict=True):
         assert set(ra) == set(rb)
         for k in ra:
+            if k == "rounds_ahead" and pipeline is GROUPS:
+                continue  # rounds the rollout thread has ready when the trainer takes one: timing
             if isinstance(ra[k], float):
                 np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
             else:
                 assert ra[k] == rb[k], k
+    if pipeline is GROUPS:
+        # checkpoint 1 holds round 2, generated ahead: whole (both processes' halves, put together),
+        # with the tokens and versions the one-process rollout group sampled
+        saved = [_checkpoint_sums(w, 1) for w in (single, multi)]
+        rounds = {k for k in saved[0] if k.startswith("['pipeline/")}
+        assert "['pipeline/2/tokens']" in rounds and rounds == {k for k in saved[1] if k.startswith("['pipeline/")}
+        for k in rounds:
+            if any(f in k for f in ("tokens", "mask", "version", "group_id", "truncated")):
+                assert saved[0][k] == saved[1][k], k
     if pipeline:
         assert [r["staleness_max"] for r in b if r["kind"] == "train"] == [0, 2]
     from reval_jax.checkpoint import Checkpointer
 
     assert Checkpointer(multi / "checkpoints").steps() == [1, 2]
+
+
+def _checkpoint_sums(workdir, step: int) -> dict[str, str]:
+    """The checksums (dtype, shape and hash) of a checkpoint's host arrays, from its metadata."""
+    meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+    return meta["checksums"]["buffer"]

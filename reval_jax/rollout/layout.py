@@ -35,6 +35,12 @@ the training layout, put onto the rollout sharding and written into the donated 
 no such axis (the embedding / lm_head when tp > 1: vocab over `tensor` in one layout, embed over
 `fsdp` in the other) move whole. A leaf already in the rollout dtype and sharding (e.g. a
 single-device float32 run sampling in float32) is used as it is, not copied.
+
+Across processes (two-group async on several processes, reval_jax.pipeline): the rollout mesh is
+over this process's own devices, the master weights span every process. Each chunk is then cast
+and gathered whole onto every training device (one collective of all processes; a chunk in transit
+is at most `chunk_bytes` per device, a leaf that cannot be chunked moves whole) and this process's
+copy is put onto its rollout devices.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from reval_jax.config import DTYPES, ModelConfig
 from reval_jax.errors import UserError
@@ -165,15 +171,22 @@ def _move(x: Array, dst: NamedSharding, dtype, chunk_bytes: int) -> Array:
         return x  # already the rollout array (a program takes all its arrays on one mesh): not copied
     src = x.sharding
     plan = chunking(x.shape, src, dst, dtype, chunk_bytes)
+    # a multi-process trainer pushing to a rollout group on this process's own devices (two-group
+    # async on several processes): each piece is first gathered whole onto every training device
+    # (a collective of all processes), then this process's copy is put onto the rollout devices
+    across = not x.is_fully_addressable and dst.is_fully_addressable
+    here = NamedSharding(src.mesh, PartitionSpec()) if across else src  # where each piece is cast
+    put = (lambda piece: jax.device_put(piece.addressable_data(0), dst)) if across else \
+        (lambda piece: jax.device_put(piece, dst))
     if plan is None:
-        return jax.device_put(_cast_fn(src, dtype)(x), dst)
+        return put(_cast_fn(here, dtype)(x))
     axis, size = plan
     n = x.shape[axis]
     target = _zeros_fn(x.shape, dtype, dst)()
     for start in range(0, n, size):
         start = min(start, n - size)  # the last chunk overlaps the one before: one shape only
-        piece = _slice_cast_fn(src, dtype, axis, size)(x, start)  # in the training layout
-        target = _write_fn(dst, axis)(target, jax.device_put(piece, dst), start)
+        piece = _slice_cast_fn(here, dtype, axis, size)(x, start)  # in the training layout (or whole)
+        target = _write_fn(dst, axis)(target, put(piece), start)
     return target
 
 
