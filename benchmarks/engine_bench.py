@@ -10,8 +10,9 @@ there: with EOS it would still run until its longest row stops).
     python benchmarks/engine_bench.py                   # CPU: 1/10 of the paper's lengths
     python benchmarks/engine_bench.py --prompts 128 --mean 600 --cap 3072 --slots 256   # paper scale
 
-Each side runs in its own process (`--side`), alone, `--repeats` times (median); then both are run
-again interleaved, side by side in time, so that a loaded machine affects both alike. Figures:
+Each side runs in its own process (`--side`), alone, `--repeats` times (median); then both run
+side by side: compiled first, released by one GO, and each calling until the slower side's alone
+time has passed (so neither side's timed calls run on a machine the other has left). Figures:
 docs/bench_sampler.md.
 """
 
@@ -55,9 +56,8 @@ def side(args) -> dict:
     config = SamplingConfig(max_new_tokens=args.cap, num_samples=N, temperature=1.0,
                             buckets=(args.prompt_len,))
     useful = int(lengths.sum())
-    times = []
-    for r in range(args.repeats + 1):  # the first call compiles
-        t0 = time.perf_counter()
+
+    def call(r: int) -> dict:
         if args.side == "engine":
             eng = Engine(model, config, EngineConfig(slots=args.slots, page_size=args.page_size,
                                       cache_tokens=args.slots * (args.prompt_len + args.cap) // args.cache_div,
@@ -66,21 +66,53 @@ def side(args) -> dict:
             out = eng.run(prompts, seed=r, prompt_ids=list(range(len(prompts))), limits=lengths.reshape(-1, N))
             got = sum(len(tokens) for o in out for tokens, _, _ in o)
             assert got == useful, (got, useful)
-            stats = eng.stats
-        else:
-            calls, got = 0, 0
-            per_call = max(1, args.static_batch // N)
-            for i in range(0, len(prompts), per_call):
-                out = generate_static(model, prompts[i : i + per_call], config, seed=r)
-                jax.block_until_ready(out.response_tokens)
-                calls += 1
-            stats = {"calls": calls}
+            return eng.stats
+        calls = 0
+        per_call = max(1, args.static_batch // N)
+        for i in range(0, len(prompts), per_call):
+            out = generate_static(model, prompts[i : i + per_call], config, seed=r)
+            jax.block_until_ready(out.response_tokens)
+            calls += 1
+        return {"calls": calls}
+
+    t0 = time.perf_counter()
+    call(0)  # compiles
+    first = time.perf_counter() - t0
+    # warm: wait for the parent's GO, so that sides run side by side start their timed calls together
+    print("READY", flush=True)
+    sys.stdin.readline()
+    times, start, r = [], time.perf_counter(), 1
+    # at least `repeats` calls, and calls until `window` seconds have passed: a faster side keeps
+    # the machine as loaded as the slower one's timed calls find it
+    while len(times) < args.repeats or time.perf_counter() - start < args.window:
+        t0 = time.perf_counter()
+        stats = call(r)
         times.append(time.perf_counter() - t0)
+        r += 1
     del nnx
-    steady = times[1:]
-    return {"side": args.side, "first_s": times[0], "median_s": float(np.median(steady)),
-            "times": steady, "useful_tokens": useful, "tokens_per_s": useful / float(np.median(steady)),
+    return {"side": args.side, "first_s": first, "median_s": float(np.median(times)),
+            "times": times, "useful_tokens": useful, "tokens_per_s": useful / float(np.median(times)),
             "stats": stats, "device": jax.devices()[0].device_kind}
+
+
+def run_group(base: list[str], sides: list[str], window: float) -> dict[str, dict]:
+    """One process per side; all released by one GO once every side has compiled."""
+    procs = {s: subprocess.Popen(base + ["--side", s, "--window", f"{window:.1f}"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for s in sides}
+    for s, proc in procs.items():
+        if proc.stdout.readline().strip() != "READY":
+            proc.wait()
+            raise SystemExit(f"{s} side failed before its timed calls ({proc.returncode})")
+    for proc in procs.values():
+        proc.stdin.write("GO\n")
+        proc.stdin.flush()
+    results = {}
+    for s, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{s} side failed ({proc.returncode})")
+        results[s] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 def main():
@@ -99,6 +131,7 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=2, help="workload draw (2: mean 60, 2.3%% at the cap)")
+    p.add_argument("--window", type=float, default=0.0, help="(a side) keep calling for this many seconds")
     args = p.parse_args()
     if args.side:
         print(json.dumps(side(args)))
@@ -109,14 +142,15 @@ def main():
           f"cap {args.cap} reached by {np.mean(lengths >= args.cap):.1%}; {lengths.sum()} useful tokens")
     base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
     results = {}
-    for order, sides in (("alone", [["engine"], ["static"]]), ("side by side", [["engine", "static"]])):
-        for group in sides:
-            procs = {s: subprocess.Popen(base + ["--side", s], stdout=subprocess.PIPE, text=True) for s in group}
-            for s, proc in procs.items():
-                out, _ = proc.communicate()
-                if proc.returncode:
-                    raise SystemExit(f"{s} side failed ({proc.returncode})")
-                results[(order, s)] = json.loads(out.strip().splitlines()[-1])
+    for order in ("alone", "side by side"):
+        if order == "alone":
+            for s in ("engine", "static"):
+                results[(order, s)] = run_group(base, [s], 0.0)[s]
+        else:
+            # both sides keep calling for as long as the slower one's repeats took alone
+            window = max(sum(results[("alone", s)]["times"]) for s in ("engine", "static"))
+            for s, r in run_group(base, ["engine", "static"], window).items():
+                results[(order, s)] = r
         for s in ("engine", "static"):
             r = results[(order, s)]
             print(f"{order:>12} {s:>6}: first {r['first_s']:.1f} s, median {r['median_s']:.2f} s "
