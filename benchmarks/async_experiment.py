@@ -83,6 +83,7 @@ def staleness_part(args) -> list[dict]:
                     # the target may differ from the recording sweep's: recompute from the accuracies
                     rows.append({**kept, "rounds_to_target": rounds_to_target(kept["accuracy"], args.target)})
                     print(f"{workdir.name}: kept from {args.out}/staleness.jsonl", flush=True)
+                    _write_rows(args.out, rows)
                     continue
                 if len(records) != args.rounds:  # not run, unfinished, or another length: run it
                     if workdir.exists():
@@ -107,14 +108,19 @@ def staleness_part(args) -> list[dict]:
                     "accuracy": acc,
                 })
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "accuracy"}), flush=True)
-                # after every run: a sweep stopped part-way keeps what it measured
-                (Path(args.out) / "staleness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                _write_rows(args.out, rows)  # after every run: a sweep stopped part-way keeps what it measured
     return rows
+
+
+def _write_rows(out: str, rows: list[dict]) -> None:
+    """The sweep's rows so far, with the recorded ones it kept (an earlier sweep's file is read first)."""
+    (Path(out) / "staleness.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def staleness_table(rows: list[dict], target: float) -> str:
     out = [f"| algorithm | staleness | rounds to {target:.2f} (per seed) | mean | accuracy, last 5 rounds "
-           "(mean over seeds) | s / round (median) |", "|---|---|---|---|---|---|"]
+           "(mean over seeds) | s / round (median) | s to target (rounds × s / round, per seed) |",
+           "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["algorithm"], r["staleness"]) for r in rows}, key=lambda k: (k[0] != "reval", k))
     for algorithm, staleness in keys:
         mine = [r for r in rows if (r["algorithm"], r["staleness"]) == (algorithm, staleness)]
@@ -123,9 +129,11 @@ def staleness_table(rows: list[dict], target: float) -> str:
         per_seed = ", ".join("—" if h is None else str(h) for h in hits)
         mean = f"{statistics.fmean(reached):.1f}" if len(reached) == len(hits) else \
             f"{len(hits) - len(reached)} of {len(hits)} not within {mine[0]['rounds']}"
+        to_target = ", ".join("—" if r["rounds_to_target"] is None else f"{r['rounds_to_target'] * r['round_s']:.0f}"
+                              for r in mine)
         out.append(f"| {algorithm} | {staleness} | {per_seed} | {mean} | "
                    f"{statistics.fmean(r['final_accuracy'] for r in mine):.3f} | "
-                   f"{statistics.median(r['round_s'] for r in mine):.2f} |")
+                   f"{statistics.median(r['round_s'] for r in mine):.2f} | {to_target} |")
     return "\n".join(out)
 
 
