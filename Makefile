@@ -16,7 +16,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check reval_jax tests configs benchmarks launch
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(VENV)/.installed
 	$(PY) -m reval_jax.train --config=configs/tiny.py --workdir=runs/tiny
