@@ -81,6 +81,56 @@ def reval_jax_call(args, weights: str, prompts):
     return call, f"jax {jax.__version__} ({jax.devices()[0].platform})"
 
 
+def floor_call(args, weights: str, prompts):
+    """The decode steps' matrix products alone, the least any sampler of this model computes per
+    token: A steps of 16 rows through the embedding, every layer's q/k/v/o projections and MLP
+    (per-layer weights, no attention: the o projection takes q), the final norm, the unembedding and
+    an argmax. No prefill, no KV cache, no sampling state. Its time per call bounds every side's
+    from below on this machine."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import reval_jax
+    from reval_jax.model import _qkv, rms_norm
+
+    model, _ = reval_jax.load_hf(weights, load_tokenizer=False)
+    cfg, A = model.cfg, args.new_tokens
+    stacked = model.layer_params()
+    layers = [{k: v[i] for k, v in stacked.items()} for i in range(cfg.num_layers)]  # sliced once, outside
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def steps(state, layers, first):
+        m = nnx.merge(graphdef, state)
+
+        def step(i, carry):
+            tok, out, kv = carry
+            x = m.embed_tokens(tok[:, None])  # [B, 1, D]
+            for p in layers:
+                h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+                q, k, v = _qkv(h, p, cfg)
+                kv = kv + k + v  # k and v are kept (a cache write would keep them), not dead code
+                x = x + jnp.einsum("BTNH,NHD->BTD", q, p["o_proj"])
+                h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+                x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(h @ p["gate_proj"]) * (h @ p["up_proj"]), p["down_proj"])
+            logits = m.unembed(rms_norm(x, m.final_norm[...], cfg.rms_norm_eps)[:, 0])
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            return tok, out.at[:, i].set(tok), kv
+
+        B = first.shape[0]
+        kv = jnp.zeros((B, 1, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
+        _, out, kv = jax.lax.fori_loop(0, A, step, (first, jnp.zeros((B, A), jnp.int32), kv))
+        return out, kv
+
+    first = jnp.asarray([p[-1] for p in prompts], jnp.int32)
+
+    def call():
+        return np.asarray(jax.block_until_ready(steps(state, layers, first))[0])
+
+    return call, f"jax {jax.__version__} ({jax.devices()[0].platform})"
+
+
 def transformers_call(args, weights: str, prompts):
     import torch
     import transformers
@@ -163,7 +213,7 @@ def tunix_call(args, weights: str, prompts):
 def run_side(args) -> None:
     """The `--side` subprocess: warm up, READY, wait for GO, repeat for the window, print JSON."""
     make = {"reval_jax": reval_jax_call, "static": reval_jax_call, "transformers": transformers_call,
-            "tunix": tunix_call}[args.side]
+            "tunix": tunix_call, "floor": floor_call}[args.side]
     hf = json.loads((Path(args.weights) / "config.json").read_text())
     prompts = prompts_for(args.batch, args.prompt_len, hf["vocab_size"])
     call, versions = make(args, args.weights, prompts)
@@ -242,6 +292,8 @@ def agreed_prefix(a: np.ndarray, b: np.ndarray) -> float:
 
 def cpu_bench(args) -> None:
     sides = [s for s in args.sides if s != "tunix" or args.tunix_python]
+    floor = "floor" in sides
+    sides = [s for s in sides if s != "floor"]  # measured alone only: it is a bound, not a side
     if "tunix" in args.sides and not args.tunix_python:
         print("tunix: skipped (pass --tunix-python, a python with google-tunix installed)")
     tokens = args.batch * args.new_tokens
@@ -251,12 +303,13 @@ def cpu_bench(args) -> None:
               f"workload: bench preset, {args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} "
               f"new tokens ({tokens} tokens per call), mode {args.mode}, window {args.window:.0f} s, "
               f">= {args.repeats} calls")
-        alone = {s: run_group(args, [s], weights)[s] for s in sides}
+        alone = {s: run_group(args, [s], weights)[s] for s in sides + ["floor"] * floor}
         together = {other: run_group(args, ["reval_jax", other], weights)
                     for other in sides if other != "reval_jax"}
     ref = np.asarray(alone["reval_jax"]["tokens"])
     for s, r in alone.items():
-        agree = f"agree {agreed_prefix(ref, r['tokens']):5.1f}/{args.new_tokens}" if args.mode == "greedy" else ""
+        agree = f"agree {agreed_prefix(ref, r['tokens']):5.1f}/{args.new_tokens}" \
+            if args.mode == "greedy" and s != "floor" else ""
         print(f"{'alone':>13} {s:>12}: first call {r['first_s']:6.2f} s, median {r['median_s']:6.3f} s of "
               f"{len(r['times'])} = {tokens / r['median_s']:7.1f} tokens/s (machine busy "
               f"{r['machine_busy_cores']:.2f} cores) {agree} [{r['versions']}]")
@@ -266,6 +319,12 @@ def cpu_bench(args) -> None:
               f"{tokens / ours['median_s']:7.1f} tokens/s | {other}: median {theirs['median_s']:6.3f} s of "
               f"{len(theirs['times'])} = {tokens / theirs['median_s']:7.1f} tokens/s (machine busy "
               f"{ours['machine_busy_cores']:.2f} cores)")
+    if floor:
+        f, ours = alone["floor"]["median_s"], alone["reval_jax"]["median_s"]
+        print(f"floor: the decode steps' matrix products alone take {f:.3f} s per call ({1e3 * f / args.new_tokens:.1f} "
+              f"ms per step); reval_jax spends {ours - f:.3f} s more ({ours / f:.2f}x the floor)")
+        for other in together:
+            print(f"  a sampler at the floor would be at {alone[other]['median_s'] / f:.2f}x {other} (alone)")
     for other in together:
         print(f"reval_jax / {other}: alone {alone[other]['median_s'] / alone['reval_jax']['median_s']:.2f}x, "
               f"side by side {together[other][other]['median_s'] / together[other]['reval_jax']['median_s']:.2f}x "
@@ -324,10 +383,11 @@ def gpu_bench(args) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--side", choices=["reval_jax", "static", "transformers", "tunix"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["reval_jax", "static", "transformers", "tunix", "floor"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--sides", nargs="+", default=["reval_jax", "transformers", "tunix"],
-                   help="sides to run (also: static, the sampler the engine replaced)")
+                   help="sides to run (also: static, the sampler the engine replaced; floor, the decode "
+                        "steps' matrix products alone, a lower bound measured alone)")
     p.add_argument("--tunix-python", default="", help="a python with google-tunix installed")
     p.add_argument("--mode", choices=["greedy", "sample"], default="greedy")
     p.add_argument("--batch", type=int, default=16)

@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.page_size = 16  # tokens per KV-cache page
     c.rollout.cache_tokens = 0  # KV cache size in tokens (all slots together); 0 = slots × (prompt bucket + max_new)
     c.rollout.prefill_chunk = 512  # prompt tokens per prefill call and row
+    c.rollout.decode_chunk = 0  # (row, page) pairs the decode attention reads per block; 0 = by platform
 
     # generation and training in turn (sync) or overlapped with bounded staleness (async): reval_jax/pipeline.py
     c.pipeline = ml_collections.ConfigDict()

@@ -371,7 +371,7 @@ def _engine(s: Setup):
     import jax.numpy as jnp
 
     from reval_jax.rollout.engine import EngineConfig, Slots, engine_config
-    from reval_jax.rollout.pages import Pool
+    from reval_jax.rollout.pages import Pool, pool_shape
     from reval_jax.sharding import CACHE_POOL_AXES, named_sharding
 
     rows = s.prompts_per_call * s.num_samples
@@ -380,7 +380,7 @@ def _engine(s: Setup):
     W = -(-(s.bucket + A) // S)
     G = 1 + (-(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * W)
     cfg = s.cfg
-    shape = (cfg.num_layers, G, S, cfg.num_kv_heads, cfg.head_dim)
+    shape = pool_shape(cfg, G, S)
     page = jax.ShapeDtypeStruct(shape, jnp.dtype(s.rollout_dtype),
                                 sharding=named_sharding(s.rollout_mesh, CACHE_POOL_AXES, shape))
     B = engine.slots
@@ -418,12 +418,12 @@ def build_prefill(s: Setup) -> Program:
 
 
 def build_decode(s: Setup) -> Program:
-    """The engine's decode loop on the rollout layout: every slot one token per step, pages read up
-    to the longest row. Steps per round: rollouts × mean response / slots (ideal refill), the mean
+    """The engine's decode loop on the rollout layout: every slot one token per step, each row reading
+    the pages it has filled. Steps per round: rollouts × mean response / slots (ideal refill), the mean
     response taken as min(max_new_tokens, mean_tokens)."""
     import jax.numpy as jnp
 
-    from reval_jax.rollout.engine import _decode
+    from reval_jax.rollout.engine import _decode, decode_chunk
 
     engine, pool, slots, W, G = _engine(s)
     config = _sampling_config(s)
@@ -436,7 +436,7 @@ def build_decode(s: Setup) -> Program:
     # one call runs at most A steps (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
     return Program(
         "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill, max_steps),
-        kwargs={"config": config, "block_pages": engine.block_pages}, runs=-(-steps // A), loop_bound=A,
+        kwargs={"config": config, "chunk": decode_chunk(engine, s.rollout_mesh)}, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
         note=f"{engine.slots} slots, {G} pages x {engine.page_size} tokens ({(G - 1) * engine.page_size} cached "
              f"tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",

@@ -20,7 +20,7 @@ from test_sampler import agreed_columns
 
 from reval_jax.attention import attention
 from reval_jax.rollout.engine import EngineConfig
-from reval_jax.rollout.pages import TRASH, paged_attend
+from reval_jax.rollout.pages import TRASH, decode_items, paged_attend, ragged_attend
 from reval_jax.sampler import SamplingConfig, generate, generate_static
 
 RNG = np.random.RandomState(0)
@@ -141,28 +141,45 @@ def test_a_cache_smaller_than_one_sequence_is_a_clear_error():
         run(GREEDY, EngineConfig(slots=2, page_size=4, cache_tokens=8))
 
 
-def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
-    """Rows of different lengths in scattered pages; every page the loop must not read (table entries
-    past the longest row) holds NaN, so reading one would poison the output."""
-    B, T, N, K, H, S, bp = 3, 1, 4, 2, 8, 4, 1
-    lengths = np.array([9, 3, 14])  # keys per row, the query is the last one
-    W, G = 16, 40
-    rng = np.random.RandomState(1)
-    keys = rng.normal(size=(B, 16, K, H)).astype(np.float32)
-    values = rng.normal(size=(B, 16, K, H)).astype(np.float32)
-    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
-    pool_k = np.full((1, G, S, K, H), np.nan, np.float32)
-    pool_v = np.full((1, G, S, K, H), np.nan, np.float32)
-    pool_k[0, TRASH], pool_v[0, TRASH] = 1e4, -1e4  # read (masked) inside the last block: finite junk
+def _scattered_pool(lengths, S=4, K=2, H=8, W=16, G=40, seed=1):
+    """Rows of the given lengths (keys per row; the query is the last one) in pages scattered over a
+    pool whose unread pages hold NaN; the trash page and the unfilled tail of each row's last page
+    hold finite junk. Returns (keys, values [B, 16, K, H], pool_k, pool_v [1, G, K, S, H], table)."""
+    B = len(lengths)
+    rng = np.random.RandomState(seed)
+    keys = rng.normal(size=(B, W, K, H)).astype(np.float32)
+    values = rng.normal(size=(B, W, K, H)).astype(np.float32)
+    pool_k = np.full((1, G, K, S, H), np.nan, np.float32)
+    pool_v = np.full((1, G, K, S, H), np.nan, np.float32)
+    pool_k[0, TRASH], pool_v[0, TRASH] = 1e4, -1e4
     table = np.zeros((B, W), np.int32)
     free = iter(rng.permutation(np.arange(1, G)))
     for b in range(B):
         for w in range(-(-lengths[b] // S)):
             table[b, w] = next(free)
+            pool_k[0, table[b, w]], pool_v[0, table[b, w]] = 3e3, -3e3  # a recycled page's old contents
             for s in range(S):
                 p = w * S + s
                 if p < lengths[b] - 1:  # earlier keys are in the cache; the last one is written now
-                    pool_k[0, table[b, w], s], pool_v[0, table[b, w], s] = keys[b, p], values[b, p]
+                    pool_k[0, table[b, w], :, s], pool_v[0, table[b, w], :, s] = keys[b, p], values[b, p]
+    return keys, values, pool_k, pool_v, table
+
+
+def _attention_reference(q, keys, values, lengths):
+    kv_seg = (np.arange(keys.shape[1])[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
+                     q_segment_ids=np.ones(q.shape[:2], np.int32), kv_segment_ids=jnp.asarray(kv_seg),
+                     q_offset=keys.shape[1] - 1,  # every key slot is before the query
+                     implementation="einsum")
+
+
+def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
+    """Rows of different lengths in scattered pages; every page the loop must not read (table entries
+    past the longest row) holds NaN, so reading one would poison the output."""
+    B, T, N, K, H, bp = 3, 1, 4, 2, 8, 1
+    lengths = np.array([9, 3, 14])
+    keys, values, pool_k, pool_v, table = _scattered_pool(lengths)
+    q = np.random.RandomState(2).normal(size=(B, T, N, H)).astype(np.float32)
     positions = (lengths - 1)[:, None].astype(np.int32)
     new_k = keys[np.arange(B), lengths - 1][:, None]
     new_v = values[np.arange(B), lengths - 1][:, None]
@@ -170,9 +187,39 @@ def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
         jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(pool_k), jnp.asarray(pool_v),
         jnp.asarray(0), table=jnp.asarray(table), positions=jnp.asarray(positions),
         valid=jnp.ones((B, T), bool))
-    kv_seg = (np.arange(16)[None] < lengths[:, None]).astype(np.int32)
-    ref = attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values), q_segment_ids=np.ones((B, T), np.int32),
-                    kv_segment_ids=jnp.asarray(kv_seg), q_offset=15,  # every key slot is before the query
-                    implementation="einsum")
     assert np.isfinite(np.asarray(out)).all()
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_attention_reference(q, keys, values, lengths)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_ragged_attention_reads_each_rows_own_pages(chunk):
+    """Decode attention reads each row's filled pages only: a short row beside a long one reads no
+    page past its own end (they hold NaN), rows sharing their first pages (a prompt's samples) read
+    them each, an idle row reads nothing and gives 0; equal to einsum over the keys for any chunk."""
+    N, K, H, S = 4, 2, 8, 4
+    lengths = np.array([9, 3, 14, 1, 6])  # keys per row, the query is the last one
+    keys, values, pool_k, pool_v, table = _scattered_pool(lengths, S=S, K=K, H=H)
+    # row 4 shares row 0's first page (a prompt's sample): same keys there
+    table[4, 0] = table[0, 0]
+    keys[4, :S], values[4, :S] = keys[0, :S], values[0, :S]
+    B = len(lengths) + 1  # and an idle slot (not live) whose table points at NaN pages
+    table = np.concatenate([table, np.full((1, table.shape[1]), 39, np.int32)])
+    q = np.random.RandomState(2).normal(size=(B, 1, N, H)).astype(np.float32)
+    positions = np.append(lengths - 1, 7)[:, None].astype(np.int32)
+    live = np.arange(B) < len(lengths)
+    new_k = np.concatenate([keys[np.arange(B - 1), lengths - 1], keys[:1, 0]])[:, None]
+    new_v = np.concatenate([values[np.arange(B - 1), lengths - 1], values[:1, 0]])[:, None]
+
+    @jax.jit
+    def run(q, new_k, new_v, pool_k, pool_v, table, positions, live):
+        items = decode_items(table, positions[:, 0], live, S, chunk)
+        return ragged_attend(q, new_k, new_v, pool_k, pool_v, jnp.asarray(0), table=table, positions=positions,
+                             valid=live[:, None], items=items, chunk=chunk), items.count
+
+    (out, _, _), count = run(*map(jnp.asarray, (q, new_k, new_v, pool_k, pool_v, table, positions, live)))
+    out = np.asarray(out)
+    assert int(count.sum()) == sum(-(-n // S) for n in lengths)  # each row's filled pages, nothing more
+    assert np.isfinite(out).all() and np.all(out[-1] == 0)
+    np.testing.assert_allclose(out[:-1], np.asarray(_attention_reference(q[:-1], keys, values, lengths)),
+                               rtol=1e-5, atol=1e-5)

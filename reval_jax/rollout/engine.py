@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from reval_jax.distributed import to_host
-from reval_jax.rollout.pages import TRASH, Pool, copy_pages, init_pool, paged_attend
+from reval_jax.rollout.pages import TRASH, Pool, copy_pages, decode_items, init_pool, paged_attend, ragged_attend
 
 Array = jax.Array
 
@@ -56,15 +56,33 @@ class EngineConfig:
     cache_tokens: int = 0  # G·S: KV cache size in tokens (0: slots × (prompt bucket + max_new_tokens), paged)
     prefill_chunk: int = 512  # C: prompt tokens per prefill call and row (longer prompts take several)
     prefill_rows: int = 16  # prompts prefilled per call at most
-    block_pages: int = 8  # pages read per attention block in decode
+    block_pages: int = 8  # pages of each row read per attention block in prefill
+    decode_chunk: int = 0  # (row, page) pairs read per attention block in decode, whatever their rows (0: auto)
     refill: float = 0.25  # leave the decode loop when this fraction of slots is free and requests wait
 
     def __post_init__(self):
         for name in ("slots", "page_size", "prefill_chunk", "prefill_rows", "block_pages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.decode_chunk < 0:
+            raise ValueError(f"EngineConfig.decode_chunk={self.decode_chunk} must be >= 0 (0: auto)")
         if self.cache_tokens < 0 or not 0 < self.refill <= 1:
             raise ValueError(f"cache_tokens={self.cache_tokens} must be >= 0, refill={self.refill} in (0, 1]")
+
+
+def decode_chunk(engine: EngineConfig, mesh) -> int:
+    """The decode attention's chunk: `engine.decode_chunk`, or by default 32 pairs on CPU (a chunk is
+    cheap to start, a padded pair costs its reads) and 8 pages per row of a data replica (at least
+    256) on an accelerator, where every chunk is a loop iteration of its own kernel launches. The
+    accelerator default is a reasoned choice, not a tuned one: no accelerator has measured it."""
+    if engine.decode_chunk:
+        return engine.decode_chunk
+    devices = jax.devices() if mesh is None else mesh.devices.ravel()
+    if devices[0].platform == "cpu":
+        return 32
+    replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = engine.slots // replicas if engine.slots % replicas == 0 else engine.slots
+    return max(256, 1 << (8 * rows - 1).bit_length())
 
 
 def engine_config(config) -> EngineConfig | None:
@@ -74,7 +92,8 @@ def engine_config(config) -> EngineConfig | None:
     if not r.get("slots", 0):
         return None
     return EngineConfig(slots=r.slots, page_size=r.page_size, cache_tokens=r.cache_tokens,
-                        prefill_chunk=r.prefill_chunk, prefill_rows=max(1, min(r.slots, 64)))
+                        prefill_chunk=r.prefill_chunk, prefill_rows=max(1, min(r.slots, 64)),
+                        decode_chunk=r.get("decode_chunk", 0))
 
 
 @flax.struct.dataclass
@@ -154,9 +173,8 @@ def _pages_needed(s: Slots, S: int) -> Array:
     return s.live & (s.pos % S == 0) & (at == TRASH)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "block_pages"),
-                   donate_argnames=("pool", "slots"))
-def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, config, block_pages: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"), donate_argnames=("pool", "slots"))
+def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, config, chunk: int):
     """Decode steps of every live slot until `refill_at` of them have finished, none is live, a
     step would need more pages than are free, or `max_steps` steps have run."""
     from reval_jax.sampler import sample_logits
@@ -183,8 +201,9 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *,
         new = s.free[jnp.clip(s.n_free - 1 - rank, 0, s.free.shape[0] - 1)]
         col = jnp.minimum(s.pos // S, s.table.shape[1] - 1)
         table = s.table.at[rows, col].set(jnp.where(need, new, s.table[rows, col]))
-        attend = functools.partial(paged_attend, table=table, positions=s.pos[:, None], valid=s.live[:, None],
-                                   block_pages=block_pages)
+        items = decode_items(table, s.pos, s.live, S, chunk, model.mesh)  # the pages each row reads
+        attend = functools.partial(ragged_attend, table=table, positions=s.pos[:, None], valid=s.live[:, None],
+                                   items=items, chunk=chunk, mesh=model.mesh)
         h, (k, v) = model.run_layers(model.embed_tokens(s.last[:, None]), s.pos[:, None], attend, (pool.k, pool.v))
         logits = model.unembed(h[:, 0])  # [B, V]
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.h)
@@ -229,6 +248,7 @@ class Engine:
                 f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}) cannot hold one sequence "
                 f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
         self.G = 1 + pages
+        self.chunk = decode_chunk(engine, model.mesh)
         self.stop = set(sampling.stop_ids)
         # calls, preemptions, and host wall seconds: in the decode loop up to the host's read of its
         # result, and in admissions (prefill to the first tokens' read, then dispatching the slot
@@ -402,7 +422,7 @@ class Engine:
             self.stats["decode_calls"] += 1
             t0 = time.perf_counter()
             pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32), steps,
-                                  config=self.sampling, block_pages=self.engine.block_pages)
+                                  config=self.sampling, chunk=self.chunk)
             # every process gets the whole state (to_host gathers arrays that span several hosts),
             # so every process's scheduler takes the same decisions
             host = (slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos)
