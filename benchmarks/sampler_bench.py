@@ -321,8 +321,9 @@ def cpu_bench(args) -> None:
               f"{ours['machine_busy_cores']:.2f} cores)")
     if floor:
         f, ours = alone["floor"]["median_s"], alone["reval_jax"]["median_s"]
-        print(f"floor: the decode steps' matrix products alone take {f:.3f} s per call ({1e3 * f / args.new_tokens:.1f} "
-              f"ms per step); reval_jax spends {ours - f:.3f} s more ({ours / f:.2f}x the floor)")
+        print(f"floor: the decode steps' matrix products alone take {f:.3f} s per call "
+              f"({1e3 * f / args.new_tokens:.1f} ms per step); reval_jax spends {ours - f:.3f} s more "
+              f"({ours / f:.2f}x the floor)")
         for other in together:
             print(f"  a sampler at the floor would be at {alone[other]['median_s'] / f:.2f}x {other} (alone)")
     for other in together:

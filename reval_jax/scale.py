@@ -431,12 +431,18 @@ def build_decode(s: Setup) -> Program:
     rollouts = s.config.data.prompts_per_iteration * s.num_samples
     mean_response = min(A, s.mean_tokens)
     steps = -(-rollouts * mean_response // engine.slots)
+    # the decode attention's block: as many (row, page) pairs as a replica's rows fill on average
+    mesh = s.rollout_mesh
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = engine.slots // replicas
+    fill = -(-(s.mean_tokens or s.bucket + A // 2) // engine.page_size)  # a trajectory's tokens: above its mean fill
+    chunk = decode_chunk(engine, mesh.devices.ravel()[0].platform, rows * fill, rows * W)
     refill = jnp.zeros((), jnp.int32)
     max_steps = jnp.asarray(A, jnp.int32)  # no weight pickup inside a call (async step pickup lowers it)
     # one call runs at most A steps (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
     return Program(
         "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill, max_steps),
-        kwargs={"config": config, "chunk": decode_chunk(engine, s.rollout_mesh)}, runs=-(-steps // A), loop_bound=A,
+        kwargs={"config": config, "chunk": chunk}, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
         note=f"{engine.slots} slots, {G} pages x {engine.page_size} tokens ({(G - 1) * engine.page_size} cached "
              f"tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",

@@ -19,7 +19,7 @@ from models import tiny_model
 from test_sampler import agreed_columns
 
 from reval_jax.attention import attention
-from reval_jax.rollout.engine import EngineConfig
+from reval_jax.rollout.engine import EngineConfig, decode_chunk
 from reval_jax.rollout.pages import TRASH, decode_items, paged_attend, ragged_attend
 from reval_jax.sampler import SamplingConfig, generate, generate_static
 
@@ -94,6 +94,25 @@ def test_engine_returns_the_static_samplers_tokens(config, engine, monkeypatch):
     if config is SAMPLED:
         assert s["preempted"] > 0  # the cache ran out and rows resumed by re-prefilling
     assert_same_rollout(run(config, None), static(config), config)  # the default: one slot per sample
+
+
+def test_the_decode_attention_block_does_not_change_the_tokens():
+    """One (row, page) pair per attention block, against the default: the same draws."""
+    assert_same_rollout(run(SAMPLED, dataclasses.replace(SMALL, decode_chunk=1)), static(SAMPLED), SAMPLED)
+
+
+def test_decode_chunk_defaults():
+    """32 pairs on CPU; on an accelerator the power of two covering a replica's pairs, within
+    [256, a replica's rows × table width]; a configured chunk always wins."""
+    auto = EngineConfig()
+    assert decode_chunk(auto, "cpu", 5000, 8192) == 32
+    assert decode_chunk(auto, "gpu", 3300, 32768) == 4096
+    assert decode_chunk(auto, "tpu", 4096, 32768) == 4096
+    assert decode_chunk(auto, "gpu", 10, 32768) == 256
+    assert decode_chunk(auto, "gpu", 40000, 32768) == 32768
+    assert decode_chunk(dataclasses.replace(auto, decode_chunk=48), "gpu", 3300, 32768) == 48
+    with pytest.raises(ValueError, match="decode_chunk"):
+        EngineConfig(decode_chunk=-1)
 
 
 def test_responses_vary_in_length_so_slots_refill():
@@ -176,7 +195,7 @@ def _attention_reference(q, keys, values, lengths):
 def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
     """Rows of different lengths in scattered pages; every page the loop must not read (table entries
     past the longest row) holds NaN, so reading one would poison the output."""
-    B, T, N, K, H, bp = 3, 1, 4, 2, 8, 1
+    B, T, N, H, bp = 3, 1, 4, 8, 1
     lengths = np.array([9, 3, 14])
     keys, values, pool_k, pool_v, table = _scattered_pool(lengths)
     q = np.random.RandomState(2).normal(size=(B, T, N, H)).astype(np.float32)

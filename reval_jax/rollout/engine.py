@@ -70,19 +70,18 @@ class EngineConfig:
             raise ValueError(f"cache_tokens={self.cache_tokens} must be >= 0, refill={self.refill} in (0, 1]")
 
 
-def decode_chunk(engine: EngineConfig, mesh) -> int:
-    """The decode attention's chunk: `engine.decode_chunk`, or by default 32 pairs on CPU (a chunk is
-    cheap to start, a padded pair costs its reads) and 8 pages per row of a data replica (at least
-    256) on an accelerator, where every chunk is a loop iteration of its own kernel launches. The
-    accelerator default is a reasoned choice, not a tuned one: no accelerator has measured it."""
+def decode_chunk(engine: EngineConfig, platform: str, pairs: int, most: int) -> int:
+    """The decode attention's chunk, (row, page) pairs per block: `engine.decode_chunk` when set;
+    by default 32 on CPU (a block is cheap to start there and a padded pair costs its reads), and on
+    an accelerator the power of two >= `pairs` (the pairs a replica reads now), at least 256 and at
+    most `most` (a replica's rows × the table width): one block per layer and step, where every
+    block is a loop iteration with kernel launches of its own, for a few compiled sizes. The
+    accelerator rule is reasoned, not measured: no accelerator has run it."""
     if engine.decode_chunk:
         return engine.decode_chunk
-    devices = jax.devices() if mesh is None else mesh.devices.ravel()
-    if devices[0].platform == "cpu":
+    if platform == "cpu":
         return 32
-    replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = engine.slots // replicas if engine.slots % replicas == 0 else engine.slots
-    return max(256, 1 << (8 * rows - 1).bit_length())
+    return min(max(256, 1 << max(0, pairs - 1).bit_length()), max(256, most))
 
 
 def engine_config(config) -> EngineConfig | None:
@@ -248,12 +247,22 @@ class Engine:
                 f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}) cannot hold one sequence "
                 f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
         self.G = 1 + pages
-        self.chunk = decode_chunk(engine, model.mesh)
+        mesh = model.mesh
+        self.replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        if engine.slots % self.replicas:
+            self.replicas = 1  # rows not split over the replicas (sharding.logical_to_spec): one list of pairs
+        self.platform = (jax.devices() if mesh is None else mesh.devices.ravel())[0].platform
         self.stop = set(sampling.stop_ids)
         # calls, preemptions, and host wall seconds: in the decode loop up to the host's read of its
         # result, and in admissions (prefill to the first tokens' read, then dispatching the slot
         # writes, whose device time falls into the next decode_s: no sync is added to time them)
         self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0, "decode_s": 0.0, "admit_s": 0.0}
+
+    def _chunk(self, pos: np.ndarray, live: np.ndarray) -> int:
+        """decode_chunk for the rows as they enter a decode call: the most (row, page) pairs any data
+        replica reads (its rows are a contiguous B / R of the slots)."""
+        pairs = np.where(live, pos // self.engine.page_size + 1, 0).reshape(self.replicas, -1).sum(1).max()
+        return decode_chunk(self.engine, self.platform, int(pairs), self.engine.slots // self.replicas * self.W)
 
     def initial_state(self) -> tuple[Pool, Slots]:
         """An empty pool (kv heads split over the mesh's `tensor` axis, like the model's) and empty
@@ -365,6 +374,7 @@ class Engine:
         pool, slots = self.initial_state()
         table, live, held = np.zeros((B, self.W), np.int32), np.zeros(B, bool), np.zeros(B, bool)
         h = np.zeros(B, np.int32)  # response tokens of each slot, as of the last read
+        pos = np.zeros(B, np.int32)  # the position each slot writes next, likewise
         spans: list[list[tuple[int, int]]] = [[] for _ in range(B)]  # (first response index, version)
         staged = None  # new weights waiting for the rows in flight to finish (in_flight="finish")
         free = self._free_pages(table, held)
@@ -409,7 +419,7 @@ class Engine:
                 t0 = time.perf_counter()
                 slots, pool, table, live, held, clock = self._admit(
                     batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-                    seed, ids, np.asarray(free_list, np.int32), h, spans)
+                    seed, ids, np.asarray(free_list, np.int32), h, pos, spans)
                 self.stats["admit_s"] += time.perf_counter() - t0
             if not held.any():
                 if not pending:
@@ -422,7 +432,7 @@ class Engine:
             self.stats["decode_calls"] += 1
             t0 = time.perf_counter()
             pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32), steps,
-                                  config=self.sampling, chunk=self.chunk)
+                                  config=self.sampling, chunk=self._chunk(pos, live))
             # every process gets the whole state (to_host gathers arrays that span several hosts),
             # so every process's scheduler takes the same decisions
             host = (slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos)
@@ -459,9 +469,9 @@ class Engine:
         return [[results[(i, n)] for n in range(N)] for i in range(len(prompts))]
 
     def _admit(self, batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-               seed, ids, free, h, spans):
+               seed, ids, free, h, pos, spans):
         """Prefills the batch's prompts once, copies partial pages, samples a_1 and fills slots
-        (their response lengths `h` and version spans `spans` too, in place)."""
+        (their response lengths `h`, positions `pos` and version spans `spans` too, in place)."""
         S = self.engine.page_size
         pool, logits = self._prefill_rows(pool, batch_rows)
         new = [i for i, r in enumerate(batch) if r.tokens is None]
@@ -512,13 +522,15 @@ class Engine:
                 key_smp.append(n)
                 owner[b], held[b], admitted[b] = (req.index, n), True, clock
                 table[b], live[b] = row, rows["live"][r]
-                h[b] = hh
+                h[b], pos[b] = hh, len(seq)
                 spans[b] = _spans(req.versions) if req.tokens is not None else []
                 if not spans[b] or spans[b][-1][1] != self.version:
                     spans[b].append((hh if req.tokens is not None else 0, self.version))
                 clock += 1
                 r += 1
-        if src:
+        if src:  # padded to a power of two with trash-to-trash copies: few compiled shapes
+            pad = (1 << (len(src) - 1).bit_length()) - len(src)
+            src, dst = src + [TRASH] * pad, dst + [TRASH] * pad
             pool = _copy(pool, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
         keys = _base_keys(np.uint32(seed), jnp.asarray(key_pid, jnp.int32), jnp.asarray(key_smp, jnp.int32))
         slots = self._write_rows(slots, index, rows, keys, free)

@@ -188,7 +188,7 @@ def ragged_attend(
     its copy of the pool, a tensor shard its own heads; no collective. Returns (out [B, 1, N, H],
     k_pages, v_pages)."""
     B, T, N, H = q.shape
-    K, S = k.shape[2], k_pages.shape[3]
+    S = k_pages.shape[3]
     if T != 1:
         raise ValueError(f"ragged_attend decodes one token per row, got {T}")
     k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, table, positions, valid)
