@@ -3,7 +3,8 @@
 ALGORITHMS.md, "Rewards": r_rule ∈ {0, 1} is 1 when the last ``\\boxed{...}`` of the response is
 mathematically equivalent to the ground-truth answer (checked with ``math_verify``), with bounded
 time per answer; a crash or a timeout scores 0 and is counted. For the ``r1_distill`` template only
-the text after the last ``</think>`` counts, and a response that never closes its thinking scores 0.
+the text after the last ``</think>`` counts, and a response that never closes its thinking scores 0;
+likewise for a response that opens a thinking block itself (Qwen3 in thinking mode).
 
 Reward functions have the signature ``fn(response, answer, template) -> float`` and are chosen by
 name from ``REWARDS``, or by an importable path ``"package.module:function"``. ``RewardScorer``
@@ -31,7 +32,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from reval_jax.templates import TEMPLATES, THINK_CLOSE
+from reval_jax.templates import TEMPLATES, THINK_CLOSE, THINK_OPEN
+
+THINK_OPEN_TAG = THINK_OPEN.strip()  # "<think>", however the model follows it
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +81,11 @@ def extract_boxed(text: str) -> str | None:
 
 
 def final_answer_text(response: str, template: str) -> str | None:
-    """The part of the response that holds the final answer: for ``r1_distill`` the text after
-    the last ``</think>`` (None when the thinking block is never closed), else all of it."""
-    if template == "r1_distill":
+    """The part of the response that holds the final answer: the text after the last ``</think>``
+    for ``r1_distill`` (whose prompt opens the thinking block) and for any response that opens one
+    itself (a Qwen3 model in thinking mode under ``qwen_math``), None when that block is never
+    closed; else all of it."""
+    if template == "r1_distill" or THINK_OPEN_TAG in response:
         cut = response.rfind(THINK_CLOSE)
         if cut < 0:
             return None

@@ -116,6 +116,11 @@ def test_extract_boxed(text, expected):
         ("<think>a</think> \\boxed{204} <think>b</think> none", "204", "r1_distill", 0.0),
         ("<think>\\boxed{204} never closed", "204", "r1_distill", 0.0),
         ("\\boxed{204}", "204", "r1_distill", 0.0),  # no </think> at all
+        # a model that opens its own thinking block (Qwen3 in thinking mode) under qwen_math
+        ("<think>\nmaybe \\boxed{204}\n</think>\n\nSo \\boxed{7}", "204", "qwen_math", 0.0),
+        ("<think>\nit is \\boxed{204}\n</think>\n\nThe answer is 204.", "204", "qwen_math", 0.0),
+        ("<think>\nmaybe \\boxed{7}\n</think>\n\nSo \\boxed{204}", "204", "qwen_math", 1.0),
+        ("<think>\n\\boxed{204} never closed", "204", "qwen_math", 0.0),
     ],
 )
 def test_math_reward(response, answer, template, expected):
