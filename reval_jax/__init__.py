@@ -13,6 +13,7 @@ _PUBLIC = {
     "load_hf": "reval_jax.hf",
     "save_hf": "reval_jax.hf",
     "Cache": "reval_jax.model",
+    "Decoder": "reval_jax.model",
     "Qwen2": "reval_jax.model",
     "create_model": "reval_jax.model",
     "init_cache": "reval_jax.model",
