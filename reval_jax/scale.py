@@ -366,32 +366,36 @@ def _calls_per_round(s: Setup) -> int:
 
 
 def _engine(s: Setup):
-    """The rollout engine's config for this run and its abstract pool / slots on the rollout mesh."""
+    """The rollout engine's config for this run and its abstract pool / slots on the rollout mesh,
+    as `Engine` lays them out: R data replicas, each with its slots and G pages (its trash page
+    included), the pool's pages split over the replicas."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
 
     from reval_jax.rollout.engine import EngineConfig, Slots, engine_config
-    from reval_jax.rollout.pages import Pool, pool_shape
-    from reval_jax.sharding import CACHE_POOL_AXES, named_sharding
+    from reval_jax.rollout.pages import Pool, engine_replicas, pool_shape, pool_spec
+    from reval_jax.sharding import named_sharding
 
     rows = s.prompts_per_call * s.num_samples
     engine = engine_config(s.config) or EngineConfig(slots=rows, prefill_rows=s.prompts_per_call)
     S, A = engine.page_size, s.max_new_tokens
     W = -(-(s.bucket + A) // S)
-    G = 1 + (-(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * W)
+    mesh, B = s.rollout_mesh, engine.slots
+    R = engine_replicas(mesh, B, s.num_samples)
+    G = 1 + -(-(-(-engine.cache_tokens // S) if engine.cache_tokens else B * W) // R)
     cfg = s.cfg
-    shape = pool_shape(cfg, G, S)
+    shape = pool_shape(cfg, R * G, S)
     page = jax.ShapeDtypeStruct(shape, jnp.dtype(s.rollout_dtype),
-                                sharding=named_sharding(s.rollout_mesh, CACHE_POOL_AXES, shape))
-    B = engine.slots
+                                sharding=NamedSharding(mesh, pool_spec(mesh, R, cfg.num_kv_heads)))
     rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(
-        s.rollout_mesh, (None,) * len(shape), shape))
+        mesh, (None,) * len(shape), shape))
     slots = Slots(table=rep((B, W), jnp.int32), pos=rep((B,), jnp.int32), last=rep((B,), jnp.int32),
                   h=rep((B,), jnp.int32), limit=rep((B,), jnp.int32), live=rep((B,), jnp.bool_),
                   keys=jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B)),
                   tokens=rep((B, A), jnp.int32), logp=rep((B, A), jnp.float32),
-                  free=rep((G,), jnp.int32), n_free=rep((), jnp.int32))
-    return engine, Pool(k=page, v=page), slots, W, G
+                  free=rep((R * G,), jnp.int32), n_free=rep((R,), jnp.int32))
+    return engine, Pool(k=page, v=page), slots, W, G, R
 
 
 def build_prefill(s: Setup) -> Program:
@@ -402,18 +406,20 @@ def build_prefill(s: Setup) -> Program:
 
     from reval_jax.rollout.engine import _prefill
 
-    engine, pool, _, W, _ = _engine(s)
+    engine, pool, _, W, G, R = _engine(s)
+    # a call's rows are R blocks of n / R, one per replica (Engine._prefill_rows)
     n, C = min(engine.prefill_rows, s.prompts_per_call), min(engine.prefill_chunk, s.bucket)
+    n = -(-n // R) * R
     arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     args = (s.rollout_graphdef, s.rollout_params, pool, arr((n, W), jnp.int32), arr((n, C), jnp.int32),
             arr((n, C), jnp.int32), arr((n, C), jnp.bool_), arr((n,), jnp.int32))
     chunks = -(-s.bucket // C)
     calls = -(-s.config.data.prompts_per_iteration // n) * chunks
     return Program(
-        "prefill", _prefill, args, kwargs={"block_pages": engine.block_pages}, runs=calls,
+        "prefill", _prefill, args, kwargs={"block_pages": engine.block_pages, "replicas": R}, runs=calls,
         model_flops=model_flops(s.cfg, "prefill", n, C),
         note=f"[{n}, {C}] prompt tokens per call (bucket {s.bucket}: {chunks} chunk(s)); pool of "
-             f"{pool.k.shape[1]} pages x {engine.page_size} tokens",
+             f"{R} x {G} pages x {engine.page_size} tokens",
     )
 
 
@@ -425,7 +431,7 @@ def build_decode(s: Setup) -> Program:
 
     from reval_jax.rollout.engine import _decode, decode_chunk
 
-    engine, pool, slots, W, G = _engine(s)
+    engine, pool, slots, W, G, R = _engine(s)
     config = _sampling_config(s)
     A = s.max_new_tokens
     rollouts = s.config.data.prompts_per_iteration * s.num_samples
@@ -433,8 +439,7 @@ def build_decode(s: Setup) -> Program:
     steps = -(-rollouts * mean_response // engine.slots)
     # the decode attention's block: as many (row, page) pairs as a replica's rows fill on average
     mesh = s.rollout_mesh
-    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = engine.slots // replicas
+    rows = engine.slots // R
     fill = -(-(s.mean_tokens or s.bucket + A // 2) // engine.page_size)  # a trajectory's tokens: above its mean fill
     chunk = decode_chunk(engine, mesh.devices.ravel()[0].platform, rows * fill, rows * W)
     refill = jnp.zeros((), jnp.int32)
@@ -444,8 +449,8 @@ def build_decode(s: Setup) -> Program:
         "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill, max_steps),
         kwargs={"config": config, "chunk": chunk}, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
-        note=f"{engine.slots} slots, {G} pages x {engine.page_size} tokens ({(G - 1) * engine.page_size} cached "
-             f"tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",
+        note=f"{engine.slots} slots, {R} x {G} pages x {engine.page_size} tokens ({R * (G - 1) * engine.page_size} "
+             f"cached tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",
     )
 
 

@@ -146,6 +146,9 @@ def test_decode_gathers_no_parameter_on_the_rollout_layout(mesh_shape):
     weights = set().union(*sizes.values())
     gathered = _gathered_sizes(_decode_hlo(model, config))
     assert not weights & set(gathered), (gathered, sizes)
+    # nor a key or value: each data replica holds its slots' pages (6 slots: per-slot bookkeeping
+    # gathers at most [6, 2]; this step's keys of the 6 slots would be 6 x 4 x 8)
+    assert max(gathered, default=0) <= 2 * 6, gathered
 
     # the check can fail: on the FSDP training layout every step gathers every layer's weights
     # (8 slots: rows split over the 8 FSDP devices, as the training layout splits them)
@@ -189,6 +192,37 @@ def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config, f
     forward = lambda m: np.asarray(jax.jit(lambda s, t, k: nnx.merge(nnx.graphdef(m), s)(t, mask=k))(
         nnx.state(m), tokens, mask))
     np.testing.assert_allclose(forward(model), forward(_hf_policy(None, family)), atol=1e-5)
+
+
+def test_engine_replicas_keep_their_own_pages_and_sample_what_one_device_samples(monkeypatch):
+    """Four data replicas (tp 2 × dp 4), each with 2 slots and 5 pages of 4 tokens: requests go
+    whole into a replica, slots are refilled and rows preempted within it, and the tokens are the
+    single device's (one slot per sample, a cache for every row)."""
+    from reval_jax.rollout import engine as engine_mod
+    from reval_jax.rollout.engine import EngineConfig
+
+    engines = []
+    init = engine_mod.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", spy)
+    master = _hf_policy((1, 8, 1))
+    graphdef, params = nnx.split(master)
+    model = to_rollout(graphdef, params, rollout_mesh(master.mesh, 2, master.cfg), "float32")
+    small = EngineConfig(slots=8, page_size=4, cache_tokens=80, prefill_chunk=8, prefill_rows=4)
+    ours = jax.tree.map(np.asarray, generate(model, PROMPTS, SAMPLED, seed=3, engine=small))
+    e = engines[-1]
+    assert (e.R, e.G) == (4, 6)  # 80 tokens = 20 pages: 5 per replica and its trash page
+    pool, _ = e.initial_state()
+    assert pool.k.sharding.spec[1:3] == ("data", "tensor")  # pages by replica, kv heads by tensor shard
+    assert e.stats["preempted"] > 0 and e.stats["decode_calls"] > 2
+    single = jax.tree.map(np.asarray, generate(_hf_policy(None), PROMPTS, SAMPLED, seed=3))
+    np.testing.assert_array_equal(ours.response_tokens, single.response_tokens)
+    np.testing.assert_array_equal(ours.response_length, single.response_length)
+    np.testing.assert_allclose(ours.logp, single.logp, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- config errors

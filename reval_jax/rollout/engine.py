@@ -10,8 +10,13 @@
           it), preempt the newest rows if pages ran out (they resume later by re-prefilling their
           prompt and tokens so far), admit waiting requests into the free slots --> loop
 
-Dimension alphabet: B slots, W page-table width, G pages, S tokens per page, C prefill chunk,
-A = max_new_tokens (response columns), V vocabulary.
+Dimension alphabet: B slots, W page-table width, G pages per replica, S tokens per page, C prefill
+chunk, A = max_new_tokens (response columns), V vocabulary, R data replicas.
+
+Replicas. On a rollout mesh with R data replicas the slots and the KV pages are split alike (pages.py):
+slot b and its pages belong to replica b // (B / R). A request (a prompt and its N samples) is admitted
+whole into one replica, the one with the most free pages, so that its samples share its prompt's
+pages; free pages and preemption are per replica. Every device keeps its replica's G pages only.
 
 Weights can change while the engine runs (asynchronous training, reval_jax/pipeline.py): `run(...,
 weights=poll)` calls `poll()` before every decode call; when it returns (version, params) the next
@@ -42,7 +47,17 @@ import numpy as np
 from flax import nnx
 
 from reval_jax.distributed import to_host
-from reval_jax.rollout.pages import TRASH, Pool, copy_pages, decode_items, init_pool, paged_attend, ragged_attend
+from reval_jax.rollout.pages import (
+    TRASH,
+    Pool,
+    copy_pages,
+    decode_items,
+    engine_replicas,
+    init_pool,
+    paged_attend,
+    pool_spec,
+    ragged_attend,
+)
 
 Array = jax.Array
 
@@ -99,7 +114,7 @@ def engine_config(config) -> EngineConfig | None:
 class Slots:
     """The decode loop's carry besides the pool: one row per slot, and the free-page stack."""
 
-    table: Array  # [B, W] int32  pages of each slot (TRASH where none)
+    table: Array  # [B, W] int32  pages of each slot, its replica's local ids (TRASH where none)
     pos: Array  # [B] int32  position of the token fed next (= tokens in the cache)
     last: Array  # [B] int32  the token fed next (the last one sampled)
     h: Array  # [B] int32  response tokens sampled so far
@@ -108,8 +123,8 @@ class Slots:
     keys: Array  # [B] PRNG keys of (seed, prompt id, sample)
     tokens: Array  # [B, A] int32  response tokens (pad after)
     logp: Array  # [B, A] f32
-    free: Array  # [G] int32  free pages are free[:n_free]
-    n_free: Array  # [] int32
+    free: Array  # [R·G] int32  replica r's free pages are free[r·G : r·G + n_free[r]] (local ids)
+    n_free: Array  # [R] int32
 
 
 @dataclasses.dataclass
@@ -133,12 +148,15 @@ def _base_keys(seed, prompt_ids: Array, samples: Array) -> Array:
 # ----------------------------------------------------------------------------- compiled programs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_pages"), donate_argnames=("pool",))
-def _prefill(graphdef, params, pool: Pool, table, tokens, positions, valid, last_index, *, block_pages: int):
-    """tokens/positions/valid [n, C] of n prompt rows with page tables [n, W] into the pool; returns
-    (pool, float32 logits [n, V] at each row's `last_index`)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_pages", "replicas"), donate_argnames=("pool",))
+def _prefill(graphdef, params, pool: Pool, table, tokens, positions, valid, last_index, *, block_pages: int,
+             replicas: int = 1):
+    """tokens/positions/valid [n, C] of n prompt rows with page tables [n, W] into the pool (the rows
+    are `replicas` blocks, one per replica); returns (pool, float32 logits [n, V] at each row's
+    `last_index`)."""
     model = nnx.merge(graphdef, params)
-    attend = functools.partial(paged_attend, table=table, positions=positions, valid=valid, block_pages=block_pages)
+    attend = functools.partial(paged_attend, table=table, positions=positions, valid=valid, block_pages=block_pages,
+                               mesh=model.mesh, replicas=replicas)
     h, (k, v) = model.run_layers(model.embed_tokens(tokens), positions, attend, (pool.k, pool.v))
     last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]  # [n, D]
     return Pool(k=k, v=v), model.unembed(last)
@@ -154,7 +172,7 @@ def _first_tokens(logits, seed, prompt_ids, samples, *, config):
     return sample_logits(logits, step, config)
 
 
-_copy = jax.jit(copy_pages, donate_argnums=(0,))
+_copy = jax.jit(copy_pages, donate_argnums=(0,), static_argnames=("mesh",))
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -166,10 +184,11 @@ def _write(slots: Slots, index, rows: dict, free, n_free) -> Slots:
 
 
 def _pages_needed(s: Slots, S: int) -> Array:
-    """[B] bool: a live slot about to write the first position of a page it has no page for."""
+    """[R, B/R] bool: a live slot about to write the first position of a page it has no page for,
+    by replica."""
     col = jnp.minimum(s.pos // S, s.table.shape[1] - 1)
     at = jnp.take_along_axis(s.table, col[:, None], axis=1)[:, 0]
-    return s.live & (s.pos % S == 0) & (at == TRASH)
+    return (s.live & (s.pos % S == 0) & (at == TRASH)).reshape(s.n_free.shape[0], -1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"), donate_argnames=("pool", "slots"))
@@ -180,7 +199,8 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *,
 
     model = nnx.merge(graphdef, params)
     B, A = slots.tokens.shape
-    S = pool.page_size
+    S, R = pool.page_size, slots.n_free.shape[0]
+    G = slots.free.shape[0] // R
     rows = jnp.arange(B)
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
 
@@ -190,19 +210,21 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *,
         i, _, s = c
         finished = jnp.sum(~s.live) - idle
         # every live row finishes within A steps (no row is admitted inside the loop): i < A bounds it
-        fits = jnp.sum(_pages_needed(s, S)) <= s.n_free
+        fits = jnp.all(jnp.sum(_pages_needed(s, S), 1) <= s.n_free)  # in every replica
         return (i < A) & (i < max_steps) & jnp.any(s.live) & (finished < refill_at) & fits
 
     def body(c):
         i, pool, s = c
-        need = _pages_needed(s, S)
-        rank = jnp.cumsum(need) - 1
-        new = s.free[jnp.clip(s.n_free - 1 - rank, 0, s.free.shape[0] - 1)]
+        need = _pages_needed(s, S)  # [R, B/R]: each replica pops its own free stack
+        rank = jnp.cumsum(need, 1) - 1
+        new = jnp.take_along_axis(s.free.reshape(R, G), jnp.clip(s.n_free[:, None] - 1 - rank, 0, G - 1), 1)
+        need, new = need.reshape(B), new.reshape(B)
         col = jnp.minimum(s.pos // S, s.table.shape[1] - 1)
         table = s.table.at[rows, col].set(jnp.where(need, new, s.table[rows, col]))
-        items = decode_items(table, s.pos, s.live, S, chunk, model.mesh)  # the pages each row reads
+        on_mesh = dict(mesh=model.mesh, replicas=R)
+        items = decode_items(table, s.pos, s.live, S, chunk, **on_mesh)  # the pages each row reads
         attend = functools.partial(ragged_attend, table=table, positions=s.pos[:, None], valid=s.live[:, None],
-                                   items=items, chunk=chunk, mesh=model.mesh)
+                                   items=items, chunk=chunk, **on_mesh)
         h, (k, v) = model.run_layers(model.embed_tokens(s.last[:, None]), s.pos[:, None], attend, (pool.k, pool.v))
         logits = model.unembed(h[:, 0])  # [B, V]
         keys = jax.vmap(jax.random.fold_in)(s.keys, s.h)
@@ -213,7 +235,7 @@ def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *,
         logps = s.logp.at[rows, col_h].set(jnp.where(on, logp, s.logp[rows, col_h]))
         h_new = s.h + on
         stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
-        s = s.replace(table=table, n_free=s.n_free - jnp.sum(need), pos=s.pos + on,
+        s = s.replace(table=table, n_free=s.n_free - jnp.sum(need.reshape(R, -1), 1), pos=s.pos + on,
                       last=jnp.where(on, token, s.last), h=h_new, tokens=tokens, logp=logps,
                       live=on & ~stopped & (h_new < s.limit))
         return i + 1, Pool(k=k, v=v), s
@@ -240,17 +262,20 @@ class Engine:
         S, A = engine.page_size, sampling.max_new_tokens
         self.A = A
         self.W = -(-(prompt_bucket + A) // S)  # table width: the longest sequence's pages
-        # + the trash page; by default every slot's longest sequence (the static sampler's cache)
-        pages = -(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * self.W
-        if pages < self.W:
-            raise ValueError(
-                f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}) cannot hold one sequence "
-                f"of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} pages): raise cache_tokens")
-        self.G = 1 + pages
         mesh = model.mesh
-        self.replicas = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-        if engine.slots % self.replicas:
-            self.replicas = 1  # rows not split over the replicas (sharding.logical_to_spec): one list of pairs
+        self.R = engine_replicas(mesh, engine.slots, sampling.num_samples)  # splitting slots and pages (1: none)
+        self.rows = engine.slots // self.R  # slots per replica
+        # pages, all replicas together: by default every slot's longest sequence (the static sampler's
+        # cache); each replica gets an equal share and a trash page of its own
+        pages = -(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * self.W
+        per_replica = -(-pages // self.R)
+        if per_replica < self.W:
+            raise ValueError(
+                f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}"
+                + (f", {per_replica} per data replica of {self.R}" if self.R > 1 else "")
+                + f") cannot hold one sequence of prompt bucket {prompt_bucket} + max_new_tokens {A} ({self.W} "
+                "pages): raise cache_tokens")
+        self.G = 1 + per_replica  # pages per replica, its trash page included
         self.platform = (jax.devices() if mesh is None else mesh.devices.ravel())[0].platform
         self.stop = set(sampling.stop_ids)
         # calls, preemptions, and host wall seconds: in the decode loop up to the host's read of its
@@ -261,38 +286,48 @@ class Engine:
     def _chunk(self, pos: np.ndarray, live: np.ndarray) -> int:
         """decode_chunk for the rows as they enter a decode call: the most (row, page) pairs any data
         replica reads (its rows are a contiguous B / R of the slots)."""
-        pairs = np.where(live, pos // self.engine.page_size + 1, 0).reshape(self.replicas, -1).sum(1).max()
-        return decode_chunk(self.engine, self.platform, int(pairs), self.engine.slots // self.replicas * self.W)
+        pairs = np.where(live, pos // self.engine.page_size + 1, 0).reshape(self.R, -1).sum(1).max()
+        return decode_chunk(self.engine, self.platform, int(pairs), self.rows * self.W)
+
+    @property
+    def mesh(self):
+        return nnx.merge(self.graphdef, self.params).mesh
 
     def initial_state(self) -> tuple[Pool, Slots]:
-        """An empty pool (kv heads split over the mesh's `tensor` axis, like the model's) and empty
-        slots: the decode loop's inputs."""
-        from reval_jax.sharding import CACHE_POOL_AXES, named_sharding
+        """An empty pool ([L, R·G, K, S, H]: pages split over the data replicas, kv heads over the
+        mesh's `tensor` axis, like the model's) and empty slots: the decode loop's inputs."""
+        from jax.sharding import NamedSharding
 
-        pool = init_pool(self.cfg, self.G, self.engine.page_size)
-        mesh = nnx.merge(self.graphdef, self.params).mesh
+        pool = init_pool(self.cfg, self.R * self.G, self.engine.page_size)
+        mesh = self.mesh
         if mesh is not None:
-            sh = named_sharding(mesh, CACHE_POOL_AXES, pool.k.shape)
+            sh = NamedSharding(mesh, pool_spec(mesh, self.R, self.cfg.num_kv_heads))
             pool = Pool(k=jax.device_put(pool.k, sh), v=jax.device_put(pool.v, sh))
         B = self.engine.slots
         slots = Slots(**{k: jnp.asarray(v) for k, v in self._empty_rows(B).items()},
                       keys=_base_keys(np.uint32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)),
-                      free=jnp.zeros(self.G, jnp.int32), n_free=jnp.zeros((), jnp.int32))
+                      free=jnp.zeros(self.R * self.G, jnp.int32), n_free=jnp.zeros(self.R, jnp.int32))
         return pool, slots
 
     # --- host-side bookkeeping
 
-    def _free_pages(self, table: np.ndarray, held: np.ndarray) -> np.ndarray:
-        """Pages no slot that is live or holds results references (TRASH excluded)."""
-        used = np.zeros(self.G, bool)
-        used[table[held].ravel()] = True
-        used[TRASH] = True
-        return np.flatnonzero(~used).astype(np.int32)
+    def _free_pages(self, table: np.ndarray, held: np.ndarray) -> list[np.ndarray]:
+        """Per replica, the local pages no slot of it that is live or holds results references
+        (TRASH excluded)."""
+        free = []
+        for r in range(self.R):
+            rows = slice(r * self.rows, (r + 1) * self.rows)
+            used = np.zeros(self.G, bool)
+            used[table[rows][held[rows]].ravel()] = True
+            used[TRASH] = True
+            free.append(np.flatnonzero(~used).astype(np.int32))
+        return free
 
-    def _free_stack(self, free: np.ndarray):
-        stack = np.zeros(self.G, np.int32)
-        stack[: len(free)] = free
-        return jnp.asarray(stack), jnp.asarray(len(free), jnp.int32)
+    def _free_stack(self, free: list[np.ndarray]):
+        stack = np.zeros((self.R, self.G), np.int32)
+        for r, f in enumerate(free):
+            stack[r, : len(f)] = f
+        return jnp.asarray(stack.reshape(-1)), jnp.asarray([len(f) for f in free], jnp.int32)
 
     def _empty_rows(self, n: int) -> dict:
         A, W = self.A, self.W
@@ -316,35 +351,42 @@ class Engine:
         full["keys"] = jnp.concatenate([keys, pad])  # a new buffer: `slots` is donated
         return _write(slots, jnp.asarray(idx), full, *self._free_stack(free))
 
-    def _prefill_rows(self, pool, rows: list[tuple[np.ndarray, np.ndarray]]):
-        """Prefills rows of (tokens [t], table row [W]) in chunks of C; returns (pool, logits [n, V]
-        at each row's last token)."""
-        bp, n = self.engine.block_pages, len(rows)
-        n_pad = 1 << max(0, (n - 1).bit_length())  # a power of two: few compiled shapes
-        longest = max(len(tok) for tok, _ in rows)
+    def _prefill_rows(self, pool, rows: list[tuple[np.ndarray, np.ndarray, int]]):
+        """Prefills rows of (tokens [t], table row [W], replica) in chunks of C; returns (pool,
+        logits [n, V] at each row's last token, in the order of `rows`). A call's rows are R
+        blocks of n' rows, replica r's rows in block r."""
+        bp, R = self.engine.block_pages, self.R
+        per = [[i for i, row in enumerate(rows) if row[2] == r] for r in range(R)]
+        n_pad = 1 << max(0, (max(map(len, per)) - 1).bit_length())  # a power of two: few compiled shapes
+        at = np.zeros(len(rows), np.int64)  # each row's place among the R·n' rows of the call
+        for r, members in enumerate(per):
+            at[members] = r * n_pad + np.arange(len(members))
+        longest = max(len(tok) for tok, _, _ in rows)
         # chunks of prefill_chunk tokens, or of the longest row rounded up to a power of two (>= 16)
         # when that is shorter: short prompts are not padded to a long chunk
         C = min(self.engine.prefill_chunk, 1 << max(4, (longest - 1).bit_length()))
-        table = np.zeros((n_pad, self.W), np.int32)
-        for i, (_, t) in enumerate(rows):
-            table[i] = t
-        chunks = max(-(-len(tok) // C) for tok, _ in rows)
+        table = np.zeros((R * n_pad, self.W), np.int32)
+        for i, (_, t, _) in enumerate(rows):
+            table[at[i]] = t
+        chunks = max(-(-len(tok) // C) for tok, _, _ in rows)
         logits = None
         for c in range(chunks):
-            tokens = np.zeros((n_pad, C), np.int32)
-            valid = np.zeros((n_pad, C), bool)
-            last = np.zeros(n_pad, np.int32)
-            for i, (tok, _) in enumerate(rows):
+            tokens = np.zeros((R * n_pad, C), np.int32)
+            valid = np.zeros((R * n_pad, C), bool)
+            last = np.zeros(R * n_pad, np.int32)
+            final = np.zeros(R * n_pad, bool)
+            for i, (tok, _, _) in enumerate(rows):
                 part = tok[c * C : (c + 1) * C]
-                tokens[i, : len(part)], valid[i, : len(part)] = part, True
-                last[i] = max(len(part) - 1, 0)
+                tokens[at[i], : len(part)], valid[at[i], : len(part)] = part, True
+                last[at[i]] = max(len(part) - 1, 0)
+                final[at[i]] = -(-len(tok) // C) - 1 == c
             positions = np.where(valid, c * C + np.arange(C)[None], 0).astype(np.int32)
             self.stats["prefill_calls"] += 1
             pool, out = _prefill(self.graphdef, self.params, pool, jnp.asarray(table), jnp.asarray(tokens),
-                                 jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(last), block_pages=bp)
-            final = np.asarray([-(-len(tok) // C) - 1 == c for tok, _ in rows] + [False] * (n_pad - n))
+                                 jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(last), block_pages=bp,
+                                 replicas=R)
             logits = out if logits is None else jnp.where(jnp.asarray(final)[:, None], out, logits)
-        return pool, logits[:n]
+        return pool, logits[jnp.asarray(at)]
 
     # --- the loop
 
@@ -393,9 +435,13 @@ class Engine:
                     spans[b].append((int(h[b]), self.version))
             # --- admit waiting requests into free slots while their pages fit (not while rows
             # finish under old weights)
-            batch, batch_rows, batch_pages = [], [], []
-            open_slots = [b for b in range(B) if not held[b]]
-            free_list = list(free)
+            # a request goes whole into the replica with the most pages to spare
+            batch, batch_rows, batch_pages, batch_slots = [], [], [], []
+            replica_rows = [range(r * self.rows, (r + 1) * self.rows) for r in range(self.R)]
+            open_slots = [[b for b in rr if not held[b]] for rr in replica_rows]
+            free_lists = [list(f) for f in free]
+            # a page left for every running row's next page boundary: the next decode step runs
+            headroom = [int(live[rr].sum()) for rr in replica_rows]
             while pending and staged is None and len(batch) < self.engine.prefill_rows:
                 req = pending[0]
                 resume = req.tokens is not None
@@ -403,30 +449,38 @@ class Engine:
                 full, partial = divmod(len(seq), S)
                 copies = (len(req.samples) - 1) if partial and not resume else 0
                 need = full + (partial > 0) + copies
-                # a page left for every running row's next page boundary: the next decode step runs
-                headroom = int(live.sum()) + sum(len(r.samples) for r in batch)
-                if len(open_slots) < len(req.samples) or len(free_list) - need < headroom:
+                # a resumed row also keeps a page for its own next step: preempted for want of one,
+                # it would otherwise be admitted and preempted again without a step (a livelock)
+                own = len(req.samples) if resume else 0
+                fits = [r for r in range(self.R) if len(open_slots[r]) >= len(req.samples)
+                        and len(free_lists[r]) - need >= headroom[r] + own]
+                if not fits:
                     break
+                r = max(fits, key=lambda r: len(free_lists[r]) - headroom[r])
                 pending.popleft()
-                pages, free_list = free_list[:need], free_list[need:]
+                pages, free_lists[r] = free_lists[r][:need], free_lists[r][need:]
                 row = np.zeros(self.W, np.int32)
                 row[: full + (partial > 0)] = pages[: full + (partial > 0)]
                 batch.append(req)
-                batch_rows.append((seq, row))
+                batch_rows.append((seq, row, r))
                 batch_pages.append(pages[full + (partial > 0):])  # the partial page's copies
-                open_slots = open_slots[len(req.samples):]
+                batch_slots.append(open_slots[r][: len(req.samples)])
+                open_slots[r] = open_slots[r][len(req.samples):]
+                headroom[r] += len(req.samples)
             if batch:
                 t0 = time.perf_counter()
                 slots, pool, table, live, held, clock = self._admit(
-                    batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-                    seed, ids, np.asarray(free_list, np.int32), h, pos, spans)
+                    batch, batch_rows, batch_pages, batch_slots, slots, pool, table, live, held, owner, admitted,
+                    clock, seed, ids, [np.asarray(f, np.int32) for f in free_lists], h, pos, spans)
                 self.stats["admit_s"] += time.perf_counter() - t0
             if not held.any():
                 if not pending:
                     break
                 raise ValueError(
-                    f"the KV cache ({self.G - 1} pages of {S} tokens) cannot hold one request of "
-                    f"{len(pending[0].prompt)} prompt tokens: raise EngineConfig.cache_tokens")
+                    f"the KV cache ({self.G - 1} pages of {S} tokens"
+                    + (f" in each of {self.R} data replicas" if self.R > 1 else "")
+                    + f") cannot hold one request of {len(pending[0].prompt)} prompt tokens and "
+                    f"{len(pending[0].samples)} samples: raise EngineConfig.cache_tokens")
             refill_at = max(1, int(self.engine.refill * B), max((len(r.samples) for r in pending), default=0)) \
                 if pending else B + 1
             self.stats["decode_calls"] += 1
@@ -444,32 +498,35 @@ class Engine:
                 results[owner[b]] = (tokens[b, : h[b]].copy(), logp[b, : h[b]].copy(), _expand(spans[b], h[b]))
                 owner[b], held[b] = None, False
             live = now_live.copy()
-            # --- out of pages: preempt the newest rows until the next step fits
+            # --- a replica out of pages: preempt its newest rows until its next step fits
             need = live & (pos % S == 0) & (table[np.arange(B), np.minimum(pos // S, self.W - 1)] == TRASH)
             free = self._free_pages(table, held)
             victims = []
-            while need.sum() > len(free) and live.sum() > 1:
-                b = max((b for b in range(B) if live[b]), key=lambda b: admitted[b])
-                p_row, n = owner[b]
-                pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), (int(limits[p_row, n]),), (n,),
-                                           tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy(),
-                                           versions=_expand(spans[b], h[b])))
-                owner[b], held[b], live[b], need[b] = None, False, False, False
-                table[b] = TRASH
-                victims.append(b)
-                self.stats["preempted"] += 1
-                free = self._free_pages(table, held)
-            if need.sum() > len(free):
-                raise ValueError(
-                    f"the KV cache ({self.G - 1} pages of {S} tokens) cannot hold one sequence of "
-                    f"{int(pos[live].max())} tokens: raise EngineConfig.cache_tokens")
+            for r, rr in enumerate(range(q * self.rows, (q + 1) * self.rows) for q in range(self.R)):
+                while need[rr].sum() > len(free[r]) and live[rr].sum() > 1:
+                    b = max((b for b in rr if live[b]), key=lambda b: admitted[b])
+                    p_row, n = owner[b]
+                    pending.appendleft(Request(p_row, np.asarray(prompts[p_row], np.int32), (int(limits[p_row, n]),),
+                                               (n,), tokens=tokens[b, : h[b]].copy(), logp=logp[b, : h[b]].copy(),
+                                               versions=_expand(spans[b], h[b])))
+                    owner[b], held[b], live[b], need[b] = None, False, False, False
+                    table[b] = TRASH
+                    victims.append(b)
+                    self.stats["preempted"] += 1
+                    free = self._free_pages(table, held)
+                if need[rr].sum() > len(free[r]):
+                    raise ValueError(
+                        f"the KV cache ({self.G - 1} pages of {S} tokens"
+                        + (f" in each of {self.R} data replicas" if self.R > 1 else "")
+                        + f") cannot hold one sequence of {int(pos[live].max())} tokens: raise "
+                        "EngineConfig.cache_tokens")
             cleared = done + victims
             slots = self._write_rows(slots, cleared, self._empty_rows(len(cleared)),
                                      slots.keys[:0] if not cleared else slots.keys[jnp.asarray(cleared)], free)
         return [[results[(i, n)] for n in range(N)] for i in range(len(prompts))]
 
-    def _admit(self, batch, batch_rows, batch_pages, slots, pool, table, live, held, owner, admitted, clock,
-               seed, ids, free, h, pos, spans):
+    def _admit(self, batch, batch_rows, batch_pages, batch_slots, slots, pool, table, live, held, owner, admitted,
+               clock, seed, ids, free, h, pos, spans):
         """Prefills the batch's prompts once, copies partial pages, samples a_1 and fills slots
         (their response lengths `h`, positions `pos` and version spans `spans` too, in place)."""
         S = self.engine.page_size
@@ -488,22 +545,21 @@ class Engine:
             rep, smp = rep[:m], smp[:m]
             for j, (i, n) in enumerate(zip(rep, smp, strict=True)):
                 first[(int(i), int(n))] = (int(tok[j]), float(lp[j]))
-        src, dst = [], []
+        src, dst = [[] for _ in range(self.R)], [[] for _ in range(self.R)]  # page copies, per replica
         index, rows = [], self._empty_rows(sum(len(r.samples) for r in batch))
         key_pid, key_smp = [], []
-        open_slots = iter([b for b in range(len(held)) if not held[b]])
         r = 0
         for i, req in enumerate(batch):
-            seq, prompt_row = batch_rows[i]
+            seq, prompt_row, replica = batch_rows[i]
             full, partial = divmod(len(seq), S)
             copies = iter(batch_pages[i])
             for j, n in enumerate(req.samples):
-                b = next(open_slots)
+                b = batch_slots[i][j]
                 row = prompt_row.copy()
                 if partial and req.tokens is None and j > 0:  # own copy of the prompt's partial page
                     row[full] = next(copies)
-                    src.append(prompt_row[full])
-                    dst.append(row[full])
+                    src[replica].append(prompt_row[full])
+                    dst[replica].append(row[full])
                 if req.tokens is None:
                     a1, lp1 = first[(i, n)]
                     toks, lps = np.asarray([a1]), np.asarray([lp1], np.float32)
@@ -528,10 +584,11 @@ class Engine:
                     spans[b].append((hh if req.tokens is not None else 0, self.version))
                 clock += 1
                 r += 1
-        if src:  # padded to a power of two with trash-to-trash copies: few compiled shapes
-            pad = (1 << (len(src) - 1).bit_length()) - len(src)
-            src, dst = src + [TRASH] * pad, dst + [TRASH] * pad
-            pool = _copy(pool, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+        most = max(map(len, src))
+        if most:  # [R, n]: padded to a power of two with trash-to-trash copies, few compiled shapes
+            n = 1 << (most - 1).bit_length()
+            pad = lambda x: np.asarray([p + [TRASH] * (n - len(p)) for p in x], np.int32)
+            pool = _copy(pool, jnp.asarray(pad(src)), jnp.asarray(pad(dst)), mesh=self.mesh)
         keys = _base_keys(np.uint32(seed), jnp.asarray(key_pid, jnp.int32), jnp.asarray(key_smp, jnp.int32))
         slots = self._write_rows(slots, index, rows, keys, free)
         return slots, pool, table, live, held, clock
