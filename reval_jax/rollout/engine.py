@@ -68,7 +68,7 @@ class EngineConfig:
 
     slots: int = 64  # B: rows decoded together
     page_size: int = 16  # S: tokens per KV page
-    cache_tokens: int = 0  # G·S: KV cache size in tokens (0: slots × (prompt bucket + max_new_tokens), paged)
+    cache_tokens: int = 0  # ≈ R·G·S: KV cache tokens, all replicas (0: slots × (prompt bucket + max_new_tokens))
     prefill_chunk: int = 512  # C: prompt tokens per prefill call and row (longer prompts take several)
     prefill_rows: int = 16  # prompts prefilled per call at most
     block_pages: int = 8  # pages of each row read per attention block in prefill
