@@ -283,11 +283,19 @@ class Engine:
         # writes, whose device time falls into the next decode_s: no sync is added to time them)
         self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0, "decode_s": 0.0, "admit_s": 0.0}
 
-    def _chunk(self, pos: np.ndarray, live: np.ndarray) -> int:
-        """decode_chunk for the rows as they enter a decode call: the most (row, page) pairs any data
-        replica reads (its rows are a contiguous B / R of the slots)."""
-        pairs = np.where(live, pos // self.engine.page_size + 1, 0).reshape(self.R, -1).sum(1).max()
-        return decode_chunk(self.engine, self.platform, int(pairs), self.rows * self.W)
+    def _chunk(self, pos: np.ndarray, live: np.ndarray, steps: int) -> tuple[int, int]:
+        """(decode_chunk, steps) for a decode call on the rows as they enter it: the chunk from the
+        most (row, page) pairs any data replica reads (its rows are a contiguous B / R of the slots);
+        where the chunk adapts (accelerators), at most the steps after which those pairs could
+        outgrow it (each live row adds a page every S steps), so that the next call picks a larger
+        one rather than every layer reading two blocks."""
+        S = self.engine.page_size
+        pairs = np.where(live, pos // S + 1, 0).reshape(self.R, -1).sum(1)
+        chunk = decode_chunk(self.engine, self.platform, int(pairs.max()), self.rows * self.W)
+        if self.engine.decode_chunk or self.platform == "cpu" or chunk >= self.rows * self.W:
+            return chunk, steps
+        rows = max(1, int(live.reshape(self.R, -1).sum(1).max()))
+        return chunk, min(steps, S * max(1, (chunk - int(pairs.max())) // rows))
 
     @property
     def mesh(self):
@@ -421,7 +429,7 @@ class Engine:
         staged = None  # new weights waiting for the rows in flight to finish (in_flight="finish")
         free = self._free_pages(table, held)
         slots = self._write_rows(slots, [], {}, slots.keys[:0], free)
-        steps = jnp.asarray(max_steps or self.A, jnp.int32)
+        steps = max_steps or self.A
 
         while True:
             # --- new weights, between decode calls
@@ -485,8 +493,9 @@ class Engine:
                 if pending else B + 1
             self.stats["decode_calls"] += 1
             t0 = time.perf_counter()
-            pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32), steps,
-                                  config=self.sampling, chunk=self._chunk(pos, live))
+            chunk, call_steps = self._chunk(pos, live, steps)
+            pool, slots = _decode(self.graphdef, self.params, pool, slots, jnp.asarray(refill_at, jnp.int32),
+                                  jnp.asarray(call_steps, jnp.int32), config=self.sampling, chunk=chunk)
             # every process gets the whole state (to_host gathers arrays that span several hosts),
             # so every process's scheduler takes the same decisions
             host = (slots.table, slots.live, slots.h, slots.tokens, slots.logp, slots.pos)
