@@ -165,13 +165,17 @@ def _worker_main(conn: multiprocessing.connection.Connection, name: str, templat
     while True:
         try:
             request = conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # the trainer closed the pipe, or exited without closing it
             return
         index, response, answer = request
         try:
-            conn.send((index, float(fn(response, answer, template)), None))
+            reply = (index, float(fn(response, answer, template)), None)
         except Exception:
-            conn.send((index, 0.0, traceback.format_exc(limit=5)))
+            reply = (index, 0.0, traceback.format_exc(limit=5))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, ConnectionResetError):  # nobody to answer: the trainer is gone
+            return
 
 
 @dataclasses.dataclass(frozen=True)
