@@ -40,10 +40,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-# the rollout engine's KV page pool [L, G, K, S, H]: kv heads split like the model's keys/values
-CACHE_POOL_AXES = (None, None, "act_kv_heads", None, None)
-
-
 def make_mesh(shape: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh. One entry of `shape` may be -1: it takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)

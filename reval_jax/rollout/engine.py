@@ -265,6 +265,8 @@ class Engine:
         mesh = model.mesh
         self.R = engine_replicas(mesh, engine.slots, sampling.num_samples)  # splitting slots and pages (1: none)
         self.rows = engine.slots // self.R  # slots per replica
+        self.replica_slots = [range(r * self.rows, (r + 1) * self.rows) for r in range(self.R)]
+        self.mesh = mesh
         # pages, all replicas together: by default every slot's longest sequence (the static sampler's
         # cache); each replica gets an equal share and a trash page of its own
         pages = -(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * self.W
@@ -297,10 +299,6 @@ class Engine:
         rows = max(1, int(live.reshape(self.R, -1).sum(1).max()))
         return chunk, min(steps, S * max(1, (chunk - int(pairs.max())) // rows))
 
-    @property
-    def mesh(self):
-        return nnx.merge(self.graphdef, self.params).mesh
-
     def initial_state(self) -> tuple[Pool, Slots]:
         """An empty pool ([L, R·G, K, S, H]: pages split over the data replicas, kv heads over the
         mesh's `tensor` axis, like the model's) and empty slots: the decode loop's inputs."""
@@ -323,8 +321,7 @@ class Engine:
         """Per replica, the local pages no slot of it that is live or holds results references
         (TRASH excluded)."""
         free = []
-        for r in range(self.R):
-            rows = slice(r * self.rows, (r + 1) * self.rows)
+        for rows in self.replica_slots:
             used = np.zeros(self.G, bool)
             used[table[rows][held[rows]].ravel()] = True
             used[TRASH] = True
@@ -445,11 +442,10 @@ class Engine:
             # finish under old weights)
             # a request goes whole into the replica with the most pages to spare
             batch, batch_rows, batch_pages, batch_slots = [], [], [], []
-            replica_rows = [range(r * self.rows, (r + 1) * self.rows) for r in range(self.R)]
-            open_slots = [[b for b in rr if not held[b]] for rr in replica_rows]
+            open_slots = [[b for b in rr if not held[b]] for rr in self.replica_slots]
             free_lists = [list(f) for f in free]
             # a page left for every running row's next page boundary: the next decode step runs
-            headroom = [int(live[rr].sum()) for rr in replica_rows]
+            headroom = [int(live[rr].sum()) for rr in self.replica_slots]
             while pending and staged is None and len(batch) < self.engine.prefill_rows:
                 req = pending[0]
                 resume = req.tokens is not None
@@ -511,7 +507,7 @@ class Engine:
             need = live & (pos % S == 0) & (table[np.arange(B), np.minimum(pos // S, self.W - 1)] == TRASH)
             free = self._free_pages(table, held)
             victims = []
-            for r, rr in enumerate(range(q * self.rows, (q + 1) * self.rows) for q in range(self.R)):
+            for r, rr in enumerate(self.replica_slots):
                 while need[rr].sum() > len(free[r]) and live[rr].sum() > 1:
                     b = max((b for b in rr if live[b]), key=lambda b: admitted[b])
                     p_row, n = owner[b]

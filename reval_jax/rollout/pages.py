@@ -157,12 +157,13 @@ def _write(k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, tab
 def _attend_per_device(local, q, k, v, k_pages, v_pages, layer, rest, *, mesh, replicas: int):
     """Runs local(q, k, v, k_pages, v_pages, layer, *rest) -> (out, k_pages, v_pages) per device:
     q [B, T, N, H], k/v [B, T, K, H], the pool, and `rest` arrays split by rows."""
-    rows = replica_axes(mesh, replicas) if mesh is not None else None
-    heads = _heads(mesh, q.shape[2], k.shape[2]) if mesh is not None else None
-    q_spec, kv_spec = P(rows, None, heads, None), P(rows, None, heads, None)
+    if mesh is None:
+        return local(q, k, v, k_pages, v_pages, layer, *rest)
+    rows, heads = replica_axes(mesh, replicas), _heads(mesh, q.shape[2], k.shape[2])
+    act = P(rows, None, heads, None)  # q [B, T, N, H] and k/v [B, T, K, H]: rows by replica, heads by shard
     pool = P(None, rows, heads, None, None)
-    specs = (q_spec, kv_spec, kv_spec, pool, pool, P()) + (P(rows),) * len(rest)
-    return _per_device(local, mesh, specs, (q_spec, pool, pool))(q, k, v, k_pages, v_pages, layer, *rest)
+    specs = (act, act, act, pool, pool, P()) + (P(rows),) * len(rest)
+    return _per_device(local, mesh, specs, (act, pool, pool))(q, k, v, k_pages, v_pages, layer, *rest)
 
 
 # ----------------------------------------------------------------------------- prefill
