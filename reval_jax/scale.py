@@ -373,7 +373,7 @@ def _engine(s: Setup):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from reval_jax.rollout.engine import EngineConfig, Slots, engine_config
+    from reval_jax.rollout.engine import EngineConfig, Slots, engine_config, replica_pages
     from reval_jax.rollout.pages import Pool, engine_replicas, pool_shape, pool_spec
     from reval_jax.sharding import named_sharding
 
@@ -383,7 +383,7 @@ def _engine(s: Setup):
     W = -(-(s.bucket + A) // S)
     mesh, B = s.rollout_mesh, engine.slots
     R = engine_replicas(mesh, B, s.num_samples)
-    G = 1 + -(-(-(-engine.cache_tokens // S) if engine.cache_tokens else B * W) // R)
+    G = 1 + replica_pages(engine, W, R)[1]  # its trash page included
     cfg = s.cfg
     shape = pool_shape(cfg, R * G, S)
     page = jax.ShapeDtypeStruct(shape, jnp.dtype(s.rollout_dtype),

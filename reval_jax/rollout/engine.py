@@ -99,6 +99,14 @@ def decode_chunk(engine: EngineConfig, platform: str, pairs: int, most: int) -> 
     return min(max(256, 1 << max(0, pairs - 1).bit_length()), max(256, most))
 
 
+def replica_pages(engine: EngineConfig, W: int, replicas: int) -> tuple[int, int]:
+    """(pages of all replicas, pages of one) for tables W pages wide: `cache_tokens` / S, by default
+    every slot's longest sequence (the static sampler's cache), shared equally by the replicas
+    (each also has a trash page of its own, not counted here)."""
+    pages = -(-engine.cache_tokens // engine.page_size) if engine.cache_tokens else engine.slots * W
+    return pages, -(-pages // replicas)
+
+
 def engine_config(config) -> EngineConfig | None:
     """The run config's `rollout.*` engine fields; None (generate's default: one slot per sample of a
     call) when `rollout.slots` is 0."""
@@ -267,10 +275,7 @@ class Engine:
         self.rows = engine.slots // self.R  # slots per replica
         self.replica_slots = [range(r * self.rows, (r + 1) * self.rows) for r in range(self.R)]
         self.mesh = mesh
-        # pages, all replicas together: by default every slot's longest sequence (the static sampler's
-        # cache); each replica gets an equal share and a trash page of its own
-        pages = -(-engine.cache_tokens // S) if engine.cache_tokens else engine.slots * self.W
-        per_replica = -(-pages // self.R)
+        pages, per_replica = replica_pages(engine, self.W, self.R)
         if per_replica < self.W:
             raise ValueError(
                 f"EngineConfig.cache_tokens={engine.cache_tokens} ({pages} pages of {S}"
