@@ -134,13 +134,11 @@ def test_adaptive_decode_chunks_sample_the_static_samplers_tokens(monkeypatch):
     steps and the next calls pick larger chunks; the draws are the static sampler's."""
     from reval_jax.rollout import engine as engine_mod
 
-    engines = []
     init = engine_mod.Engine.__init__
 
     def as_gpu(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.platform = "gpu"
-        engines.append(self)
 
     chunks = []
     decode = engine_mod._decode
