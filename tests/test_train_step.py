@@ -139,7 +139,13 @@ def test_calibrated_again_after_a_reference_reset_mid_run():
 
 def test_gradient_is_eq4_plus_the_value_term():
     """∇L = (2/B) Σ_i δ_i [∇log π_θ(τ_i) + ∇V_θ(s_1,i)] — Eq. 4 (−2 E[(r/β − (V_θ−V_ref +
-    log π_θ/π_ref)) ∇log π_θ(τ)]) plus the V_θ(s_1) term, computed through the real model."""
+    log π_θ/π_ref)) ∇log π_θ(τ)]) plus the V_θ(s_1) term, computed through the real model.
+
+    Both sides are pulled back through the model by one compiled backward pass (one VJP of the
+    model's log π and V) with the loss's own δ_i, so they share all rounding by design and differ
+    only if ∂L/∂log π or ∂L/∂V differs from 2δ_i/B. The loss's δ is checked against δ computed
+    here from the same log π and V (float32: they sum in different orders; δ's rounding, times an
+    embedding gradient of size ~2, is ~1e-6, the size of the tolerance below)."""
     from reval_jax.logprobs import sequence_stats
     from reval_jax.losses import LossNorm, reval_loss
 
@@ -149,47 +155,26 @@ def test_gradient_is_eq4_plus_the_value_term():
     other = jax.tree.map(lambda p: p * 1.05, state.params)  # policy ≠ reference
     norm = LossNorm.for_batch(batch)
 
-    def stats(params):
-        s = sequence_stats(
-            nnx.merge(graphdef, params),
-            batch.tokens,
-            batch.attn_mask,
-            batch.response_mask,
-            batch.s1_index,
-        )
-        return jnp.sum(s.logp, axis=-1), s.v0
+    def stats(params):  # log π per token [B, T], V_θ(s_1) [B]
+        s = sequence_stats(nnx.merge(graphdef, params), batch.tokens, batch.attn_mask, batch.response_mask,
+                           batch.s1_index)
+        return s.logp, s.v0
 
-    def loss(params):
-        s = sequence_stats(
-            nnx.merge(graphdef, params),
-            batch.tokens,
-            batch.attn_mask,
-            batch.response_mask,
-            batch.s1_index,
-        )
-        return reval_loss(s.logp, s.v0[:, None], pack_rows(batch), norm, beta=cfg.beta)[0]
+    (logp, v), pullback = jax.vjp(stats, other)
+    pullback = jax.jit(pullback)
+    loss = lambda logp, v: reval_loss(logp, v[:, None], pack_rows(batch), norm, beta=cfg.beta)
+    (_, metrics), cotangents = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(logp, v)
+    g_auto = pullback(cotangents)
 
-    logp_tau, v = stats(other)
-    delta = (v - batch.ref_v) + logp_tau - jnp.sum(batch.ref_logp, -1) - batch.reward / cfg.beta
-    B = batch.tokens.shape[0]
-
-    def surrogate(params):  # δ from this program's own forward, so both sides share its rounding
-        lp, vv = stats(params)
-        d = (vv - batch.ref_v) + lp - jnp.sum(batch.ref_logp, -1) - batch.reward / cfg.beta
-        c = jax.lax.stop_gradient(2.0 * d / B)
-        return jnp.sum(c * lp) + jnp.sum(c * vv)
-
-    g_auto = jax.jit(jax.grad(loss))(other)
-    g_eq4 = jax.jit(jax.grad(surrogate))(other)
+    delta = metrics["delta"][:, 0]  # one trajectory per row
+    ours = (v - batch.ref_v) + jnp.sum(logp, -1) - jnp.sum(batch.ref_logp, -1) - batch.reward / cfg.beta
+    np.testing.assert_allclose(np.asarray(delta), np.asarray(ours), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(delta))) > 0.1
-    # The two gradients are the same function compiled two ways, so they agree to float32 rounding,
-    # which scales with each leaf's size: the same surrogate gradient compiled with jit and run op by
-    # op differs by 2.3e-6 of the leaf's largest entry (embedding, max |g| 1.9: 4.5e-6). A fixed atol
-    # of 1e-6 sat under that floor on AVX-512 CPUs; 1e-5 of the leaf's scale sits 4x above it, far
-    # below what a wrong term would change (the gradient itself).
+    B = batch.tokens.shape[0]
+    c = 2.0 * delta / B  # Eq. 4's coefficient of ∇log π_θ(τ_i), and the V term's of ∇V_θ(s_1,i)
+    g_eq4 = pullback((jnp.broadcast_to(c[:, None], logp.shape), c))
     for a, b in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_eq4), strict=True):
-        scale = float(jnp.max(jnp.abs(b)))
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_left_and_right_padded_layouts_give_the_same_delta():
