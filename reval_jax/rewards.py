@@ -32,9 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from reval_jax.templates import TEMPLATES, THINK_CLOSE, THINK_OPEN
-
-THINK_OPEN_TAG = THINK_OPEN.strip()  # "<think>", however the model follows it
+from reval_jax.templates import TEMPLATES, THINK_CLOSE, THINK_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ def final_answer_text(response: str, template: str) -> str | None:
     for ``r1_distill`` (whose prompt opens the thinking block) and for any response that opens one
     itself (a Qwen3 model in thinking mode under ``qwen_math``), None when that block is never
     closed; else all of it."""
-    if template == "r1_distill" or THINK_OPEN_TAG in response:
+    if template == "r1_distill" or THINK_TAG in response:
         cut = response.rfind(THINK_CLOSE)
         if cut < 0:
             return None

@@ -24,7 +24,8 @@ from reval_jax.errors import UserError
 
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-THINK_OPEN = "<think>\n"
+THINK_TAG = "<think>"
+THINK_OPEN = THINK_TAG + "\n"  # how r1_distill's assistant turn opens
 THINK_CLOSE = "</think>"
 
 # ChatML as in Qwen2.5, without Qwen's default system prompt when none is given.

@@ -24,13 +24,13 @@ import json
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from reval_jax.templates import QWEN_CHAT_TEMPLATE
+from reval_jax.templates import QWEN_CHAT_TEMPLATE, THINK_CLOSE, THINK_TAG
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-THINK_OPEN_TOKEN = "<think>"
-THINK_CLOSE_TOKEN = "</think>"
+THINK_OPEN_TOKEN = THINK_TAG
+THINK_CLOSE_TOKEN = THINK_CLOSE
 UNK_TOKEN = "<unk>"
 
 SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END)
