@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def train(workdir: Path, overrides: dict, env_extra: dict | None = None) -> list[dict]:
     """One run of the real command; returns its train records."""
-    args = [sys.executable, "-m", "reval_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}"]
+    args = [sys.executable, "-m", "reval_jax.run.train", "--config=configs/tiny.py", f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path("/tmp") / "reval_jax_async_experiment_cache"))

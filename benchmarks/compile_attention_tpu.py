@@ -22,9 +22,9 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from reval_jax.config import preset
-from reval_jax.model import Qwen2
-from reval_jax.sharding import logical_to_spec, make_mesh, state_shardings
+from reval_jax.model.config import preset
+from reval_jax.model.decoder import Qwen2
+from reval_jax.parallel.sharding import logical_to_spec, make_mesh, state_shardings
 
 
 def compile_one(cfg, mesh, batch: int, length: int):

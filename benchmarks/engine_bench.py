@@ -45,9 +45,9 @@ def side(args) -> dict:
     from flax import nnx
 
     import reval_jax
-    from reval_jax.config import preset
+    from reval_jax.model.config import preset
     from reval_jax.rollout.engine import Engine, EngineConfig
-    from reval_jax.sampler import SamplingConfig, generate_static
+    from reval_jax.rollout.sampler import SamplingConfig, generate_static
 
     prompts, lengths = workload(args)
     model = reval_jax.create_model(preset("bench", dtype=args.dtype, param_dtype=args.dtype,

@@ -1,7 +1,7 @@
 """Padding overhead of the update and reference passes: tokens processed per update / real tokens.
 
 For each length distribution the script builds one update batch of trajectories, packs it exactly
-as the run does (`reval_jax.packing.pack` with the config's row length, token budget and
+as the run does (`reval_jax.objective.packing.pack` with the config's row length, token budget and
 data-parallel device count) and prints
 
     processed / real = Σ over micro-batches of rows × row_len  /  Σ trajectory lengths
@@ -33,9 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reval_jax.batch import Trajectories  # noqa: E402
-from reval_jax.packing import Budget, pack  # noqa: E402
-from reval_jax.sampler import bucket_length  # noqa: E402
+from reval_jax.data.batch import Trajectories  # noqa: E402
+from reval_jax.objective.packing import Budget, pack  # noqa: E402
+from reval_jax.rollout.sampler import bucket_length  # noqa: E402
 
 CHARS_PER_TOKEN = 3.5
 QWEN_MATH_OVERHEAD = 40  # tokens of the system turn, chat markup and the instruction sentence
@@ -71,9 +71,9 @@ def math_prompt_lengths(rng, n: int, max_prompt: int) -> np.ndarray:
 def demo_lengths(rounds: int = 3) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     from configs import tiny
     from reval_jax import load_hf
-    from reval_jax.data import prompt_batches
-    from reval_jax.sampler import SamplingConfig, generate
-    from reval_jax.templates import stop_token_ids
+    from reval_jax.data.prompts import prompt_batches
+    from reval_jax.data.templates import stop_token_ids
+    from reval_jax.rollout.sampler import SamplingConfig, generate
 
     c = tiny.get_config()
     model, tokenizer = load_hf(str(ROOT / c.model.path))

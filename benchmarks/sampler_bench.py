@@ -64,7 +64,7 @@ def reval_jax_call(args, weights: str, prompts):
     import jax
 
     import reval_jax
-    from reval_jax.sampler import SamplingConfig, generate, generate_static
+    from reval_jax.rollout.sampler import SamplingConfig, generate, generate_static
 
     model, _ = reval_jax.load_hf(weights, load_tokenizer=False)
     config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, greedy=args.mode == "greedy",
@@ -92,7 +92,7 @@ def floor_call(args, weights: str, prompts):
     from flax import nnx
 
     import reval_jax
-    from reval_jax.model import _qkv, rms_norm
+    from reval_jax.model.decoder import _qkv, rms_norm
 
     model, _ = reval_jax.load_hf(weights, load_tokenizer=False)
     cfg, A = model.cfg, args.new_tokens
@@ -246,7 +246,7 @@ def write_weights(path: str, seed: int = 0) -> None:
     import torch
     import transformers
 
-    from reval_jax.config import preset, to_hf_config
+    from reval_jax.model.config import preset, to_hf_config
 
     torch.manual_seed(seed)
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**to_hf_config(preset("bench")))).eval()
@@ -339,9 +339,9 @@ def gpu_bench(args) -> None:
     import jax
 
     import reval_jax
-    from reval_jax.config import preset
+    from reval_jax.model.config import preset
     from reval_jax.rollout.engine import Engine, EngineConfig
-    from reval_jax.sampler import SamplingConfig
+    from reval_jax.rollout.sampler import SamplingConfig
 
     cfg = preset("deepseek-r1-distill-qwen-1.5b", param_dtype="bfloat16", dtype="bfloat16")
     slots, A, P = args.gpu_slots, args.gpu_new_tokens, args.gpu_prompt_len

@@ -71,11 +71,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 import reval_jax  # noqa: E402
-from reval_jax import packing  # noqa: E402
-from reval_jax.batch import Trajectories  # noqa: E402
-from reval_jax.config import preset  # noqa: E402
-from reval_jax.losses import LossNorm, transform_rewards  # noqa: E402
-from reval_jax.train_step import (  # noqa: E402
+from reval_jax.data.batch import Trajectories  # noqa: E402
+from reval_jax.model.config import preset  # noqa: E402
+from reval_jax.objective import packing  # noqa: E402
+from reval_jax.objective.losses import LossNorm, transform_rewards  # noqa: E402
+from reval_jax.objective.train_step import (  # noqa: E402
     OptimizerConfig,
     StepConfig,
     Updater,

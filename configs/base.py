@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local Hugging Face directory (config.json, *.safetensors, tokenizer)
-    c.model.preset = ""  # reval_jax.config.PRESETS name: shapes for reval_jax.scale when model.path is absent
+    c.model.preset = ""  # reval_jax.PRESETS name: shapes for `python -m reval_jax.scale` when model.path is absent
     c.model.param_dtype = "float32"  # master weights: float32 | bfloat16
     c.model.dtype = "bfloat16"  # compute dtype of forward passes (logits are always float32)
     c.model.remat = "full"  # none | full | dots | dots_no_batch: per-layer rematerialisation
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.prefill_chunk = 512  # prompt tokens per prefill call and row
     c.rollout.decode_chunk = 0  # (row, page) pairs the decode attention reads per block; 0 = by platform
 
-    # generation and training in turn (sync) or overlapped with bounded staleness (async): reval_jax/pipeline.py
+    # generation and training in turn (sync) or overlapped with bounded staleness (async): reval_jax/run/pipeline.py
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.mode = "sync"  # sync (generate, then train: the reproducible default) | async (generation runs ahead)
     c.pipeline.max_staleness = 0  # async: updates a round's weights may lag the trainer when it is trained
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.pipeline.pickup_steps = 16  # step pickup: decode steps between checks for new weights
 
     c.reward = ml_collections.ConfigDict()
-    c.reward.name = "math"  # reward function by name (reval_jax.rewards.REWARDS) or "module:fn"
+    c.reward.name = "math"  # reward function by name (reval_jax.data.rewards.REWARDS) or "module:fn"
     c.reward.transform = "centered"  # binary | centered (r − group mean) | plus_minus_one
     c.reward.num_workers = 4  # verifier processes
     c.reward.timeout_s = 10.0  # per-answer verifier time limit; a timeout scores 0 and is counted

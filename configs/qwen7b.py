@@ -6,7 +6,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model.path = "checkpoints/Qwen2.5-Math-7B"  # download it yourself; runs never download
-    c.model.preset = "qwen2.5-math-7b"  # its shapes, for reval_jax.scale without the weights
+    c.model.preset = "qwen2.5-math-7b"  # its shapes, for `python -m reval_jax.scale` without the weights
     c.model.ref_dtype = "bfloat16"  # the reference is only read in bfloat16 compute: store it so (half the memory)
     c.data.template = "qwen_math"
     c.beta = 0.02

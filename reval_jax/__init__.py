@@ -7,17 +7,18 @@ reward worker processes do not pay for importing jax and flax.
 import importlib
 
 _PUBLIC = {
-    "PRESETS": "reval_jax.config",
-    "ModelConfig": "reval_jax.config",
-    "preset": "reval_jax.config",
-    "load_hf": "reval_jax.hf",
-    "save_hf": "reval_jax.hf",
-    "Cache": "reval_jax.model",
-    "Decoder": "reval_jax.model",
-    "Qwen2": "reval_jax.model",
-    "create_model": "reval_jax.model",
-    "init_cache": "reval_jax.model",
-    "make_mesh": "reval_jax.sharding",
+    "PRESETS": "reval_jax.model.config",
+    "ModelConfig": "reval_jax.model.config",
+    "preset": "reval_jax.model.config",
+    "generate": "reval_jax.rollout.sampler",
+    "load_hf": "reval_jax.model.hf",
+    "save_hf": "reval_jax.model.hf",
+    "Cache": "reval_jax.model.decoder",
+    "Decoder": "reval_jax.model.decoder",
+    "Qwen2": "reval_jax.model.decoder",
+    "create_model": "reval_jax.model.decoder",
+    "init_cache": "reval_jax.model.decoder",
+    "make_mesh": "reval_jax.parallel.sharding",
 }
 __all__ = sorted(_PUBLIC)
 

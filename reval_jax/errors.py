@@ -1,5 +1,5 @@
 """The one exception type for mistakes a user can fix (a bad config field, a missing or unreadable
-file, an unsupported model, unusable data). The command-line entry points (`reval_jax.cli`) print
+file, an unsupported model, unusable data). The command-line entry points (`reval_jax.run.cli`) print
 its message as one line and exit with status 2; anything else is a bug and keeps its traceback."""
 
 

@@ -1,66 +1,8 @@
-"""Export a training checkpoint to a Hugging Face directory.
-
-    python -m reval_jax.export --checkpoint=runs/x[/checkpoints[/<iteration>]] --out=DIR [--dtype=bfloat16]
-
-The run's `config.json` (in the workdir above `checkpoints/`) supplies the model architecture and
-tokenizer (`model.path`); `--config` overrides it. The result loads with
-`transformers.AutoModelForCausalLM.from_pretrained(DIR)` and with `reval_jax.load_hf(DIR)`.
-"""
-
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-import ml_collections
-
-from reval_jax.errors import UserError
-
-
-def workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
-    """The config.json of the run that wrote `checkpoint` (a checkpoints/ or step directory)."""
-    path = Path(checkpoint).absolute()
-    for parent in [path, *path.parents][:3]:
-        if (parent / "config.json").exists() and (parent / "checkpoints").exists():
-            return ml_collections.ConfigDict(json.loads((parent / "config.json").read_text()))
-    raise FileNotFoundError(
-        f"{checkpoint}: no run config.json found next to its checkpoints/ directory; pass --config"
-    )
-
-
-def export(checkpoint: str, out: str, *, config=None, dtype: str | None = None,
-           max_shard_size: str = "5GB") -> Path:
-    from reval_jax.hf import save_hf
-    from reval_jax.policy import load_checkpoint_policy, make_run_mesh
-
-    config = config or workdir_config(checkpoint)
-    model, tokenizer = load_checkpoint_policy(checkpoint, config, make_run_mesh(config))
-    return save_hf(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size)
-
-
-def main(argv):
-    from absl import flags
-
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    config = FLAGS.config if FLAGS["config"].value else None
-    path = export(FLAGS.checkpoint, FLAGS.out, config=config, dtype=FLAGS.dtype or None,
-                  max_shard_size=FLAGS.max_shard_size)
-    print(f"wrote {path}")
-
+"""`python -m reval_jax.export` and `reval_jax.export`: kept names of `reval_jax/run/export.py`."""
 
 if __name__ == "__main__":
-    from absl import flags
-    from ml_collections import config_flags
+    import runpy
 
-    from reval_jax import cli
-
-    config_flags.DEFINE_config_file("config", None, "Run config (default: the run's config.json).")
-    flags.DEFINE_string("checkpoint", None, "A workdir, its checkpoints/ directory (the newest usable "
-                        "step) or one step directory in it.")
-    flags.DEFINE_string("out", None, "Output Hugging Face directory.")
-    flags.DEFINE_string("dtype", "", "Saved dtype (default: the parameter dtype).")
-    flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file.")
-    flags.mark_flags_as_required(["checkpoint", "out"])
-    cli.run_absl(main)
+    runpy.run_module("reval_jax.run.export", run_name="__main__", alter_sys=True)
+else:
+    from reval_jax.run.export import *  # noqa: F403

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import os
 
-from reval_jax.tokenizer import build_char_tokenizer
+from reval_jax.model.tokenizer import build_char_tokenizer
 
 # shared/ sits beside the checkout (../shared from the repository root), here and in CI
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

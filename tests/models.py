@@ -123,7 +123,7 @@ def tiny_model(seed: int = 0, **overrides):
     """Our own randomly initialised `preset("tiny")` model, created once per session. Shared: do not
     modify it in place (split it and work on the state instead)."""
     import reval_jax
-    from reval_jax.config import preset
+    from reval_jax.model.config import preset
 
     return reval_jax.create_model(preset("tiny", **overrides), seed=seed)
 

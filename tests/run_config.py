@@ -20,7 +20,7 @@ def _pause_after(iteration: int) -> None:
     import signal
     import time
 
-    from reval_jax.metrics import MetricsWriter
+    from reval_jax.run.metrics import MetricsWriter
 
     if getattr(MetricsWriter.write, "pauses", False):
         return

@@ -18,7 +18,7 @@ slot b and its pages belong to replica b // (B / R). A request (a prompt and its
 whole into one replica, the one with the most free pages, so that its samples share its prompt's
 pages; free pages and preemption are per replica. Every device keeps its replica's G pages only.
 
-Weights can change while the engine runs (asynchronous training, reval_jax/pipeline.py): `run(...,
+Weights can change while the engine runs (asynchronous training, reval_jax/run/pipeline.py): `run(...,
 weights=poll)` calls `poll()` before every decode call; when it returns (version, params) the next
 call decodes under them. Rows in flight keep their KV cache and continue under the new weights
 (in_flight="continue"), or the engine admits nothing new until they have finished under the old
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reval_jax.distributed import to_host
+from reval_jax.parallel.distributed import to_host
 from reval_jax.rollout.pages import (
     TRASH,
     Pool,
@@ -173,7 +173,7 @@ def _prefill(graphdef, params, pool: Pool, table, tokens, positions, valid, last
 @functools.partial(jax.jit, static_argnames=("config",))
 def _first_tokens(logits, seed, prompt_ids, samples, *, config):
     """a_1 of each sample from its prompt's prefill logits [n, V] (step 0 of its keys)."""
-    from reval_jax.sampler import sample_logits
+    from reval_jax.rollout.sampler import sample_logits
 
     keys = _base_keys(seed, prompt_ids, samples)
     step = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -203,7 +203,7 @@ def _pages_needed(s: Slots, S: int) -> Array:
 def _decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, config, chunk: int):
     """Decode steps of every live slot until `refill_at` of them have finished, none is live, a
     step would need more pages than are free, or `max_steps` steps have run."""
-    from reval_jax.sampler import sample_logits
+    from reval_jax.rollout.sampler import sample_logits
 
     model = nnx.merge(graphdef, params)
     B, A = slots.tokens.shape

@@ -36,7 +36,7 @@ no such axis (the embedding / lm_head when tp > 1: vocab over `tensor` in one la
 `fsdp` in the other) move whole. A leaf already in the rollout dtype and sharding (e.g. a
 single-device float32 run sampling in float32) is used as it is, not copied.
 
-Across processes (two-group async on several processes, reval_jax.pipeline): the rollout mesh is
+Across processes (two-group async on several processes, reval_jax.run.pipeline): the rollout mesh is
 over this process's own devices, the master weights span every process. Each chunk is then cast
 and gathered whole onto every training device (one collective of all processes; a chunk in transit
 is at most `chunk_bytes` per device, a leaf that cannot be chunked moves whole) and this process's
@@ -55,10 +55,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from reval_jax.config import DTYPES, ModelConfig
 from reval_jax.errors import UserError
-from reval_jax.model import Qwen2
-from reval_jax.sharding import RULES, logical_to_spec, make_mesh, state_shardings
+from reval_jax.model.config import DTYPES, ModelConfig
+from reval_jax.model.decoder import Qwen2
+from reval_jax.parallel.sharding import RULES, logical_to_spec, make_mesh, state_shardings
 
 Array = jax.Array
 
@@ -264,7 +264,7 @@ class RolloutLayout:
         return to_rollout(graphdef, params, self.mesh, self.dtype, self.chunk_bytes)
 
     def abstract(self, cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-        """The rollout graphdef and abstract parameters of a model `cfg` (for reval_jax.scale)."""
+        """The rollout graphdef and abstract parameters of a model `cfg` (for reval_jax.tools.scale)."""
         return abstract_rollout(rollout_model_config(cfg, self.dtype), self.mesh)
 
 

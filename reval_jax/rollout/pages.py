@@ -74,7 +74,7 @@ def init_pool(cfg, num_pages: int, page_size: int, dtype=None) -> Pool:
 
 def replica_axes(mesh, replicas: int):
     """The mesh axes that split rows and pages into `replicas` (those of `act_batch`), or None."""
-    from reval_jax.sharding import logical_to_spec
+    from reval_jax.parallel.sharding import logical_to_spec
 
     if mesh is None or replicas == 1:
         return None
@@ -86,7 +86,7 @@ def replica_axes(mesh, replicas: int):
 
 def replica_count(mesh, rows: int) -> int:
     """How many data replicas split `rows` rows on `mesh` (1 when they do not divide)."""
-    from reval_jax.sharding import logical_to_spec
+    from reval_jax.parallel.sharding import logical_to_spec
 
     if mesh is None:
         return 1
@@ -108,7 +108,7 @@ def engine_replicas(mesh, slots: int, samples: int) -> int:
 
 def _heads(mesh, heads: int, kv_heads: int):
     """The mesh axes that split the kv heads (and with them, whole groups of query heads)."""
-    from reval_jax.sharding import logical_to_spec
+    from reval_jax.parallel.sharding import logical_to_spec
 
     axes = logical_to_spec(("act_kv_heads",), (kv_heads,), mesh)[0]
     q_axes = logical_to_spec(("act_heads",), (heads,), mesh)[0]

@@ -1,0 +1,5 @@
+"""Experiments that use the library end to end.
+
+    toy.py         tiny_arith: the embedded default model (pre-trained on arithmetic chains) and its task
+    one_prompt.py  the paper's one-prompt experiment (Figure 3), with reval_jax's own training run
+"""

@@ -1,0 +1,147 @@
+"""Sequence statistics of packed trajectories without the [R, L, V] logits tensor.
+
+For the tokens x_1..x_n of one trajectory (prompt then response) the quantities the losses need are
+
+    log π(x_t | x_<t) = logit(s_{t-1}, x_t) / τ − V(s_{t-1}),   V(s) = logsumexp_a logit(s, a) / τ,
+
+summed later over response tokens, and V(s_1) at the last prompt position (ALGORITHMS.md, Notation).
+
+Chunking is per row: the hidden states [R, L, D] are unembedded C positions of every row at a time
+inside a rematerialised `lax.scan`, so one [R, C, V] float32 block of logits is alive at a time,
+forward and backward. Each row stays on the device that holds it (rows are split over the data
+axes), so the unembedding never splits its contraction across devices and no logits-sized
+all-reduce exists; the unembedding weight is gathered once per call, before the scan.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from reval_jax.model.decoder import Qwen2
+from reval_jax.objective.packing import Packed
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SequenceStats:
+    logp: Array  # [B, T] f32: entry t = log π(token t | tokens < t); 0 where not a response token
+    v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position
+
+
+def _row_logprobs(h: Array, targets: Array, w: Array, chunk: int, temperature: float,
+                  tensor_axis: str | None = None, row_axes=None) -> Array:
+    """log-softmax(h @ w)[target] for h [R, L, D], targets [R, L], C = `chunk` positions of every
+    row at a time. Returns [R, L] f32. With `tensor_axis` (inside shard_map), w holds this device's
+    slice of the vocabulary and the logsumexp and the picked logit are combined over that axis;
+    `row_axes` are the axes the rows are split over: w is marked as varying over them once, before
+    the loop, so its gradient is summed over devices once, not in every chunk."""
+    R, L, D = h.shape
+    C = min(chunk, L)
+    pad = -L % C
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(R, -1, C, D).swapaxes(0, 1)  # [L/C, R, C, D]
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(R, -1, C).swapaxes(0, 1)  # [L/C, R, C]
+    if row_axes:
+        w = jax.lax.pcast(w, row_axes, to="varying")
+    V_local = w.shape[1]
+    offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * V_local
+
+    @jax.checkpoint
+    def one(_, xs):
+        hc, tc = xs
+        logits = jnp.einsum("RCD,DV->RCV", hc, w, preferred_element_type=jnp.float32) / temperature
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [R, C, 1]
+        if tensor_axis is not None:
+            top = jax.lax.pmax(top, tensor_axis)
+        total = jnp.sum(jnp.exp(logits - top), axis=-1)  # [R, C]
+        local = tc - offset
+        inside = (local >= 0) & (local < V_local)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, V_local - 1)[..., None], axis=-1)[..., 0]
+        picked = jnp.where(inside, picked, 0.0)  # [R, C]
+        if tensor_axis is not None:
+            total, picked = jax.lax.psum(total, tensor_axis), jax.lax.psum(picked, tensor_axis)
+        return None, picked - (top[..., 0] + jnp.log(total))
+
+    _, out = jax.lax.scan(one, None, (h, targets))  # [L/C, R, C]
+    return out.swapaxes(0, 1).reshape(R, -1)[:, :L]
+
+
+def _sharded_row_logprobs(h, targets, w, mesh, chunk: int, temperature: float) -> Array:
+    """`_row_logprobs` with each device working on its own rows (shard_map over the data axes): the
+    replicated unembedding's gradient is summed over devices once, after the chunk loop, instead of
+    the compiler all-reducing a [D, V] or [rows, C, V] block for every chunk."""
+    from jax.sharding import PartitionSpec as P
+
+    from reval_jax.parallel.sharding import logical_to_spec
+
+    rows = logical_to_spec(("act_batch",), None, mesh)[0]
+    vocab = logical_to_spec(("act_vocab",), None, mesh)[0]
+    row_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+    fn = functools.partial(_row_logprobs, chunk=chunk, temperature=temperature, tensor_axis=vocab,
+                           row_axes=row_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(rows, None, None), P(rows, None), P(None, vocab)),
+                         out_specs=P(rows, None))(h, targets, w)
+
+
+def packed_stats(
+    model: Qwen2, tokens: Array, segment_ids: Array, positions: Array, response_mask: Array, s1: Array, *,
+    chunk: int = 512, temperature: float = 1.0,
+) -> tuple[Array, Array]:
+    """(log π per token [R, L], V(s_1) per slot [R, M]) of `model` on packed rows (packing.Packed's
+    fields of the same names; s1 [R, M] indexes each slot's last prompt token in its row).
+
+    logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a response token."""
+    h, _ = model.hidden_states(tokens, positions=positions, mask=segment_ids > 0,
+                               segment_ids=segment_ids)  # [R, L, D]
+    w = model.unembed_weight()  # [D, V], gathered once for every chunk
+    # position t predicts token t + 1: the pair (h[t], tokens[t + 1]) lands at t + 1. Pairs that
+    # straddle two segments land on a segment's first token, a prompt token: masked below.
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))  # [R, L]
+    mesh = model.mesh
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if mesh is not None and tokens.shape[0] % dp == 0 and model.cfg.vocab_size % mesh.shape["tensor"] == 0:
+        logp = _sharded_row_logprobs(h, next_tokens, w, mesh, chunk, temperature)
+    else:
+        logp = _row_logprobs(h, next_tokens, w, chunk, temperature)
+    logp = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))  # [R, L], aligned with tokens
+    logp = jnp.where(response_mask, logp, 0.0)
+
+    h1 = jnp.take_along_axis(h, s1[..., None].astype(jnp.int32), axis=1)  # [R, M, D]
+    v = jax.nn.logsumexp(model.unembed(h1, w) / temperature, axis=-1)  # [R, M]
+    return logp, v
+
+
+def batch_stats(model: Qwen2, batch: Packed, *, chunk: int = 512, temperature: float = 1.0):
+    """`packed_stats` of a Packed batch; empty slots get V = 0."""
+    logp, v = packed_stats(model, batch.tokens, batch.segment_ids, batch.positions, batch.response_mask,
+                           batch.s1, chunk=chunk, temperature=temperature)
+    return logp, jnp.where(batch.valid, v, 0.0)
+
+
+def sequence_stats(
+    model: Qwen2, tokens: Array, attn_mask: Array, response_mask: Array, s1_index: Array, *,
+    chunk: int = 512, temperature: float = 1.0,
+) -> SequenceStats:
+    """`packed_stats` of a padded batch [B, T] (any padding layout), one trajectory per row."""
+    mask = attn_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
+    logp, v = packed_stats(model, tokens, mask.astype(jnp.int32), positions, response_mask, s1_index[:, None],
+                           chunk=chunk, temperature=temperature)
+    return SequenceStats(logp=logp, v0=v[:, 0])
+
+
+def naive_sequence_stats(
+    model: Qwen2, tokens: Array, attn_mask: Array, response_mask: Array, s1_index: Array, *,
+    temperature: float = 1.0,
+) -> SequenceStats:
+    """Reference implementation through the full [B, T, V] logits (tests and debugging only)."""
+    logits = model(tokens, mask=attn_mask) / temperature  # [B, T, V]
+    logsm = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logsm, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    logp = jnp.where(response_mask, jnp.pad(picked, ((0, 0), (1, 0))), 0.0)
+    v0 = jax.nn.logsumexp(logits[jnp.arange(tokens.shape[0]), s1_index], axis=-1)
+    return SequenceStats(logp=logp, v0=v0)

@@ -1,0 +1,176 @@
+"""Evaluation: avg@k per benchmark, their average, response length and truncation rate.
+
+    python -m reval_jax.evaluate --config=configs/qwen7b.py [--hf=DIR | --checkpoint=DIR] [--out=FILE]
+
+The same `evaluate` function runs inside training every `eval.every` iterations; both hand it the
+policy in the rollout layout (`reval_jax.rollout.layout`, config.rollout.*). avg@k is the mean
+correctness over k samples per problem, averaged over the problems of a benchmark (ALGORITHMS.md,
+Evaluation protocol); "avg@k" alone is the mean over benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from reval_jax.data.prompts import PromptExample, load_eval_set
+from reval_jax.data.rewards import RewardScorer
+from reval_jax.errors import UserError
+from reval_jax.parallel.distributed import all_gather_rows, process_share, to_host
+from reval_jax.rollout.engine import EngineConfig, engine_config
+from reval_jax.rollout.sampler import Rollout, SamplingConfig, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    k: int = 16  # samples per problem
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    stop_ids: tuple[int, ...] = ()
+    buckets: tuple[int, ...] = (128, 256, 512, 1024)
+    prompts_per_call: int = 64  # problems per sampler call
+    seed: int = 0
+    engine: EngineConfig | None = None  # the rollout engine's slots and cache (None: one slot per sample)
+
+
+def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> list[str]:
+    """Response texts of `rows` without the stop token and padding (special tokens dropped)."""
+    tokens = to_host(rollout.response_tokens)[rows]
+    lengths = to_host(rollout.response_length)[rows]
+    truncated = to_host(rollout.truncated)[rows]
+    texts = []
+    for row, n, cut in zip(tokens, lengths, truncated, strict=True):
+        keep = row[:n] if cut else row[: max(n - 1, 0)]
+        texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))
+    return texts
+
+
+def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Sequence[str], *,
+                  shared: bool = True, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+    """0/1 rewards [B·N] of a rollout whose prompt b has ground truth `answers[b]`.
+
+    shared: every process holds the same rollout; each scores its share of the rows and every
+    process gets all the scores (gathered on one of `devices` per process, default any). Not
+    shared: the rollout is this process's own (its own rollout group's, async on several
+    processes); it scores every row itself, with no communication."""
+    total = to_host(rollout.response_length).shape[0]
+    samples = total // len(answers)
+    rows = process_share(total) if shared else slice(0, total)
+    texts = decode_responses(tokenizer, rollout, rows)
+    pairs = [(t, answers[(rows.start + i) // samples]) for i, t in enumerate(texts)]
+    local = np.asarray(scorer.score(pairs) if pairs else [], np.float32)
+    return all_gather_rows(local, total, devices) if shared else local
+
+
+def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
+             scorer: RewardScorer, *, progress: bool = False) -> dict[str, float]:
+    """avg@k, mean response length and truncation rate per benchmark, and the average avg@k."""
+    from tqdm import tqdm
+
+    config = SamplingConfig(max_new_tokens=settings.max_new_tokens, num_samples=settings.k,
+                            temperature=settings.temperature, stop_ids=settings.stop_ids,
+                            buckets=settings.buckets)
+    results: dict[str, float] = {}
+    key = f"avg@{settings.k}"
+    # scores are gathered on the model's own devices (not a rollout group's, in a two-group run)
+    devices = None if model.mesh is None else list(model.mesh.devices.flat)
+    for name, examples in benchmarks.items():
+        correct, lengths, truncated = [], [], []
+        chunks = range(0, len(examples), settings.prompts_per_call)
+        for start in tqdm(chunks, desc=f"eval {name}", disable=not progress, leave=False):
+            batch = examples[start : start + settings.prompts_per_call]
+            rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed, engine=settings.engine,
+                               prompt_ids=list(range(start, start + len(batch))))
+            correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch], devices=devices))
+            lengths.append(to_host(rollout.response_length))
+            truncated.append(to_host(rollout.truncated))
+        results[f"{name}/{key}"] = float(np.mean(np.concatenate(correct)))
+        results[f"{name}/response_length"] = float(np.mean(np.concatenate(lengths)))
+        results[f"{name}/truncation_rate"] = float(np.mean(np.concatenate(truncated)))
+    if benchmarks:
+        results[key] = float(np.mean([results[f"{n}/{key}"] for n in benchmarks]))
+    return results
+
+
+def load_benchmarks(files: Sequence[str], tokenizer, template: str, *, limit: int, seed: int,
+                    max_prompt_len: int, problem_key: str = "problem",
+                    answer_key: str = "answer", strict: bool = False,
+                    enable_thinking: bool | None = None) -> dict[str, list[PromptExample]]:
+    """Each file's fixed-seed subset of `limit` problems (0 = all), named by the file stem."""
+    out = {}
+    for path in files:
+        examples, _ = load_eval_set(path, tokenizer, template, limit=limit or None, seed=seed,
+                                    max_prompt_len=max_prompt_len, problem_key=problem_key,
+                                    answer_key=answer_key, strict=strict,
+                                    enable_thinking=enable_thinking)
+        out[Path(path).stem] = examples
+    return out
+
+
+def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
+    return EvalSettings(
+        k=config.eval.k, temperature=config.eval.temperature,
+        max_new_tokens=config.eval.max_new_tokens or config.sampling.max_new_tokens,
+        stop_ids=tuple(stop_ids), buckets=tuple(config.sampling.buckets), seed=config.seed,
+        prompts_per_call=max(1, (config.sampling.batch_size or 1024) // config.eval.k),
+        engine=engine_config(config),
+    )
+
+
+def main(argv):
+    from absl import flags
+    from flax import nnx
+
+    from reval_jax.data.templates import stop_token_ids
+    from reval_jax.rollout.layout import layout_from_config
+    from reval_jax.run.policy import load_checkpoint_policy, load_hf_policy, make_run_mesh
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+    config = FLAGS.config
+    mesh = make_run_mesh(config)
+    if FLAGS.checkpoint:
+        model, tokenizer = load_checkpoint_policy(FLAGS.checkpoint, config, mesh)
+    else:
+        model, tokenizer = load_hf_policy(config, mesh, path=FLAGS.hf or None)
+    layout = layout_from_config(config, mesh, model.cfg)
+    graphdef, params = nnx.split(model)
+    del model
+    model = layout(graphdef, params)  # the sampler's layout and dtype; the master is not needed after
+    del params
+    benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
+                                 limit=config.eval.limit, seed=config.seed,
+                                 max_prompt_len=config.data.max_prompt_len,
+                                 problem_key=config.data.problem_key, answer_key=config.data.answer_key,
+                                 strict=config.data.strict,
+                                 enable_thinking=config.data.get("enable_thinking"))
+    settings = settings_from_config(config, stop_token_ids(tokenizer))
+    with RewardScorer(config.reward.name, template=config.data.template,
+                      num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as scorer:
+        results = evaluate(model, tokenizer, benchmarks, settings, scorer, progress=config.progress)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if FLAGS.out:
+        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(FLAGS.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    from absl import flags
+    from ml_collections import config_flags
+
+    from reval_jax.run import cli
+
+    config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
+    flags.DEFINE_string("checkpoint", "", "Training checkpoint to evaluate: a workdir, its checkpoints/ "
+                        "directory (the newest usable step) or one step directory.")
+    flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
+    flags.mark_flags_as_required(["config"])
+    cli.run_absl(main)

@@ -1,0 +1,71 @@
+"""Loading a policy model: from a Hugging Face directory, or from a training checkpoint.
+
+Below train, evaluate and export (which all load policies) and above checkpoint, so that none of
+them imports another to get a model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from reval_jax.parallel.sharding import make_mesh
+
+
+def make_run_mesh(config, devices=None):
+    """The device mesh of a run config (`config.mesh`), over `devices` (default: all)."""
+    return make_mesh(tuple(config.mesh), devices)
+
+
+def load_hf_policy(config, mesh, path: str | None = None):
+    """The policy model (sharded on `mesh`) and its tokenizer from a local HF directory
+    (`config.model.path` unless `path`)."""
+    from reval_jax.model.hf import load_hf
+
+    return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
+                   dtype=config.model.dtype, remat=config.model.remat,
+                   attention=config.model.get("attention", "auto"))
+
+
+def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=print):
+    """The policy model of a training checkpoint, placed on `mesh`, with its tokenizer from
+    `config.model.path`. `checkpoint` is a step directory `checkpoints/<i>` (that step only), a
+    `checkpoints/` directory or a workdir holding one: the newest step that loads and matches its
+    checksums is taken, and the steps skipped on the way are reported."""
+    from flax import nnx
+
+    from reval_jax.objective.train_step import OptimizerConfig, init_state, make_optimizer, state_sharding
+    from reval_jax.run.checkpoint import Checkpointer, find_checkpoints
+
+    directory, only = find_checkpoints(checkpoint)
+    model, tokenizer = load_hf_policy(config, mesh)
+    graphdef, params = nnx.split(model)
+    del model
+    optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, ref_dtype=config.model.ref_dtype or None), params)
+    shardings = state_sharding(abstract, optimizer, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    del params
+    ckpt = Checkpointer(directory, read_only=True)
+    steps = [only] if only is not None else list(reversed(ckpt.steps()))
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint found")
+    failures = []
+    try:
+        for step in steps:
+            try:
+                out, verified = ckpt.restore(step, target)
+            except Exception as e:  # noqa: BLE001 — any failure to read means: not usable
+                failures.append(f"checkpoint {step}: {type(e).__name__}: {str(e)[:300]}")
+                log(f"checkpoint {step} in {directory} is corrupt or partial and is skipped "
+                    f"({type(e).__name__}: {str(e)[:300]})")
+                continue
+            if not verified:
+                log(f"warning: checkpoint {step} in {directory} predates checksums; loaded unverified")
+            if failures:
+                log(f"loaded checkpoint {step} (the newest usable one) from {directory}")
+            return nnx.merge(graphdef, out.state.params), tokenizer
+    finally:
+        ckpt.close()
+    raise FileNotFoundError(f"{directory}: no usable checkpoint; " + "; ".join(failures))
