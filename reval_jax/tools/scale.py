@@ -6,8 +6,9 @@ weights) and reports, per program, per-device memory, collective bytes and FLOPs
 
 Programs (one builder each, see `BUILDERS`): `update` (train_step.Updater's micro-step on one packed
 micro-batch, run once per micro-batch, and its apply step, once per update), `reference` (the
-Updater's reference pass on one packed micro-batch), `prefill` and `decode` (the sampler's
-`_prefill` and `_decode` on one sampler call's prompts, in the rollout layout: weights in
+Updater's reference pass on one packed micro-batch), `prefill` and `decode` (the rollout engine's
+programs, built by reval_jax.rollout.programs' `prefill_call` / `decode_call` on the cache geometry
+`Engine` lays out, for one sampler call's prompts, in the rollout layout: weights in
 config.rollout.dtype on the (devices / rollout.tensor, 1, rollout.tensor) mesh of
 reval_jax.rollout.layout). Each builder returns a `Program`: the
 jitted function, its abstract arguments, how often it runs per generation round, and its model
@@ -366,60 +367,37 @@ def _calls_per_round(s: Setup) -> int:
 
 
 def _engine(s: Setup):
-    """The rollout engine's config for this run and its abstract pool / slots on the rollout mesh,
-    as `Engine` lays them out: R data replicas, each with its slots and G pages (its trash page
-    included), the pool's pages split over the replicas."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
+    """The rollout engine's config for this run, its cache geometry (R data replicas, each with its
+    slots and G pages, its trash page included) and its abstract pool / slots on the rollout mesh,
+    as `Engine` lays them out."""
+    from reval_jax.rollout.engine import EngineConfig, engine_config
+    from reval_jax.rollout.page_table import CacheGeometry
+    from reval_jax.rollout.programs import abstract_state
 
-    from reval_jax.parallel.sharding import named_sharding
-    from reval_jax.rollout.engine import EngineConfig, Slots, engine_config, replica_pages
-    from reval_jax.rollout.pages import Pool, engine_replicas, pool_shape, pool_spec
-
-    rows = s.prompts_per_call * s.num_samples
-    engine = engine_config(s.config) or EngineConfig(slots=rows, prefill_rows=s.prompts_per_call)
-    S, A = engine.page_size, s.max_new_tokens
-    W = -(-(s.bucket + A) // S)
-    mesh, B = s.rollout_mesh, engine.slots
-    R = engine_replicas(mesh, B, s.num_samples)
-    G = 1 + replica_pages(engine, W, R)[1]  # its trash page included
-    cfg = s.cfg
-    shape = pool_shape(cfg, R * G, S)
-    page = jax.ShapeDtypeStruct(shape, jnp.dtype(s.rollout_dtype),
-                                sharding=NamedSharding(mesh, pool_spec(mesh, R, cfg.num_kv_heads)))
-    rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(
-        mesh, (None,) * len(shape), shape))
-    slots = Slots(table=rep((B, W), jnp.int32), pos=rep((B,), jnp.int32), last=rep((B,), jnp.int32),
-                  h=rep((B,), jnp.int32), limit=rep((B,), jnp.int32), live=rep((B,), jnp.bool_),
-                  keys=jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B)),
-                  tokens=rep((B, A), jnp.int32), logp=rep((B, A), jnp.float32),
-                  free=rep((R * G,), jnp.int32), n_free=rep((R,), jnp.int32))
-    return engine, Pool(k=page, v=page), slots, W, G, R
+    engine = engine_config(s.config) or EngineConfig.one_slot_per_sample(s.prompts_per_call, s.num_samples)
+    geometry = CacheGeometry.of(engine, samples=s.num_samples, max_new_tokens=s.max_new_tokens,
+                                prompt_bucket=s.bucket, mesh=s.rollout_mesh)
+    pool, slots = abstract_state(s.cfg, geometry, s.rollout_mesh, s.rollout_dtype)
+    return engine, geometry, pool, slots
 
 
 def build_prefill(s: Setup) -> Program:
     """The engine's prefill on the rollout layout: `prefill_rows` prompts, one chunk of C tokens each,
     written into the paged pool (a prompt is prefilled once for its N samples)."""
-    import jax
-    import jax.numpy as jnp
+    from reval_jax.rollout.programs import prefill_call, prefill_shape
 
-    from reval_jax.rollout.engine import _prefill
-
-    engine, pool, _, W, G, R = _engine(s)
-    # a call's rows are R blocks of n / R, one per replica (Engine._prefill_rows)
-    n, C = min(engine.prefill_rows, s.prompts_per_call), min(engine.prefill_chunk, s.bucket)
-    n = -(-n // R) * R
-    arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-    args = (s.rollout_graphdef, s.rollout_params, pool, arr((n, W), jnp.int32), arr((n, C), jnp.int32),
-            arr((n, C), jnp.int32), arr((n, C), jnp.bool_), arr((n,), jnp.int32))
+    engine, g, pool, _ = _engine(s)
+    per_call = min(engine.prefill_rows, s.prompts_per_call)  # prompts admitted per prefill call at most
+    # the engine's call shape for them (R blocks of rows, one per replica) with bucket-long prompts
+    n, C = prefill_shape(engine, g, -(-per_call // g.replicas), s.bucket)
+    call = prefill_call(s.rollout_graphdef, s.rollout_params, pool, engine, g, (n, C))
     chunks = -(-s.bucket // C)
-    calls = -(-s.config.data.prompts_per_iteration // n) * chunks
+    calls = -(-s.config.data.prompts_per_iteration // per_call) * chunks
     return Program(
-        "prefill", _prefill, args, kwargs={"block_pages": engine.block_pages, "replicas": R}, runs=calls,
+        "prefill", call.fn, call.args, kwargs=call.kwargs, runs=calls,
         model_flops=model_flops(s.cfg, "prefill", n, C),
         note=f"[{n}, {C}] prompt tokens per call (bucket {s.bucket}: {chunks} chunk(s)); pool of "
-             f"{R} x {G} pages x {engine.page_size} tokens",
+             f"{g.replicas} x {g.pages} pages x {g.page_size} tokens",
     )
 
 
@@ -427,29 +405,24 @@ def build_decode(s: Setup) -> Program:
     """The engine's decode loop on the rollout layout: every slot one token per step, each row reading
     the pages it has filled. Steps per round: rollouts × mean response / slots (ideal refill), the mean
     response taken as min(max_new_tokens, mean_tokens)."""
-    import jax.numpy as jnp
+    from reval_jax.rollout.page_table import decode_chunk
+    from reval_jax.rollout.programs import decode_call
 
-    from reval_jax.rollout.engine import _decode, decode_chunk
-
-    engine, pool, slots, W, G, R = _engine(s)
-    config = _sampling_config(s)
+    engine, g, pool, slots = _engine(s)
     A = s.max_new_tokens
     rollouts = s.config.data.prompts_per_iteration * s.num_samples
     mean_response = min(A, s.mean_tokens)
     steps = -(-rollouts * mean_response // engine.slots)
     # the decode attention's block: as many (row, page) pairs as a replica's rows fill on average
-    mesh = s.rollout_mesh
-    rows = engine.slots // R
     fill = -(-(s.mean_tokens or s.bucket + A // 2) // engine.page_size)  # a trajectory's tokens: above its mean fill
-    chunk = decode_chunk(engine, mesh.devices.ravel()[0].platform, rows * fill, rows * W)
-    refill = jnp.zeros((), jnp.int32)
-    max_steps = jnp.asarray(A, jnp.int32)  # no weight pickup inside a call (async step pickup lowers it)
-    # one call runs at most A steps (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
+    chunk = decode_chunk(engine, s.rollout_mesh.devices.ravel()[0].platform, g.rows * fill, g.rows * g.width)
+    # no weight pickup inside a call (async step pickup lowers max_steps): a call runs at most A steps
+    # (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
+    call = decode_call(s.rollout_graphdef, s.rollout_params, pool, slots, _sampling_config(s), chunk)
     return Program(
-        "decode", _decode, (s.rollout_graphdef, s.rollout_params, pool, slots, refill, max_steps),
-        kwargs={"config": config, "chunk": chunk}, runs=-(-steps // A), loop_bound=A,
+        "decode", call.fn, call.args, kwargs=call.kwargs, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
-        note=f"{engine.slots} slots, {R} x {G} pages x {engine.page_size} tokens ({R * (G - 1) * engine.page_size} "
+        note=f"{engine.slots} slots, {g.replicas} x {g.pages} pages x {engine.page_size} tokens ({g.cached_tokens} "
              f"cached tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",
     )
 

@@ -121,11 +121,13 @@ def test_an_adaptive_decode_chunk_bounds_the_call_to_the_steps_it_covers():
     from reval_jax.rollout.engine import Engine
 
     e = Engine(tiny_model(), GREEDY, EngineConfig(slots=4, page_size=4), prompt_bucket=64)  # W = 22 pages
+    assert e.geometry.width == 22
     pos, live = np.array([9, 30, 3, 0]), np.array([True, True, True, False])  # 3 + 8 + 1 = 12 pairs
     assert e._chunk(pos, live, 24) == (32, 24)
     e.platform = "gpu"
     assert e._chunk(pos, live, 24) == (256, 24)  # the least chunk covers the whole table: no bound
-    e.rows, e.W = 400, 22  # a replica of 400 slots: 12 pairs, chunk 256, 3 live rows grow 1 page / 4 steps
+    # a replica of 400 slots: 12 pairs, chunk 256, 3 live rows grow 1 page / 4 steps
+    e.geometry = dataclasses.replace(e.geometry, slots=400)
     assert e._chunk(pos, live, 1000) == (256, 4 * ((256 - 12) // 3))
 
 
@@ -133,6 +135,7 @@ def test_adaptive_decode_chunks_sample_the_static_samplers_tokens(monkeypatch):
     """The accelerator rule run on CPU: pages of one token, so 18 rows outgrow a chunk within a few
     steps and the next calls pick larger chunks; the draws are the static sampler's."""
     from reval_jax.rollout import engine as engine_mod
+    from reval_jax.rollout import programs
 
     init = engine_mod.Engine.__init__
 
@@ -141,14 +144,14 @@ def test_adaptive_decode_chunks_sample_the_static_samplers_tokens(monkeypatch):
         self.platform = "gpu"
 
     chunks = []
-    decode = engine_mod._decode
+    decode = programs.decode
 
     def spy(*args, chunk, **kwargs):
         chunks.append(chunk)
         return decode(*args, chunk=chunk, **kwargs)
 
     monkeypatch.setattr(engine_mod.Engine, "__init__", as_gpu)
-    monkeypatch.setattr(engine_mod, "_decode", spy)
+    monkeypatch.setattr(programs, "decode", spy)
     assert_same_rollout(run(SAMPLED, EngineConfig(slots=18, page_size=1, prefill_rows=6)), static(SAMPLED), SAMPLED)
     assert chunks[0] == 256 and max(chunks) > 256, chunks  # calls ended at the bound and took larger chunks
 

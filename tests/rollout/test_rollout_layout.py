@@ -105,12 +105,13 @@ def test_same_dtype_and_layout_is_not_copied():
 
 def _decode_hlo(model, config: SamplingConfig, slots: int = 6) -> str:
     """The compiled HLO text of the rollout engine's decode loop for `model` (its own mesh)."""
-    from reval_jax.rollout.engine import Engine, EngineConfig, _decode
+    from reval_jax.rollout.engine import Engine, EngineConfig
+    from reval_jax.rollout.programs import decode
 
     # 6 slots: the rows' activations (6 × kv heads × head_dim, ...) have no weight's element count
     engine = Engine(model, config, EngineConfig(slots=slots, page_size=4), prompt_bucket=8)
     pool, slots = engine.initial_state()
-    return _decode.lower(engine.graphdef, engine.params, pool, slots, jnp.asarray(1, jnp.int32),
+    return decode.lower(engine.graphdef, engine.params, pool, slots, jnp.asarray(1, jnp.int32),
                          jnp.asarray(config.max_new_tokens, jnp.int32), config=config,
                          chunk=32).compile().as_text()
 
@@ -215,7 +216,7 @@ def test_engine_replicas_keep_their_own_pages_and_sample_what_one_device_samples
     small = EngineConfig(slots=8, page_size=4, cache_tokens=80, prefill_chunk=8, prefill_rows=4)
     ours = jax.tree.map(np.asarray, generate(model, PROMPTS, SAMPLED, seed=3, engine=small))
     e = engines[-1]
-    assert (e.R, e.G) == (4, 6)  # 80 tokens = 20 pages: 5 per replica and its trash page
+    assert (e.geometry.replicas, e.geometry.pages) == (4, 6)  # 80 tokens = 20 pages: 5 per replica and its trash page
     pool, _ = e.initial_state()
     assert pool.k.sharding.spec[1:3] == ("data", "tensor")  # pages by replica, kv heads by tensor shard
     assert e.stats["preempted"] > 0 and e.stats["decode_calls"] > 2

@@ -15,12 +15,11 @@ from reval_jax.parallel.sharding import make_mesh
 from reval_jax.rollout.sampler import (
     SamplingConfig,
     bucket_length,
-    decode_step,
     generate,
     pad_prompts,
-    prefill,
     sample_logits,
 )
+from reval_jax.rollout.static_sampler import decode_step, prefill
 
 TOL = 1e-4  # float32 logits / log-probs; never loosened
 
@@ -304,7 +303,7 @@ def test_sampled_stop_tokens_end_responses_and_loop_exits_early():
         assert np.all(r.logp[i, n:] == 0) and np.all(r.logp[i, :n] < 0)
         np.testing.assert_array_equal(traj.sampler_logp[i, P:], r.logp[i])
     # the decode loop stopped at the longest response instead of running 40 steps
-    from reval_jax.rollout.sampler import _decode, _prefill
+    from reval_jax.rollout.static_sampler import _decode, _prefill
 
     model = tiny()
     graphdef, params = nnx.split(model)
@@ -337,14 +336,14 @@ def test_top_k_top_p_match_numpy(temperature, top_k, top_p):
 
 def test_bucketing_reuses_compiled_functions():
     assert [bucket_length(n, (8, 16)) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 48]
-    from reval_jax.rollout.engine import _decode, _prefill
+    from reval_jax.rollout import programs  # the engine's
 
     rollout()  # compiled for bucket 16
-    before = (_prefill._cache_size(), _decode._cache_size())
+    before = (programs.prefill._cache_size(), programs.decode._cache_size())
     shorter = [p[:10] for p in PROMPTS]  # 10 tokens still pad to 16
     r = generate(tiny(), shorter, SAMPLE, seed=0)
     assert r.prompt_tokens.shape[1] == 16
-    assert (_prefill._cache_size(), _decode._cache_size()) == before
+    assert (programs.prefill._cache_size(), programs.decode._cache_size()) == before
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (4, 2, 1)])
