@@ -13,8 +13,8 @@ SHARED = "../shared/data/math"  # the project's math data, relative to the repos
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds data order, sampling and replay; same seed + same config = same run
-    c.algorithm = "reval"  # reval | tbrm | regression | grpo: the loss; comparisons are one flag apart
-    c.algorithm_defaults = True  # apply what a baseline implies (train.ALGORITHM_DEFAULTS), e.g. TBRM: fixed reference
+    c.algorithm = "reval"  # reval | tbrm | regression | grpo | rloo | dapo (docs/algorithms.md): one flag apart
+    c.algorithm_defaults = True  # apply what an algorithm implies (its record's defaults, objective/algorithms.py)
     c.num_iterations = 650  # generation rounds (Algorithm 1's outer loop)
 
     c.model = ml_collections.ConfigDict()
@@ -86,6 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo.clip_high = 0.28  # PPO clip ε_high (clip-higher)
     c.grpo.dual_clip = 3.0  # dual-clip constant c for negative advantages
     c.grpo.is_cap = 2.0  # cap C of the truncated importance correction π_old / π_sampler
+
+    # DAPO (algorithm=dapo, docs/algorithms.md); its clip-higher bounds and loss aggregation are the grpo.* fields
+    c.dapo = ml_collections.ConfigDict()
+    c.dapo.overlong_cache = 0.2  # L_cache as a fraction of L_max = sampling.max_new_tokens (length penalty); 0 = off
+    c.dapo.max_extra_generations = 8  # dynamic sampling: extra sampler calls per round to refill dropped groups
 
     c.replay = ml_collections.ConfigDict()
     c.replay.capacity = 5120  # FIFO buffer size M in trajectories

@@ -11,8 +11,11 @@ given in `LossNorm`, so the contributions of its micro-batches sum to the full-b
 In `metrics`, scalars are contributions too (sum them over micro-batches) and arrays of
 shape [R, M] are per-trajectory values (0 in empty slots).
 
-All sums run in float32, as reductions (never matmuls). The registry `LOSSES` maps a loss name to
-its function.
+All sums run in float32, as reductions (never matmuls). `LOSSES` maps a loss name to its function;
+which loss an algorithm uses, with which options, advantages and reward shaping, is its record in
+reval_jax.objective.algorithms. The host-side reward and advantage math of the algorithms is here
+too (group statistics on numpy arrays): reward transforms, GRPO and RLOO advantages, DAPO's overlong
+penalty and its dynamic-sampling filter.
 """
 
 from __future__ import annotations
@@ -299,3 +302,50 @@ def grpo_advantages(raw: Array, group_id: Array, eps: float = 1e-6) -> Array:
     mean = xp.where(single, 0.0, mean)
     std = xp.where(single, 1.0, std)
     return ((raw - mean) / (std + eps)).astype(xp.float32)
+
+
+def rloo_advantages(raw: Array, group_id: Array) -> Array:
+    """RLOO advantages (Ahmadian et al. 2024, "Back to Basics": the REINFORCE leave-one-out baseline): each sample's
+    reward minus the mean reward of the OTHER samples of its group,
+
+        A_i = r_i − (1/(n−1)) Σ_{j≠i, g_j=g_i} r_j  =  n/(n−1) · (r_i − mean_group(r)),
+
+    with n the group size. A group of size 1 has no other sample: A = r (baseline 0, as GRPO's
+    singleton). numpy in → numpy out.
+    """
+    xp, raw, count, _, _ = _group_stats(raw, group_id)
+    group_id = xp.asarray(group_id)
+    same = (group_id[:, None] == group_id[None, :]).astype(xp.float32)  # [B, B]
+    others = xp.sum(same * raw[None, :], axis=1) - raw  # [B]  Σ_{j≠i} r_j of the group
+    baseline = xp.where(count > 1, others / xp.maximum(count - 1.0, 1.0), 0.0)
+    return (raw - baseline).astype(xp.float32)
+
+
+def overlong_penalty(lengths: Array, max_length: int, cache: int) -> Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "Overlong Reward Shaping"), added to the reward:
+
+        R_length(y) = 0                               |y| ≤ L_max − L_cache
+                      ((L_max − L_cache) − |y|) / L_cache   L_max − L_cache < |y| ≤ L_max
+                      −1                              L_max < |y|
+
+    `lengths` [B] response lengths in tokens, `max_length` L_max, `cache` L_cache (0: no penalty
+    up to L_max). numpy in → numpy out.
+    """
+    xp = _xp(lengths)
+    lengths = xp.asarray(lengths, dtype=xp.float32)
+    start = float(max_length - cache)
+    ramp = (start - lengths) / max(float(cache), 1.0)
+    penalty = xp.where(lengths <= start, 0.0, ramp)
+    return xp.where(lengths > max_length, -1.0, penalty).astype(xp.float32)
+
+
+def varied_groups(raw: Array, group_id: Array) -> np.ndarray:
+    """DAPO's dynamic-sampling filter (Yu et al. 2025, "Dynamic Sampling": the constraint 0 < |correct| < G): a
+    keep mask [B] that is False on every sample of a group whose rewards are all equal (all right
+    or all wrong: zero advantage, no gradient). Host side: numpy [B] -> bool [B]."""
+    raw = np.asarray(raw, np.float32)
+    group_id = np.asarray(group_id)
+    same = group_id[:, None] == group_id[None, :]  # [B, B]
+    high = np.max(np.where(same, raw[None, :], -np.inf), axis=1)  # [B] group max
+    low = np.min(np.where(same, raw[None, :], np.inf), axis=1)  # [B] group min
+    return high > low

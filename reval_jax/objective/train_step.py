@@ -48,8 +48,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from reval_jax.objective import algorithms
 from reval_jax.objective.logprobs import batch_stats
-from reval_jax.objective.losses import LOSSES, LossNorm
+from reval_jax.objective.losses import LossNorm
 from reval_jax.objective.packing import Layout, Packed
 from reval_jax.parallel.distributed import to_global, to_host
 from reval_jax.parallel.sharding import logical_to_spec, state_shardings
@@ -61,7 +62,7 @@ Array = jax.Array
 class StepConfig:
     """What one update computes (the typed slice of the run config the train step needs)."""
 
-    loss: str = "reval"  # reval | tbrm | regression | grpo
+    loss: str = "reval"  # the algorithm's name: a record of reval_jax.objective.algorithms (reval, grpo, ...)
     beta: float = 0.02  # reward scale of the value losses
     stop_grad_v: bool = False  # ReVal: stop the gradient through V_θ(s_1)
     grpo_aggregation: str = "token-mean"
@@ -75,13 +76,16 @@ class StepConfig:
     temperature: float = 1.0  # logits / T everywhere, consistent with the sampler
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
+        algorithms.get(self.loss)  # a UserError naming the registered algorithms
+
+    @property
+    def algorithm(self) -> algorithms.Algorithm:
+        return algorithms.get(self.loss)
 
     @property
     def uses_reference(self) -> bool:
-        """GRPO reads no reference terms (no KL penalty here); the value losses do."""
-        return self.loss != "grpo"
+        """Whether the algorithm reads reference terms (the value losses do; GRPO, RLOO, DAPO not)."""
+        return self.algorithm.uses_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,22 +204,6 @@ def reference_stats(graphdef, ref_params: nnx.State, mb: Packed, cfg: StepConfig
     return _stats(graphdef, ref_params, mb, cfg)
 
 
-def _loss_fn(cfg: StepConfig):
-    fn = LOSSES[cfg.loss]
-    if cfg.loss == "grpo":
-        return functools.partial(
-            fn,
-            aggregation=cfg.grpo_aggregation,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            is_cap=cfg.is_cap,
-        )
-    if cfg.loss == "reval":
-        return functools.partial(fn, beta=cfg.beta, stop_grad_v=cfg.stop_grad_v)
-    return functools.partial(fn, beta=cfg.beta)
-
-
 def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packed, norm: LossNorm,
                          values: tuple[Array, Array] | None = None):
     """Loss contribution, float32 gradients and metrics of one packed micro-batch.
@@ -223,7 +211,7 @@ def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packe
     The loss is evaluated at `values` = (logp, v) when given (the forward program's outputs, see
     exact calibration above), else at the differentiated pass's own forward values; either way the
     gradient is J^T ∂L/∂(logp, v) with J the Jacobian of the differentiated pass."""
-    loss_fn = _loss_fn(cfg)
+    loss_fn = cfg.algorithm.loss_fn(cfg)
     (logp, v), pullback = jax.vjp(lambda p: _stats(graphdef, p, mb, cfg), params)
     if values is not None:
         logp, v = values

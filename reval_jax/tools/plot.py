@@ -9,7 +9,8 @@ Writes `reward.png` (train accuracy: the mean raw 0/1 reward of each round's rol
 The transformed reward is not plotted: a centered reward (r − group mean) averages to 0 every round.
 The KL panel's quantity is the single-sample estimate of KL(π_θ‖π_ref) on the sampled responses; as
 an estimate it can be negative (the policy updated since the rollouts, or the reference was just
-reset). GRPO uses no reference policy and logs no such curve; its panel says so.
+reset). GRPO, RLOO and DAPO use no reference policy and log no such curve; the panel says so (the
+notes are the algorithms' own plot hints, reval_jax/objective/algorithms.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ PANELS = {
     "kl": [("train", "kl_mean", "Σ log π_θ/π_ref over the sampled response\n(KL estimate, can be negative)")],
     "length": [("train", "response_length", "mean response length (tokens)")],
 }
-NO_CURVE = {"kl_mean": {"grpo": "GRPO uses no reference policy: no KL curve"}}
+
+
+def no_curve(key: str, algorithm: str) -> str | None:
+    """Why a run of `algorithm` logs no `key` curve (its registry record's plot hints), or None."""
+    from reval_jax.objective.algorithms import ALGORITHMS  # here: `plot --help` does not import jax
+
+    record = ALGORITHMS.get(algorithm)
+    return None if record is None else record.plot.get(key)
 
 
 def _algorithm(workdir: Path) -> str:
@@ -70,8 +78,8 @@ def plot(workdirs: list[str], out: str | None = None) -> list[Path]:
                 if xs:
                     ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=_label(workdir))
                     drawn = True
-                elif _algorithm(workdir) in NO_CURVE.get(key, {}):  # a missing curve is said, not silent
-                    notes.append(f"{_label(workdir)}: {NO_CURVE[key][_algorithm(workdir)]}")
+                elif note := no_curve(key, _algorithm(workdir)):  # a missing curve is said, not silent
+                    notes.append(f"{_label(workdir)}: {note}")
                     drawn = True
             if notes:
                 ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom",

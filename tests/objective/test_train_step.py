@@ -12,7 +12,7 @@ from models import tiny_model
 
 from reval_jax.data.batch import Trajectories
 from reval_jax.model.config import RopeScaling, family_switches
-from reval_jax.objective.losses import LossNorm, grpo_advantages, transform_rewards
+from reval_jax.objective.losses import LossNorm, transform_rewards
 from reval_jax.objective.packing import Budget, pack, pack_rows
 from reval_jax.objective.train_step import (
     OptimizerConfig,
@@ -90,7 +90,7 @@ def run_step(cfg, batch, *, mesh=None, lr=1e-3, optimizer=None, micro_batches=1,
     devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     updater = Updater(graphdef, optimizer, cfg, mesh, state)
     batch = jax.device_get(with_reference(updater, state, batch, micro_batches, devices))
-    advantages = grpo_advantages(batch.raw_reward, batch.group_id) if cfg.loss == "grpo" else None
+    advantages = cfg.algorithm.batch_advantages(batch)  # GRPO, RLOO, DAPO: over the prompt groups
     micro, layout = pack(batch, budget(micro_batches, devices), advantages=advantages)
     norm = LossNorm.for_batch(batch)
     return updater.update(state, micro, layout, norm)
@@ -192,7 +192,7 @@ def grads_of(cfg, batch, mesh=None, micro_batches=1):
     graphdef, optimizer, state = setup(cfg)
     devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch = jax.device_get(with_reference(Updater(graphdef, optimizer, cfg, None, state), state, batch))
-    advantages = grpo_advantages(batch.raw_reward, batch.group_id) if cfg.loss == "grpo" else None
+    advantages = cfg.algorithm.batch_advantages(batch)  # GRPO, RLOO, DAPO: over the prompt groups
     micro, _ = pack(batch, budget(micro_batches, devices), advantages=advantages)
     params, norm = state.params, LossNorm.for_batch(batch)
     if mesh is not None:
@@ -208,7 +208,7 @@ def assert_same_grads(g1, g2):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
-@pytest.mark.parametrize("loss", ["reval", "tbrm", "regression", "grpo"])
+@pytest.mark.parametrize("loss", ["reval", "tbrm", "regression", "grpo", "rloo", "dapo"])
 def test_gradient_accumulation_equals_the_full_batch(loss):
     batch = make_batch(seed=3)
     l1, g1 = grads_of(StepConfig(loss=loss, beta=0.1), batch)
