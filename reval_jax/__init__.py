@@ -1,7 +1,14 @@
 """reval_jax: off-policy value-based RL (ReVal) post-training of LLMs in JAX / Flax NNX.
 
-The public names below are imported lazily, so that light modules (rewards, data, templates) and the
-reward worker processes do not pay for importing jax and flax.
+The subpackages (model/, parallel/, data/, rollout/, objective/, run/, tools/, experiments/) each open
+with a map of their files; docs/architecture.md is the one-page map. Commands: `python -m
+reval_jax.{train,evaluate,export,plot,scale}` (kept names of run/ and tools/ modules).
+
+Public names: `load_hf` / `save_hf` (Hugging Face directories), `generate` (the rollout engine's front
+door), `Decoder` (the decoder of every family; `Qwen2` is its kept alias), `create_model`, `Cache`,
+`init_cache`, `ModelConfig` / `preset` / `PRESETS` (the model config, not the run config of
+configs/*.py) and `make_mesh`. They are imported lazily, so that light modules (rewards, templates,
+the model config) and the reward worker processes do not pay for importing jax and flax.
 """
 
 import importlib

@@ -7,7 +7,8 @@ answer (``"answer": 6``) is used as its string. Rows whose problem or answer is 
 a string (or number), and JSON Lines lines that are not valid JSON, are skipped and counted (the
 invalid lines by number, in ``DataStats.invalid_lines``; ``strict=True`` makes an invalid line an
 error); prompts longer than ``max_prompt_len`` tokens (after the prompt template) are dropped and
-counted.
+counted. A missing file, an unsupported suffix and a ``.parquet`` file that is not Parquet are
+errors that name the file (``UserError``: one line on the command line).
 
 Training prompts come from ``prompt_batches``: a ``grain`` pipeline that shuffles with a seed,
 repeats over epochs (each epoch in a different order, all fixed by the seed) and yields lists of
@@ -110,16 +111,26 @@ def _read_records(path: str, keys: Sequence[str], strict: bool = False,
                         invalid.append(f"{path}:{line_number}")
         return [record if isinstance(record, dict) else {} for record in records]
     if lower.endswith(PARQUET_SUFFIXES):
-        import pyarrow.parquet as pq
+        return _read_parquet(path, keys)
+    raise UserError(
+        f"unsupported data file {path!r}: expected one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}"
+    )
 
+
+def _read_parquet(path: str, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a Parquet file (only ``keys``, where present); a file that is not Parquet is a UserError."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
         schema_names = set(pq.read_schema(path).names)
         table = pq.read_table(path, columns=[k for k in dict.fromkeys(keys) if k in schema_names])
         if table.num_columns == 0:
             return [{} for _ in range(pq.read_metadata(path).num_rows)]
-        return table.to_pylist()
-    raise UserError(
-        f"unsupported data file {path!r}: expected one of {JSONL_SUFFIXES + PARQUET_SUFFIXES}"
-    )
+    except pyarrow.ArrowException as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path}: not a readable Parquet file ({reason})") from e
+    return table.to_pylist()
 
 
 def _valid(value: Any) -> bool:

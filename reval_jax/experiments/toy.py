@@ -76,7 +76,7 @@ import numpy as np
 
 TEMPLATE = "plain"
 SOURCE = "tiny_arith"
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny_arith"
+ASSET_DIR = Path(__file__).parents[1] / "assets" / "tiny_arith"
 
 
 # ----------------------------------------------------------------------------- the task

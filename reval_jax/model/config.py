@@ -1,5 +1,9 @@
-"""Model configuration: one frozen dataclass for every supported decoder family, named presets, and
-the mapping to and from Hugging Face `config.json`.
+"""The model config: `ModelConfig`, one frozen dataclass for every supported decoder family, named
+presets, and the mapping to and from Hugging Face `config.json`.
+
+The model config says what a network is (shapes, numerics, family switches). It is not the run
+config: that is the `ml_collections.ConfigDict` of `configs/*.py` (`configs/base.py` documents every
+field), which says what a training run does and names its model through `config.model`.
 
 Families (`FAMILIES`): Qwen2 (q/k/v biases), Qwen3 (per-head RMSNorm of q and k, no biases) and
 Llama 3 (no biases, RoPE frequencies scaled by `rope_scaling`). One decoder implements them all;

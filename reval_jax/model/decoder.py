@@ -9,8 +9,8 @@ Qwen2), an RMSNorm over the head dim of every query and key head before RoPE (`q
 Llama 3's scaled RoPE frequencies (`rope_scaling`); a parameter a family lacks is not created
 (`layer_param_names`). Layer parameters carry a leading `layers` axis and one `lax.scan` runs them
 all, so compile time does not grow with depth; each step can be rematerialised (`ModelConfig.remat`).
-Logits are always float32, whatever the compute dtype. `Qwen2` is the class of every family
-(`Decoder` is the same class).
+Logits are always float32, whatever the compute dtype. `Decoder` is the class of every family;
+`Qwen2` is its historical name, kept as an alias (the same class).
 
 Padding: `mask [B, T]` marks real tokens; positions default to `cumsum(mask) - 1`, so left- and
 right-padded batches give the same logits at real tokens. Packing: `segment_ids [B, T]` (1, 2, ...;
@@ -217,9 +217,9 @@ def _attend(q, k, v, k_cache, v_cache, layer, *, cfg: ModelConfig, mesh: Mesh | 
     return out, k_cache, v_cache
 
 
-class Qwen2(nnx.Module):
-    """Causal LM of any family of `config.FAMILIES` (the name is historical; `Decoder` is the same
-    class). `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+class Decoder(nnx.Module):
+    """Causal LM of any family of `config.FAMILIES` (`Qwen2` is the same class under its historical
+    name). `model(tokens [B, T]) -> logits [B, T, V]` (float32)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.cfg = cfg
@@ -328,20 +328,20 @@ class Qwen2(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-Decoder = Qwen2
+Qwen2 = Decoder  # the historical name of the class, kept: users and other modules import it
 
 
-def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Qwen2:
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Decoder:
     """A randomly initialised model. With a mesh, each parameter is created directly in its sharded
     layout (jit with out_shardings), never whole on one device; the values do not depend on the mesh."""
     from reval_jax.parallel.sharding import state_shardings
 
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None if mesh is None else state_shardings(abstract_state, mesh)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.state(Qwen2(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
+        return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed), mesh=mesh))
 
     return nnx.merge(graphdef, init())

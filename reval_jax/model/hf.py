@@ -2,7 +2,7 @@
 
 The conversion is one declarative table, `TABLE`, shared by every family (Qwen2, Qwen3 and Llama
 name their tensors alike): HF tensor name -> our parameter, transpose and reshape. A config uses the
-rows of the parameters its family has (`model.layer_param_names`: Qwen2's q/k/v biases, Qwen3's
+rows of the parameters its family has (`decoder.layer_param_names`: Qwen2's q/k/v biases, Qwen3's
 q_norm / k_norm). Loading reads it forwards, saving reads it backwards. Tensors are read lazily from
 memory-mapped safetensors files (bfloat16 included, no torch) and placed straight into their target
 sharding with `jax.make_array_from_callback`: each device asks only for its own slice, one layer
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from reval_jax.errors import UserError
 from reval_jax.model.config import ModelConfig, from_hf_config, to_hf_config
-from reval_jax.model.decoder import LAYER_PARAMS, Qwen2, dims, layer_param_names
+from reval_jax.model.decoder import LAYER_PARAMS, Decoder, dims, layer_param_names
 from reval_jax.parallel.sharding import state_shardings
 
 
@@ -212,7 +212,7 @@ def load_hf(
     st = SafetensorsDir(path)
     d = dims(cfg)
 
-    abstract = nnx.eval_shape(lambda: Qwen2(cfg, rngs=nnx.Rngs(0), mesh=mesh))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, state = nnx.split(abstract)
     shapes = {name: v.get_value().shape for name, v in state.items()}
     expected = {hf: _hf_shape(rule, d, shapes[rule.ours]) for rule, hf, _ in _rules(cfg)}
@@ -288,7 +288,7 @@ def save_tokenizer(tokenizer, path: Path) -> None:
         config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def _host_slices(model: Qwen2) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...], Rule]]:
+def _host_slices(model: Decoder) -> Iterator[tuple[str, Callable[[], np.ndarray], tuple[int, ...], Rule]]:
     """(HF name, thunk giving the HF tensor on host, HF shape, rule) — one layer at a time."""
     cfg, d = model.cfg, dims(model.cfg)
     layer = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
@@ -319,7 +319,7 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_hf(
-    model: Qwen2, tokenizer, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+    model: Decoder, tokenizer, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
     dtype: str | None = None,
 ) -> Path:
     """Writes `model` (and `tokenizer`, if given) as a Hugging Face directory of its family

@@ -15,6 +15,7 @@ from reval_jax.data.prompts import (
     prompt_batches,
 )
 from reval_jax.data.templates import apply_template, encode_prompt
+from reval_jax.errors import UserError
 
 GSM8K_TEST = math_data_file("gsm8k_test.jsonl")
 
@@ -175,6 +176,11 @@ def test_missing_unsupported_and_broken_files(tmp_path):
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"problem": "a", "answer": "b"}, "{oops"])
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         load_examples(broken, tiny_tokenizer(), "plain", None, strict=True)
+    not_parquet = tmp_path / "rows.parquet"
+    not_parquet.write_text('{"problem": "1+1", "answer": "2"}\n')
+    with pytest.raises(UserError, match=r"rows.parquet: not a readable Parquet file \(.*magic bytes") as info:
+        load_examples(str(not_parquet), tiny_tokenizer(), "plain", None)
+    assert "\n" not in str(info.value)
 
 
 def test_too_long_prompts_are_dropped_and_counted(tmp_path):

@@ -161,6 +161,7 @@ def test_pool_scores_in_order(scorer):
     assert (after.timeouts, after.errors) == (before.timeouts, before.errors)
 
 
+@pytest.mark.multiprocess  # hangs, kills and restarts worker processes (waits out timeouts)
 def test_pool_timeout_scores_zero_and_pool_keeps_working(tmp_path):
     with pool(TIMEOUT_S) as scorer:
         first = ready_worker_pids(scorer)

@@ -131,6 +131,7 @@ def test_committed_model_succeeds_near_the_target_rates():
         assert abs(rates[level] - target) <= BAND, (level, rates)
 
 
+@pytest.mark.e2e  # pre-trains the toy model twice (the build's training loop, end to end)
 def test_build_is_deterministic(tmp_path):
     config = toy.PretrainConfig(steps=3)
     outs = [toy.build(tmp_path / f"run{i}", 0, config, data_size=4, eval_size=2, log_every=0)

@@ -148,3 +148,12 @@ def test_presets_have_the_real_shapes():
     assert llama.rope_scaling.original_max_position_embeddings == 8192 and llama.rms_norm_eps == 1e-5
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("qwen9")
+
+
+def test_decoder_is_the_class_and_qwen2_its_kept_name():
+    from reval_jax.model import decoder
+
+    assert decoder.Decoder.__name__ == "Decoder" and decoder.Qwen2 is decoder.Decoder
+    assert reval_jax.Decoder is reval_jax.Qwen2 is decoder.Decoder
+    model = reval_jax.create_model(preset("tiny"))
+    assert type(model) is reval_jax.Decoder and isinstance(model, reval_jax.Qwen2)
