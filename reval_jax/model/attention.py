@@ -62,14 +62,22 @@ def allowed_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: int | Ar
 def attention(
     q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
     q_offset: int | Array = 0, implementation: str = "auto", block_q: int = 512, block_kv: int = 512,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, max_segment_len: int = 0,
 ) -> Array:
     """q [B, T, N, H], k/v [B, S, K, H] with N = K·G; segment ids [B, T] / [B, S] int32 (0 = padding).
     Returns [B, T, N, H] in q's dtype. `mesh` is only used by splash (a Pallas call is partitioned by
-    shard_map over the batch and head axes of sharding.RULES)."""
+    shard_map over the batch and head axes of sharding.RULES).
+
+    `max_segment_len` > 0 promises that no segment is longer (packed trajectories: the prompt bucket
+    plus max_new_tokens): einsum, xla and chunked then compute only the key window each query block
+    can reach (`banded`), exactly the same attention for a fraction of the work when segments are
+    much shorter than the row. cudnn and splash ignore it (splash skips empty blocks by itself)."""
     impl = resolve(implementation, q.dtype, None if mesh is None else mesh.devices.flat[0].platform)
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+    band = banding(q.shape[1], k.shape[1], q_offset, max_segment_len, block_q)
+    if band is not None and impl in ("einsum", "xla", "chunked"):
+        return _banded(q, k, v, q_segment_ids, kv_segment_ids, *band, scan=impl == "chunked")
     if impl == "einsum":
         return _einsum(q, k, v, allowed_mask(q_segment_ids, kv_segment_ids, q_offset))
     if impl == "chunked":
@@ -97,6 +105,70 @@ def _einsum(q: Array, k: Array, v: Array, allowed: Array) -> Array:
     scores = jnp.where(allowed[:, None, None], scores * H**-0.5, NEG_INF)  # [B, K, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, K * G, H)  # [B, T, N, H]
+
+
+# ----------------------------------------------------------------------------- banded (packed rows)
+
+
+def banding(T: int, S: int, q_offset, max_segment_len: int, block: int) -> tuple[int, int] | None:
+    """(block b, reach P) of the banded path, or None where it saves nothing. A query at slot t
+    attends only to keys of its own segment at slots t - max_segment_len < s <= t, so query block
+    [i b, (i + 1) b) needs key slots [i b - P, (i + 1) b) with P = max_segment_len - 1 rounded up to
+    whole blocks: a window of W = P + b keys instead of S. Needs training-shaped calls (q_offset 0,
+    T == S); b is at most `block` and about max_segment_len / 2 (smaller b: fewer keys per query,
+    more window copies)."""
+    if not max_segment_len or not isinstance(q_offset, int) or q_offset != 0 or T != S:
+        return None
+    b = max(8, min(block, T, -(-max_segment_len // 2)))
+    P = -(-(max_segment_len - 1) // b) * b
+    return (b, P) if P + b < T else None
+
+
+def banded_work(T: int, max_segment_len: int, block: int) -> tuple[int, int]:
+    """(query-key pairs the banded path computes, pairs a dense [T, T] path computes) for one row."""
+    band = banding(T, T, 0, max_segment_len, block)
+    if band is None:
+        return T * T, T * T
+    b, P = band
+    return -(-T // b) * b * (P + b), T * T
+
+
+def _banded(q: Array, k: Array, v: Array, qs: Array, ks: Array, b: int, P: int, *, scan: bool) -> Array:
+    """Attention of packed rows, query block i against its key window only (see `banding`):
+
+        window_i = key slots [i b - P, (i + 1) b)  (slots < 0 are padding: segment 0)
+        out[t] = softmax over window(t) of q_t · k_s / √H where allowed(t, s), then · v
+
+    Every key outside the window is disallowed for every query of the block, so this is the
+    einsum reference's attention without its all-masked part. The windows are gathered with static
+    indices; `scan` walks the query blocks one at a time (memory of one block's scores, recomputed
+    in the backward pass) instead of all at once."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G, nq, W = N // K, -(-T // b), P + b
+    pad = lambda x, fill=0: jnp.pad(x, [(0, 0), (P, nq * b - T)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    kp, vp, ksp = pad(k), pad(v), pad(ks)  # [B, P + nq·b, ...]: slot s sits at s + P
+    window = np.arange(nq)[:, None] * b + np.arange(W)[None, :]  # [nq, W] padded key index
+    qb = _blocks(q.reshape(B, T, K, G, H), b)  # [nq, B, b, K, G, H]
+    qsb = _blocks(qs, b)  # [nq, B, b]
+    q_slot = np.arange(nq * b).reshape(nq, b)  # [nq, b]
+
+    def one_block(q_i, qs_i, qslot_i, idx):  # q_i [B, b, K, G, H]; idx [W] padded key indices
+        k_w, v_w, ks_w = kp[:, idx], vp[:, idx], ksp[:, idx]  # [B, W, K, H], [B, W]
+        causal = (idx - P)[None, :] <= qslot_i[:, None]  # [b, W]
+        allowed = (qs_i[:, :, None] == ks_w[:, None, :]) & (ks_w[:, None, :] != 0) & causal[None]  # [B, b, W]
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, k_w, preferred_element_type=jnp.float32)
+        scores = jnp.where(allowed[:, None, None], scores * H**-0.5, NEG_INF)  # [B, K, G, b, W]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_w)  # [B, b, K, G, H]
+        return jnp.where(allowed.any(-1)[:, :, None, None, None], out, 0).astype(q.dtype)
+
+    if scan:
+        step = jax.checkpoint(lambda _, xs: (None, one_block(*xs)))
+        _, out_b = jax.lax.scan(step, None, (qb, qsb, jnp.asarray(q_slot), jnp.asarray(window)))
+    else:
+        out_b = jax.vmap(one_block, in_axes=(0, 0, 0, 0))(qb, qsb, jnp.asarray(q_slot), jnp.asarray(window))
+    return _unblock(out_b, T).reshape(B, T, N, H)  # out_b [nq, B, b, K, G, H]
 
 
 # ----------------------------------------------------------------------------- jax.nn (xla / cudnn)
