@@ -89,14 +89,15 @@ def _sharded_row_logprobs(h, targets, w, mesh, chunk: int, temperature: float) -
 
 def packed_stats(
     model: Qwen2, tokens: Array, segment_ids: Array, positions: Array, response_mask: Array, s1: Array, *,
-    chunk: int = 512, temperature: float = 1.0,
+    chunk: int = 512, temperature: float = 1.0, max_segment_len: int = 0,
 ) -> tuple[Array, Array]:
     """(log π per token [R, L], V(s_1) per slot [R, M]) of `model` on packed rows (packing.Packed's
     fields of the same names; s1 [R, M] indexes each slot's last prompt token in its row).
+    `max_segment_len` > 0: no trajectory is longer (attention reads only the keys it can reach).
 
     logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a response token."""
     h, _ = model.hidden_states(tokens, positions=positions, mask=segment_ids > 0,
-                               segment_ids=segment_ids)  # [R, L, D]
+                               segment_ids=segment_ids, max_segment_len=max_segment_len)  # [R, L, D]
     w = model.unembed_weight()  # [D, V], gathered once for every chunk
     # position t predicts token t + 1: the pair (h[t], tokens[t + 1]) lands at t + 1. Pairs that
     # straddle two segments land on a segment's first token, a prompt token: masked below.
@@ -115,10 +116,10 @@ def packed_stats(
     return logp, v
 
 
-def batch_stats(model: Qwen2, batch: Packed, *, chunk: int = 512, temperature: float = 1.0):
+def batch_stats(model: Qwen2, batch: Packed, *, chunk: int = 512, temperature: float = 1.0, max_segment_len: int = 0):
     """`packed_stats` of a Packed batch; empty slots get V = 0."""
     logp, v = packed_stats(model, batch.tokens, batch.segment_ids, batch.positions, batch.response_mask,
-                           batch.s1, chunk=chunk, temperature=temperature)
+                           batch.s1, chunk=chunk, temperature=temperature, max_segment_len=max_segment_len)
     return logp, jnp.where(batch.valid, v, 0.0)
 
 

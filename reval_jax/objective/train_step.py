@@ -74,6 +74,7 @@ class StepConfig:
     chunk: int = 512  # positions of every row per unembedding chunk in logprobs.packed_stats
     exact_reference: bool = True  # policy and reference terms of δ from one compiled forward (above)
     temperature: float = 1.0  # logits / T everywhere, consistent with the sampler
+    max_segment_len: int = 0  # the longest trajectory a packed row holds (0: unknown): attention's band
 
     def __post_init__(self):
         algorithms.get(self.loss)  # a UserError naming the registered algorithms
@@ -195,7 +196,7 @@ def _stats(graphdef, params, mb: Packed, cfg: StepConfig):
     """(logp [R, L], v [R, M]) of the parameters `params` on a packed micro-batch; the parameters
     are cast to the compute dtype first (a no-op for parameters already in it)."""
     model = nnx.merge(graphdef, _cast(params, compute_dtype(graphdef, params)))
-    return batch_stats(model, mb, chunk=cfg.chunk, temperature=cfg.temperature)
+    return batch_stats(model, mb, chunk=cfg.chunk, temperature=cfg.temperature, max_segment_len=cfg.max_segment_len)
 
 
 def reference_stats(graphdef, ref_params: nnx.State, mb: Packed, cfg: StepConfig):

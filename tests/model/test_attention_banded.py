@@ -77,3 +77,32 @@ def test_banding_applies_only_where_it_saves_work():
     assert banding(768, 768, jnp.int32(0), 96, 512) is None  # a traced offset (prefill at a cache index)
     executed, dense = banded_work(768, 96, 512)
     assert (executed, dense) == (768 * 144, 768 * 768)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "chunked"])
+def test_model_log_probs_with_the_band_equal_those_without(impl):
+    """Through the decoder and logprobs.packed_stats (what the update computes): three sequences of
+    9, 14, 6 tokens packed in a row of 32, attention blocks of 8: the band reads 24 keys, not 32."""
+    from models import tiny_model
+
+    from reval_jax.objective.logprobs import packed_stats
+
+    lengths = (9, 14, 6)
+    rng = np.random.RandomState(0)
+    tokens, seg, pos = (np.zeros((2, 32), np.int32) for _ in range(3))
+    for row in range(2):
+        start = 0
+        for i, n in enumerate(lengths[row:] + lengths[:row]):
+            tokens[row, start:start + n] = rng.randint(1, 128, n)
+            seg[row, start:start + n], pos[row, start:start + n] = i + 1, np.arange(n)
+            start += n
+    assert banding(32, 32, 0, 14, 8) == (8, 16)
+    model = tiny_model(attention=impl, attention_block=8)
+    args = [jnp.asarray(x) for x in (tokens, seg, pos, seg != 0, np.array([[0, 9, 23], [0, 14, 20]]))]
+    want = packed_stats(model, *args, chunk=16)
+    got = packed_stats(model, *args, chunk=16, max_segment_len=14)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=F32_TOL, rtol=0)
+    # the band is really in use: a promise the 14-token sequence breaks changes its log-probs
+    broken = packed_stats(model, *args, chunk=16, max_segment_len=1)  # each block reads only itself
+    assert np.abs(np.asarray(broken[0]) - np.asarray(want[0])).max() > 1e-3
