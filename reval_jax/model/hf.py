@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -320,12 +321,17 @@ def _parse_size(size: int | str) -> int:
 
 def save_hf(
     model: Decoder, tokenizer, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-    dtype: str | None = None,
+    dtype: str | None = None, sampling: dict[str, Any] | None = None,
 ) -> Path:
     """Writes `model` (and `tokenizer`, if given) as a Hugging Face directory of its family
     (`config.to_hf_config`): config.json,
     safetensors shards of at most `max_shard_size` (with model.safetensors.index.json when there is
-    more than one), and the tokenizer files. `dtype` defaults to the model's parameter dtype."""
+    more than one), and the tokenizer files. `dtype` defaults to the model's parameter dtype.
+
+    With a tokenizer, `eos_token_id` (config.json and generation_config.json) is the list of the
+    ids the project's sampler stops at (`templates.stop_token_ids`: <|im_end|>, <|endoftext|>, ...),
+    so `transformers` `generate()` stops where reval_jax's sampler stops; `sampling`
+    ({temperature, top_p, top_k}, e.g. the run's config.sampling) sets generate()'s defaults."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
@@ -368,10 +374,28 @@ def save_hf(
             (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         cfg_json = to_hf_config(model.cfg, torch_dtype=str(jnp.dtype(out_dtype)))
         if tokenizer is not None:
-            cfg_json.update(
-                {f"{k}_id": getattr(tokenizer, f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")
-                 if getattr(tokenizer, f"{k}_id", None) is not None}
-            )
+            special = generation_config(tokenizer, sampling)
+            cfg_json.update({k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in special})
+            (path / "generation_config.json").write_text(json.dumps(special, indent=2))
             save_tokenizer(tokenizer, path)
         (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
     return path
+
+
+def generation_config(tokenizer, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """generation_config.json of an export: the sampler's stop ids as `eos_token_id` (one id, or
+    the list), pad and bos ids, and sampling defaults (greedy when temperature is 0)."""
+    from reval_jax.data.templates import stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    out: dict[str, Any] = {"eos_token_id": stops[0] if len(stops) == 1 else stops}
+    for name in ("bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            out[name] = int(getattr(tokenizer, name))
+    if sampling is not None:
+        temperature = float(sampling.get("temperature", 1.0))
+        out["do_sample"] = temperature > 0
+        if temperature > 0:
+            out.update(temperature=temperature, top_p=float(sampling.get("top_p", 1.0)),
+                       top_k=int(sampling.get("top_k", 0)))
+    return out

@@ -6,11 +6,14 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
 from models import FAMILIES, LLAMA3_ROPE, LONG, hf_dir, hf_logits, padded_batch
 
 import reval_jax
 from reval_jax.model.config import family_switches, preset
 from reval_jax.model.hf import SafetensorsDir, write_safetensors
+
+ASSETS = f"{REPO_ROOT}/reval_jax/assets/tiny_arith"  # the demo model
 
 
 def _tensors(path) -> dict[str, np.ndarray]:
@@ -234,3 +237,37 @@ def test_shape_mismatch_is_named(tmp_path):
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         reval_jax.load_hf(_copy(tmp_path))
+
+
+def test_export_generates_in_transformers_and_stops_where_our_sampler_stops(tmp_path):
+    """The demo model, saved: config.json and generation_config.json name the sampler's stop ids, and
+    transformers' greedy generate() gives our greedy tokens and stops at the same stop token."""
+    import torch
+    import transformers
+
+    from reval_jax.data.templates import encode_prompt, stop_token_ids
+    from reval_jax.rollout.sampler import SamplingConfig, generate
+
+    model, tok = reval_jax.load_hf(ASSETS)
+    out = reval_jax.save_hf(model, tok, tmp_path / "demo", sampling={"temperature": 0.0})
+    stops = stop_token_ids(tok)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == (stops if len(stops) > 1 else stops[0]) and saved["do_sample"] is False
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == saved["eos_token_id"]
+
+    problems = ["Compute 5+1-4+1.", "Compute 8-5-2-1.", "Compute 2+2+3-1."]
+    prompts = [encode_prompt(tok, p, "plain") for p in problems]
+    A = 48
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=A, num_samples=1, greedy=True,
+                                                   stop_ids=tuple(stops), buckets=(48,), pad_id=tok.pad_token_id))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    stopped = 0
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            seq = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=A)[0, len(prompt):].tolist()  # generation_config's defaults
+        n = int(np.asarray(ours.response_length)[i])
+        want = np.asarray(ours.response_tokens)[i, :n].tolist()
+        assert seq == want, (problems[i], seq, want)  # same tokens, and nothing after the stop token
+        stopped += want[-1] in stops
+    assert stopped == len(prompts)  # every answer ended on a stop token, within A tokens
