@@ -46,6 +46,16 @@ def _label(workdir: Path) -> str:
     return f"{workdir.name} ({_algorithm(workdir)})"
 
 
+ZERO_BASED = ("response_length",)  # counts: a y-axis from 0, so that a flat curve looks flat (not zoomed noise)
+
+
+def y_limits(key: str, ys: list[float]) -> tuple[float, float] | None:
+    """The y-range of a panel where matplotlib's own would mislead: from 0 for counts."""
+    if key in ZERO_BASED and ys:
+        return 0.0, max(1.0, 1.05 * max(ys))
+    return None
+
+
 def _series(records, kind: str, key: str):
     xs, ys = [], []
     for r in records:
@@ -72,9 +82,10 @@ def plot(workdirs: list[str], out: str | None = None) -> list[Path]:
         fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
         drawn = False
         for ax, (kind, key, title) in zip(axes[0], curves, strict=True):
-            notes = []
+            notes, all_ys = [], []
             for workdir, records in runs:
                 xs, ys = _series(records, kind, key)
+                all_ys += ys
                 if xs:
                     ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=_label(workdir))
                     drawn = True
@@ -84,6 +95,8 @@ def plot(workdirs: list[str], out: str | None = None) -> list[Path]:
             if notes:
                 ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom",
                         color="0.3")
+            if limits := y_limits(key, all_ys):
+                ax.set_ylim(*limits)
             ax.set_title(title)
             ax.set_xlabel("generation round (iteration)")
             ax.grid(alpha=0.3)

@@ -65,3 +65,12 @@ def test_panels_show_raw_reward_and_say_why_a_curve_is_missing(tmp_path, monkeyp
     assert "Σ log π_θ/π_ref over the sampled response" in kl_title and "negative" in kl_title
     assert any("grpo (grpo): GRPO uses no reference policy: no KL curve" in t for t in texts)
     assert [0.2, 0.5, 0.9] in series  # the raw accuracy is drawn
+
+
+def test_length_axis_starts_at_zero():
+    """length.png once spanned 30.8-31.8 tokens: matplotlib zoomed into noise. Counts start at 0."""
+    from reval_jax.tools.plot import y_limits
+
+    assert y_limits("response_length", [30.8, 31.2, 31.8]) == (0.0, 1.05 * 31.8)
+    assert y_limits("response_length", []) is None
+    assert y_limits("accuracy", [0.2, 0.3]) is None  # rates keep matplotlib's range
