@@ -133,3 +133,51 @@ def tb_scalars(workdir) -> list[tuple[str, int, float]]:
             at += 12 + n + 4
             out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
     return out
+
+
+class InlineScorer:
+    """A `RewardScorer` without worker processes: the named reward called in this process, for the
+    end-to-end tests whose reward path is not under test (`train.run(config, workdir, scorer=...)`).
+    Its rewards are the worker's (the same function); it never times out."""
+
+    def __init__(self, name: str = "math", template: str = "plain"):
+        import threading
+
+        from reval_jax.data.rewards import RewardStats, resolve_reward
+
+        self.fn, self.template = resolve_reward(name), template
+        self._stats = RewardStats(0, 0, 0, 0)
+        self._lock = threading.Lock()  # the rollout thread and the evaluation may score at once
+
+    @property
+    def stats(self):
+        return self._stats
+
+    def restore_stats(self, stats) -> None:
+        self._stats = stats
+
+    def score(self, pairs) -> list[float]:
+        import dataclasses
+
+        with self._lock:
+            self._stats = dataclasses.replace(self._stats, scored=self._stats.scored + len(pairs))
+            return [float(self.fn(response, answer, self.template)) for response, answer in pairs]
+
+    def close(self) -> None:
+        pass
+
+
+_REFERENCE_RUNS: dict[tuple, object] = {}
+
+
+def reference_run(tmp_path_factory, data_file, **overrides):
+    """The workdir of the uninterrupted run of `tiny_config(data_file, **overrides)`, made once per
+    test session and shared by every module that compares against it (do not write into it: copy it)."""
+    from reval_jax.run import train
+
+    key = (str(data_file), tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    if key not in _REFERENCE_RUNS:
+        workdir = tmp_path_factory.mktemp("reference")
+        train.run(tiny_config(data_file, **overrides), str(workdir), scorer=InlineScorer())
+        _REFERENCE_RUNS[key] = workdir
+    return _REFERENCE_RUNS[key]

@@ -10,7 +10,6 @@ Evaluation protocol); "avg@k" alone is the mean over benchmarks.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,20 +21,8 @@ from reval_jax.data.prompts import PromptExample, load_eval_set
 from reval_jax.data.rewards import RewardScorer
 from reval_jax.errors import UserError
 from reval_jax.parallel.distributed import all_gather_rows, process_share, to_host
-from reval_jax.rollout.engine import EngineConfig, engine_config
 from reval_jax.rollout.sampler import Rollout, SamplingConfig, generate
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    k: int = 16  # samples per problem
-    temperature: float = 1.0
-    max_new_tokens: int = 1024
-    stop_ids: tuple[int, ...] = ()
-    buckets: tuple[int, ...] = (128, 256, 512, 1024)
-    prompts_per_call: int = 64  # problems per sampler call
-    seed: int = 0
-    engine: EngineConfig | None = None  # the rollout engine's slots and cache (None: one slot per sample)
+from reval_jax.run.config import DataSettings, EvalSettings
 
 
 def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> list[str]:
@@ -97,29 +84,29 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
     return results
 
 
-def load_benchmarks(files: Sequence[str], tokenizer, template: str, *, limit: int, seed: int,
-                    max_prompt_len: int, problem_key: str = "problem",
-                    answer_key: str = "answer", strict: bool = False,
-                    enable_thinking: bool | None = None) -> dict[str, list[PromptExample]]:
-    """Each file's fixed-seed subset of `limit` problems (0 = all), named by the file stem."""
+def load_benchmarks(tokenizer, data: DataSettings) -> dict[str, list[PromptExample]]:
+    """Each of `data.eval_files`' fixed-seed subset of `data.eval_limit` problems (0 = all), named by
+    the file stem."""
     out = {}
-    for path in files:
-        examples, _ = load_eval_set(path, tokenizer, template, limit=limit or None, seed=seed,
-                                    max_prompt_len=max_prompt_len, problem_key=problem_key,
-                                    answer_key=answer_key, strict=strict,
-                                    enable_thinking=enable_thinking)
+    for path in data.eval_files:
+        examples, _ = load_eval_set(path, tokenizer, data.template, limit=data.eval_limit or None, seed=data.seed,
+                                    max_prompt_len=data.max_prompt_len, problem_key=data.problem_key,
+                                    answer_key=data.answer_key, strict=data.strict,
+                                    enable_thinking=data.enable_thinking)
         out[Path(path).stem] = examples
     return out
 
 
-def settings_from_config(config, stop_ids: Sequence[int]) -> EvalSettings:
-    return EvalSettings(
-        k=config.eval.k, temperature=config.eval.temperature,
-        max_new_tokens=config.eval.max_new_tokens or config.sampling.max_new_tokens,
-        stop_ids=tuple(stop_ids), buckets=tuple(config.sampling.buckets), seed=config.seed,
-        prompts_per_call=max(1, (config.sampling.batch_size or 1024) // config.eval.k),
-        engine=engine_config(config),
-    )
+class Evaluation:
+    """`evaluate` with its benchmarks, settings and scorer bound: `evaluation(model) -> results`."""
+
+    def __init__(self, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
+                 scorer: RewardScorer, progress: bool = False):
+        self.tokenizer, self.benchmarks, self.settings = tokenizer, benchmarks, settings
+        self.scorer, self.progress = scorer, progress
+
+    def __call__(self, model) -> dict[str, float]:
+        return evaluate(model, self.tokenizer, self.benchmarks, self.settings, self.scorer, progress=self.progress)
 
 
 def main(argv):
@@ -127,7 +114,7 @@ def main(argv):
     from flax import nnx
 
     from reval_jax.data.templates import stop_token_ids
-    from reval_jax.rollout.layout import layout_from_config
+    from reval_jax.run import config as run_config
     from reval_jax.run.policy import load_checkpoint_policy, load_hf_policy, make_run_mesh
 
     FLAGS = flags.FLAGS
@@ -138,21 +125,16 @@ def main(argv):
     if FLAGS.checkpoint:
         model, tokenizer = load_checkpoint_policy(FLAGS.checkpoint, config, mesh)
     else:
-        model, tokenizer = load_hf_policy(config, mesh, path=FLAGS.hf or None)
-    layout = layout_from_config(config, mesh, model.cfg)
+        model, tokenizer = load_hf_policy(run_config.model_settings(config), mesh, path=FLAGS.hf or None)
+    layout = run_config.rollout_layout(config, mesh, model.cfg)
     graphdef, params = nnx.split(model)
     del model
     model = layout(graphdef, params)  # the sampler's layout and dtype; the master is not needed after
     del params
-    benchmarks = load_benchmarks(config.eval.files, tokenizer, config.data.template,
-                                 limit=config.eval.limit, seed=config.seed,
-                                 max_prompt_len=config.data.max_prompt_len,
-                                 problem_key=config.data.problem_key, answer_key=config.data.answer_key,
-                                 strict=config.data.strict,
-                                 enable_thinking=config.data.get("enable_thinking"))
-    settings = settings_from_config(config, stop_token_ids(tokenizer))
-    with RewardScorer(config.reward.name, template=config.data.template,
-                      num_workers=config.reward.num_workers, timeout_s=config.reward.timeout_s) as scorer:
+    benchmarks = load_benchmarks(tokenizer, run_config.data_settings(config))
+    r = run_config.reward_settings(config)
+    settings = run_config.eval_settings(config, stop_token_ids(tokenizer))
+    with RewardScorer(r.name, template=r.template, num_workers=r.num_workers, timeout_s=r.timeout_s) as scorer:
         results = evaluate(model, tokenizer, benchmarks, settings, scorer, progress=config.progress)
     text = json.dumps(results, indent=2)
     print(text)

@@ -51,78 +51,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import numpy as np
 
 from reval_jax.data.batch import FIELD_DTYPES, Trajectories
-from reval_jax.errors import UserError
+from reval_jax.run.config import PipelineConfig
 
-MODES = ("sync", "async")
-PICKUPS = ("round", "step")
-IN_FLIGHT = ("continue", "finish")
 PUSHES_WAITING = 2  # weight copies waiting for the rollout group (round pickup) before the trainer waits
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    mode: str = "sync"
-    max_staleness: int = 0  # updates a round may start training behind the weights it was sampled under
-    sync_every: int = 1  # s: weights are pushed to the rollout side every s updates
-    rollout_devices: int = 0  # 0: time-sliced on every device; n: the first n devices generate
-    pickup: str = "round"  # round | step
-    in_flight: str = "continue"  # continue | finish (step pickup)
-    pickup_steps: int = 16  # decode steps between checks for new weights (step pickup)
-
-    @property
-    def two_groups(self) -> bool:
-        return self.mode == "async" and self.rollout_devices > 0
-
-
-def pipeline_config(config, devices: int, processes: int = 1) -> PipelineConfig:
-    """`config.pipeline`, validated against the run (K updates per round, device count)."""
-    p = config.get("pipeline")
-    if p is None:
-        return PipelineConfig()
-    cfg = PipelineConfig(mode=p.mode, max_staleness=int(p.max_staleness), sync_every=int(p.sync_every),
-                         rollout_devices=int(p.rollout_devices), pickup=p.pickup, in_flight=p.in_flight,
-                         pickup_steps=int(p.pickup_steps))
-
-    def bad(field, msg):
-        raise UserError(f"config.pipeline.{field}: {msg}")
-
-    if cfg.mode not in MODES:
-        bad("mode", f"{cfg.mode!r} is not one of {MODES}")
-    if cfg.pickup not in PICKUPS:
-        bad("pickup", f"{cfg.pickup!r} is not one of {PICKUPS}")
-    if cfg.in_flight not in IN_FLIGHT:
-        bad("in_flight", f"{cfg.in_flight!r} is not one of {IN_FLIGHT}")
-    if cfg.max_staleness < 0 or cfg.sync_every < 1 or cfg.pickup_steps < 1:
-        bad("max_staleness / sync_every / pickup_steps", "need max_staleness >= 0, sync_every >= 1, pickup_steps >= 1")
-    K = config.replay.updates_per_iteration
-    if cfg.mode == "async" and K % cfg.sync_every and cfg.sync_every > cfg.max_staleness + 1:
-        bad("sync_every", f"{cfg.sync_every}: a round would wait for weights the trainer only reaches after "
-            f"training it (K={K} updates per round, max_staleness={cfg.max_staleness}); use a sync_every that "
-            f"divides {K} or is at most max_staleness + 1")
-    if cfg.rollout_devices < 0 or cfg.rollout_devices >= devices and cfg.rollout_devices:
-        bad("rollout_devices", f"{cfg.rollout_devices}: use 0 (time-sliced) or 1..{devices - 1} of the {devices} "
-            "devices, leaving the rest to train")
-    if cfg.rollout_devices and cfg.mode != "async":
-        bad("rollout_devices", f"{cfg.rollout_devices} needs pipeline.mode='async' (sync generates on every device)")
-    if cfg.rollout_devices and processes > 1:
-        if cfg.rollout_devices % processes:
-            bad("rollout_devices", f"{cfg.rollout_devices} on {processes} processes of {devices // processes} devices "
-                "each: every process gives the same number of its own devices to the rollout group (and keeps one "
-                f"to train at least), so use a multiple of {processes} below {devices} (or 0: async time-sliced on "
-                "every device)")
-        prompts = config.data.prompts_per_iteration
-        if prompts % processes:
-            raise UserError(f"config.data.prompts_per_iteration: {prompts} does not split over the {processes} "
-                            "processes' rollout groups (each generates its share of a round's prompts): use a "
-                            f"multiple of {processes}")
-    if cfg.pickup == "step" and not cfg.two_groups:
-        bad("pickup", "'step' picks up weights while the rollout group decodes: it needs rollout_devices > 0")
-    return cfg
 
 
 def device_groups(cfg: PipelineConfig) -> tuple[list[jax.Device], list[jax.Device]]:
@@ -157,6 +94,7 @@ class Round:
     truncated: np.ndarray  # [R] bool
     generate_s: float  # wall seconds the rollout side spent on it
     local: bool = False  # this process's share of the round only (two groups on several processes)
+    info: dict[str, float] = dataclasses.field(default_factory=dict)  # the producer's figures (dynamic sampling)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -200,19 +138,58 @@ class Clock:
 
 # ----------------------------------------------------------------------------- the three ways to run
 
-Produce = Callable[..., Round]  # produce(iteration, model, version, weights=None) -> Round
+
 Gather = Callable[[Round], Round]  # every process's share of a round -> the whole round (a collective)
 Snapshot = Callable[[object], object]  # snapshot(state) -> the rollout side's model of the policy
 
 
-class _Pipeline:
-    """What the training loop calls; each way to run (Sync, TimeSliced, TwoGroups) decides when
-    rounds are generated and defines `take(iteration, state) -> Round`, the round to train now."""
+class RolloutWeights(Protocol):
+    """The policy a round is generated with, as the producer sees it: `current()` is (version,
+    model in the rollout layout); with `picks_up`, `newer()` is asked between decode calls for a
+    newer push ((version, model) or None) and `current()` then answers the newest taken so far."""
 
-    def __init__(self, cfg: PipelineConfig, updates_per_round: int, num_iterations: int, produce: Produce,
+    picks_up: bool
+
+    def current(self) -> tuple[int, object]: ...
+
+    def newer(self) -> tuple[int, object] | None: ...
+
+
+@dataclasses.dataclass
+class FixedWeights:
+    """One version for the whole round (sync, time-sliced, two groups with round pickup)."""
+
+    version: int
+    model: object
+    picks_up = False
+
+    def current(self) -> tuple[int, object]:
+        return self.version, self.model
+
+    def newer(self) -> None:
+        return None
+
+
+class RoundProducer(Protocol):
+    """Makes round `iteration` (prompts -> engine -> rewards -> Trajectories) with `weights`."""
+
+    def produce(self, iteration: int, weights: RolloutWeights) -> Round: ...
+
+
+class Pipeline:
+    """What the training loop calls; each way to run (Sync, TimeSliced, TwoGroups) decides when
+    rounds are generated and defines `take(iteration, state) -> Round`, the round to train now.
+
+        pipe.start(state, first_iteration)   # before the loop (after a resume: the queue restored)
+        pipe.take(i, state)                  # round i, to train now
+        pipe.update_params(state)            # after every update: the new weights
+        pipe.quiesce(); pipe.state_dict()    # before a checkpoint
+        pipe.close()                         # on every exit"""
+
+    def __init__(self, cfg: PipelineConfig, updates_per_round: int, num_iterations: int, producer: RoundProducer,
                  snapshot: Snapshot, clock: Clock):
         self.cfg, self.K, self.num_iterations = cfg, updates_per_round, num_iterations
-        self.produce, self.snapshot, self.clock = produce, snapshot, clock
+        self.producer, self.snapshot, self.clock = producer, snapshot, clock
         self.queue: dict[int, Round] = {}  # rounds generated, not yet taken
         self.next = 1  # the next round to generate
 
@@ -223,14 +200,20 @@ class _Pipeline:
         """Before the first iteration (after a resume: the queue restored, `next_iteration` the first to train)."""
         self.next = max([next_iteration, *(i + 1 for i in self.queue)])
 
-    def updated(self, state) -> None:
-        """After every update."""
+    def update_params(self, state) -> None:
+        """After every update: `state` holds the trainer's new weights."""
 
     def quiesce(self) -> None:
         """Before a checkpoint: the rollout side at rest, its queue and data position consistent."""
 
     def close(self) -> None:
         """At the end of the run (also after an error): nothing to release unless a thread runs."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # --- checkpoints: the rounds waiting to be trained, as flat numpy arrays
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -243,6 +226,8 @@ class _Pipeline:
                 out[f"pipeline/{i}/{name}"] = a
             out[f"pipeline/{i}/truncated"] = np.asarray(r.truncated, bool)
             out[f"pipeline/{i}/generate_s"] = np.asarray(r.generate_s, np.float64)
+            for name, v in r.info.items():  # only rounds of dynamic sampling have any
+                out[f"pipeline/{i}/info/{name}"] = np.asarray(v, np.float64)
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -250,36 +235,38 @@ class _Pipeline:
         for i in np.asarray(state.get("pipeline/rounds", np.zeros(0, np.int64))).tolist():
             batch = Trajectories.from_numpy({k: state[f"pipeline/{i}/{k}"] for k in FIELD_DTYPES
                                              if f"pipeline/{i}/{k}" in state})
+            prefix = f"pipeline/{i}/info/"
+            info = {k[len(prefix):]: float(v) for k, v in state.items() if k.startswith(prefix)}
             self.queue[int(i)] = Round(int(i), batch, np.asarray(state[f"pipeline/{i}/truncated"]),
-                                       float(state[f"pipeline/{i}/generate_s"]))
+                                       float(state[f"pipeline/{i}/generate_s"]), info=info)
 
 
-class Sync(_Pipeline):
+class Sync(Pipeline):
     """Generate round i from the current policy, then train it: the loop without overlap."""
 
     def take(self, iteration, state):
         t0 = time.perf_counter()
         with self.clock.busy("generate"):
-            model = self.snapshot(state)
-            r = self.produce(iteration, model, int(state.step))
-            del model  # the rollout copy lives for this round only (before the updates)
+            weights = FixedWeights(int(state.step), self.snapshot(state))
+            r = self.producer.produce(iteration, weights)
+            del weights  # the rollout copy lives for this round only (before the updates)
         return dataclasses.replace(r, generate_s=time.perf_counter() - t0)
 
 
-class TimeSliced(_Pipeline):
+class TimeSliced(Pipeline):
     """Async on one set of devices: round i is generated right after update w_i."""
 
     def start(self, state, next_iteration):
         super().start(state, next_iteration)
-        self.updated(state)
+        self.update_params(state)
 
-    def updated(self, state):
-        version, model = int(state.step), None
+    def update_params(self, state):
+        version, weights = int(state.step), None
         while self.next <= self.num_iterations and self.version_of(self.next) <= version:
             with self.clock.busy("generate"):
-                if model is None:  # one rollout copy for the rounds due at this version
-                    model = self.snapshot(state)
-                self.queue[self.next] = self.produce(self.next, model, version)
+                if weights is None:  # one rollout copy for the rounds due at this version
+                    weights = FixedWeights(version, self.snapshot(state))
+                self.queue[self.next] = self.producer.produce(self.next, weights)
             self.next += 1
 
     def take(self, iteration, state):
@@ -292,7 +279,55 @@ class RolloutFailed(RuntimeError):
     """The rollout thread of a two-group run raised; the message names the round."""
 
 
-class TwoGroups(_Pipeline):
+class Mailbox:
+    """Weights the trainer pushed to the rollout group (two groups) and the ones it generates with.
+
+    Guarded by the pipeline's condition variable `cv`: the methods named `*_locked` expect it held;
+    `current` and `newer` (the `RolloutWeights` the producer sees) take it."""
+
+    def __init__(self, cv: threading.Condition, step_pickup: bool):
+        self.cv, self.picks_up = cv, step_pickup
+        self.pushed: deque[tuple[int, object]] = deque()  # (version, rollout model) pushed, not taken
+        self.in_use: tuple[int, object] | None = None
+
+    def available_locked(self, needed: int) -> bool:
+        have = self.in_use[0] if self.in_use is not None else -1
+        return have >= needed or any(v >= needed for v, _ in self.pushed)
+
+    def put_locked(self, version: int, model) -> None:
+        if self.picks_up:
+            self.pushed.clear()  # only the newest push matters
+        self.pushed.append((version, model))
+
+    def take_locked(self, needed: int) -> tuple[int, object]:
+        """The model to start a round with: the oldest push >= `needed` (round), the newest (step)."""
+        if self.picks_up and self.pushed:
+            self.in_use = self.pushed.pop()
+            self.pushed.clear()
+        while (self.in_use is None or self.in_use[0] < needed) and self.pushed:
+            self.in_use = self.pushed.popleft()
+        return self.in_use
+
+    def current(self) -> tuple[int, object]:
+        with self.cv:
+            return self.in_use
+
+    def newer(self) -> tuple[int, object] | None:
+        """Between decode calls (step pickup): a push newer than the weights in use, if any."""
+        with self.cv:
+            if not self.pushed or self.pushed[-1][0] <= self.in_use[0]:
+                return None
+            self.in_use = self.pushed.pop()
+            self.pushed.clear()
+            self.cv.notify_all()
+            return self.in_use
+
+    def clear(self) -> None:
+        self.pushed.clear()
+        self.in_use = None
+
+
+class TwoGroups(Pipeline):
     """Async on two device groups: a rollout thread generates while the trainer updates."""
 
     def __init__(self, *args, gather: Gather | None = None, **kwargs):
@@ -302,9 +337,8 @@ class TwoGroups(_Pipeline):
         # trainer's thread and in the same order on every process (take, quiesce)
         self.gather = gather
         self._cv = threading.Condition()
-        self._mailbox: deque[tuple[int, object]] = deque()  # (version, rollout model) pushed, not taken
+        self.mailbox = Mailbox(self._cv, step_pickup=self.cfg.pickup == "step")
         self._pushed = -1  # newest version pushed
-        self._model: tuple[int, object] | None = None  # what the rollout thread generates with
         self._waiting_for: int | None = None  # version the rollout thread waits for (None: busy)
         self._error: tuple[int, BaseException] | None = None
         self._stop = False
@@ -330,18 +364,16 @@ class TwoGroups(_Pipeline):
         if version <= self._pushed or not (force or self._needed(version)):
             return
         with self.clock.busy("train_wait"), self._cv:  # at most PUSHES_WAITING copies wait for the rollout group
-            while self.cfg.pickup == "round" and len(self._mailbox) >= PUSHES_WAITING and not self._failed():
+            while self.cfg.pickup == "round" and len(self.mailbox.pushed) >= PUSHES_WAITING and not self._failed():
                 self._cv.wait(1.0)
             self._raise_if_failed()
         model = self.snapshot(state)  # on the rollout group's devices: the trainer's state is not shared
         with self._cv:
-            if self.cfg.pickup == "step":
-                self._mailbox.clear()  # only the newest push matters
-            self._mailbox.append((version, model))
+            self.mailbox.put_locked(version, model)
             self._pushed = version
             self._cv.notify_all()
 
-    def updated(self, state):
+    def update_params(self, state):
         self._push(state)
 
     def take(self, iteration, state):
@@ -358,7 +390,7 @@ class TwoGroups(_Pipeline):
     def quiesce(self):
         with self._cv:
             while not (self._done or self._failed() or (self._waiting_for is not None
-                                                        and not self._available(self._waiting_for))):
+                                                        and not self.mailbox.available_locked(self._waiting_for))):
                 self._cv.wait(1.0)
             self._raise_if_failed()
             shares = sorted(i for i, r in self.queue.items() if r.local)
@@ -375,8 +407,7 @@ class TwoGroups(_Pipeline):
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
-        self._mailbox.clear()
-        self._model = None
+        self.mailbox.clear()
 
     def _failed(self) -> bool:
         return self._error is not None or (self._thread is not None and not self._thread.is_alive() and not self._done)
@@ -390,56 +421,33 @@ class TwoGroups(_Pipeline):
             raise RolloutFailed("the rollout thread died without reporting an error")
 
     # --- the rollout thread
-    def _available(self, needed: int) -> bool:
-        have = self._model[0] if self._model is not None else -1
-        return have >= needed or any(v >= needed for v, _ in self._mailbox)
-
-    def _acquire(self, needed: int) -> tuple[int, object] | None:
-        """The model to start a round with: the oldest push >= `needed` (round), the newest (step)."""
+    def _acquire(self, needed: int) -> bool:
+        """Waits until weights >= `needed` were pushed and takes them into use; False when stopped."""
         with self.clock.busy("generate_wait"), self._cv:
             self._waiting_for = needed
             self._cv.notify_all()
-            while not self._stop and not self._available(needed):
+            while not self._stop and not self.mailbox.available_locked(needed):
                 self._cv.wait(1.0)
             self._waiting_for = None
             if self._stop:
-                return None
-            if self.cfg.pickup == "step" and self._mailbox:
-                self._model = self._mailbox.pop()
-                self._mailbox.clear()
-            while (self._model is None or self._model[0] < needed) and self._mailbox:
-                self._model = self._mailbox.popleft()
+                return False
+            self.mailbox.take_locked(needed)
             self._cv.notify_all()
-        return self._model
+        return True
 
-    def in_use(self) -> tuple[int, object]:
-        """(version, model) the rollout thread generates with now."""
-        with self._cv:
-            return self._model
-
-    def _newer(self):
-        """Between decode calls (step pickup): a push newer than the weights in use, if any."""
-        with self._cv:
-            if not self._mailbox or self._mailbox[-1][0] <= self._model[0]:
-                return None
-            self._model = self._mailbox.pop()
-            self._mailbox.clear()
-            self._cv.notify_all()
-            return self._model
+    def _weights(self) -> RolloutWeights:
+        """Step pickup: the mailbox (newer pushes reach the rows in flight); round pickup: the
+        weights taken for the round, fixed."""
+        return self.mailbox if self.mailbox.picks_up else FixedWeights(*self.mailbox.current())
 
     def _run(self):
         iteration = self.next
         try:
             while iteration <= self.num_iterations:
-                got = self._acquire(self.version_of(iteration))
-                if got is None:
+                if not self._acquire(self.version_of(iteration)):
                     return
-                version, model = got
-                del got
-                weights = self._newer if self.cfg.pickup == "step" else None
                 with self.clock.busy("generate"):
-                    r = self.produce(iteration, model, version, weights=weights)
-                del model
+                    r = self.producer.produce(iteration, self._weights())
                 with self._cv:
                     self.queue[iteration] = r
                     self.next = iteration + 1
@@ -455,10 +463,10 @@ class TwoGroups(_Pipeline):
             self._cv.notify_all()
 
 
-def make_pipeline(cfg: PipelineConfig, updates_per_round: int, num_iterations: int, produce: Produce,
-                  snapshot: Snapshot, clock: Clock, gather: Gather | None = None) -> _Pipeline:
+def make_pipeline(cfg: PipelineConfig, updates_per_round: int, num_iterations: int, producer: RoundProducer,
+                  snapshot: Snapshot, clock: Clock, gather: Gather | None = None) -> Pipeline:
     """`gather` puts the processes' shares of a round together (two groups on several processes)."""
     if cfg.two_groups:
-        return TwoGroups(cfg, updates_per_round, num_iterations, produce, snapshot, clock, gather=gather)
+        return TwoGroups(cfg, updates_per_round, num_iterations, producer, snapshot, clock, gather=gather)
     kind = Sync if cfg.mode == "sync" else TimeSliced
-    return kind(cfg, updates_per_round, num_iterations, produce, snapshot, clock)
+    return kind(cfg, updates_per_round, num_iterations, producer, snapshot, clock)

@@ -11,6 +11,7 @@ import os
 import jax
 
 from reval_jax.parallel.sharding import make_mesh
+from reval_jax.run.config import ModelSettings, model_settings, optimizer_config
 
 
 def make_run_mesh(config, devices=None):
@@ -18,14 +19,13 @@ def make_run_mesh(config, devices=None):
     return make_mesh(tuple(config.mesh), devices)
 
 
-def load_hf_policy(config, mesh, path: str | None = None):
+def load_hf_policy(model: ModelSettings, mesh, path: str | None = None):
     """The policy model (sharded on `mesh`) and its tokenizer from a local HF directory
-    (`config.model.path` unless `path`)."""
+    (`model.path` unless `path`)."""
     from reval_jax.model.hf import load_hf
 
-    return load_hf(path or config.model.path, mesh=mesh, param_dtype=config.model.param_dtype,
-                   dtype=config.model.dtype, remat=config.model.remat,
-                   attention=config.model.get("attention", "auto"))
+    return load_hf(path or model.path, mesh=mesh, param_dtype=model.param_dtype, dtype=model.dtype,
+                   remat=model.remat, attention=model.attention)
 
 
 def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=print):
@@ -35,15 +35,16 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=prin
     checksums is taken, and the steps skipped on the way are reported."""
     from flax import nnx
 
-    from reval_jax.objective.train_step import OptimizerConfig, init_state, make_optimizer, state_sharding
+    from reval_jax.objective.train_step import init_state, make_optimizer, state_sharding
     from reval_jax.run.checkpoint import Checkpointer, find_checkpoints
 
     directory, only = find_checkpoints(checkpoint)
-    model, tokenizer = load_hf_policy(config, mesh)
+    settings = model_settings(config)
+    model, tokenizer = load_hf_policy(settings, mesh)
     graphdef, params = nnx.split(model)
     del model
-    optimizer = make_optimizer(OptimizerConfig(**config.optimizer.to_dict()))
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, ref_dtype=config.model.ref_dtype or None), params)
+    optimizer = make_optimizer(optimizer_config(config))
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, ref_dtype=settings.ref_dtype), params)
     shardings = state_sharding(abstract, optimizer, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     del params

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import HANG_S, REPO_ROOT, metric_records, tiny_config
+from helpers import HANG_S, REPO_ROOT, InlineScorer, metric_records, tiny_config
 
 from reval_jax.run import train
 
@@ -43,11 +43,13 @@ ASYNC = {"pipeline.mode": "async", "pipeline.max_staleness": 2}
 GROUPS = {**ASYNC, "pipeline.rollout_devices": 4, "mesh": (1, 4, 1)}
 
 
+@pytest.mark.e2e
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("pipeline", [{}, ASYNC, GROUPS], ids=["sync", "async", "two_groups"])
 def test_two_processes_equal_one(pipeline, data_file, tmp_path):
     overrides = {"num_iterations": 2, "mesh": (2, 2, 2), **pipeline}
     single = tmp_path / "single"
-    train.run(tiny_config(data_file, **overrides), str(single))
+    train.run(tiny_config(data_file, **overrides), str(single), scorer=InlineScorer())
 
     multi = tmp_path / "multi"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,

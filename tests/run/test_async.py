@@ -3,7 +3,8 @@ async without staleness is sync, the staleness schedule is kept, weight pushes r
 flight, two device groups run the time-sliced schedule, resume is exact, a failing rollout side is
 reported, and bad pipeline configs are refused.
 
-Tiny runs: reval with K = 2 updates per round (its default), 4 iterations unless said otherwise.
+Tiny runs: reval with K = 2 updates per round (its default), 4 iterations unless said otherwise,
+scored in this process (helpers.InlineScorer: the reward path is not under test here).
 """
 
 import json
@@ -15,17 +16,23 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import metric_records, tiny_config
+from helpers import InlineScorer, metric_records, reference_run, tiny_config
 from models import tiny_model
 
 from reval_jax.rollout.engine import Engine, EngineConfig
 from reval_jax.rollout.sampler import SamplingConfig, generate_static
-from reval_jax.run import pipeline, train
-from reval_jax.run.pipeline import PipelineConfig, RolloutFailed, pipeline_config, round_version
+from reval_jax.run import pipeline, producer, train
+from reval_jax.run.config import PipelineConfig, pipeline_config
+from reval_jax.run.pipeline import RolloutFailed, round_version
+from reval_jax.run.policy import make_run_mesh
 
 ASYNC2 = {"pipeline.mode": "async", "pipeline.max_staleness": 2}
 # two groups: devices 0-3 generate (the rollout layout over them), device 4 trains (mesh (1, 1, 1))
 GROUPS = {**ASYNC2, "pipeline.rollout_devices": 4}
+
+
+def run(config, workdir):
+    return train.run(config, str(workdir), scorer=InlineScorer())
 
 
 def trains(workdir):
@@ -35,7 +42,7 @@ def trains(workdir):
 def final_params(workdir, config):
     from reval_jax.run.policy import load_checkpoint_policy
 
-    model, _ = load_checkpoint_policy(workdir / "checkpoints", config, train.make_run_mesh(config))
+    model, _ = load_checkpoint_policy(workdir / "checkpoints", config, make_run_mesh(config))
     return jax.tree.leaves(jax.tree.map(np.asarray, nnx.state(model)))
 
 
@@ -56,10 +63,10 @@ def assert_sigterm_resume_is_exact(straight, cls, overrides, data_file, workdir,
     """SIGTERM in iteration 2 of 4, then the same command: the straight run's records and weights."""
     interrupt_at(monkeypatch, cls, 2)
     config = tiny_config(data_file, num_iterations=4, **overrides)
-    train.run(config, str(workdir))
+    run(config, workdir)
     assert [r["iteration"] for r in trains(workdir)] == [1, 2]
     monkeypatch.undo()
-    train.run(config, str(workdir))
+    run(config, workdir)
     assert metric_records(workdir) == metric_records(straight)
     for x, y in zip(final_params(workdir, config), final_params(straight, config), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -112,16 +119,18 @@ def test_bad_pipeline_configs_are_refused(fields, processes, message):
         pipeline_config(_config(**fields), devices=8, processes=processes)
 
 
-def test_async_without_staleness_is_sync(data_file, tmp_path):
+@pytest.mark.e2e
+def test_async_without_staleness_is_sync(data_file, tmp_path, tmp_path_factory):
     """max_staleness = 0, time-sliced: each round is generated from the weights sync would use, so
-    the run is sync's, bit for bit (only rounds_ahead differs: the next round is already there)."""
-    sync, asy = tmp_path / "sync", tmp_path / "async"
-    config = tiny_config(data_file)
-    train.run(config, str(sync))
-    train.run(tiny_config(data_file, **{"pipeline.mode": "async"}), str(asy))
+    the run is sync's, bit for bit (only rounds_ahead differs: the next round is already there).
+    The sync run is the 4-iteration reference run test_checkpoint resumes against."""
+    asy = tmp_path / "async"
+    config = tiny_config(data_file, num_iterations=4)
+    sync = reference_run(tmp_path_factory, data_file, num_iterations=4)
+    run(tiny_config(data_file, num_iterations=4, **{"pipeline.mode": "async"}), asy)
     a, b = metric_records(sync), metric_records(asy)
-    assert [r["rounds_ahead"] for r in trains(sync)] == [0, 0, 0]
-    assert [r["rounds_ahead"] for r in trains(asy)] == [1, 1, 0]
+    assert [r["rounds_ahead"] for r in trains(sync)] == [0, 0, 0, 0]
+    assert [r["rounds_ahead"] for r in trains(asy)] == [1, 1, 1, 0]
     strip = [{k: v for k, v in r.items() if k != "rounds_ahead"} for r in a], \
         [{k: v for k, v in r.items() if k != "rounds_ahead"} for r in b]
     assert strip[0] == strip[1]
@@ -134,10 +143,11 @@ def test_async_without_staleness_is_sync(data_file, tmp_path):
 def sliced(data_file, tmp_path_factory):
     """The uninterrupted 4-iteration time-sliced run at max_staleness 2."""
     workdir = tmp_path_factory.mktemp("sliced")
-    train.run(tiny_config(data_file, num_iterations=4, **ASYNC2), str(workdir))
+    run(tiny_config(data_file, num_iterations=4, **ASYNC2), workdir)
     return workdir
 
 
+@pytest.mark.e2e
 def test_staleness_is_bounded_and_reported(sliced):
     """K = 2, max_staleness = 2: rounds 1 and 2 come from the initial weights, round i > 2 from
     update 2(i−2); trained at 2(i−1), every round is 2 updates stale after the first."""
@@ -153,6 +163,7 @@ def test_staleness_is_bounded_and_reported(sliced):
         assert r["rollout_wait_s"] == r["train_wait_s"] == 0
 
 
+@pytest.mark.e2e
 def test_grpo_async_uses_the_sampler_log_probs(data_file, tmp_path, monkeypatch):
     """GRPO (K = 1) at max_staleness 1: round i ≥ 2 was sampled one update back, and the truncated
     importance weight exp(log π_old − log π_sampler) corrects for it (≠ 1 from round 2 on, 1 up to
@@ -165,8 +176,7 @@ def test_grpo_async_uses_the_sampler_log_probs(data_file, tmp_path, monkeypatch)
         return np.asarray(rollout.response_tokens[:, 0] % 2, np.float32)
 
     monkeypatch.setattr(evaluate, "score_rollout", parity)
-    train.run(tiny_config(data_file, algorithm="grpo", **{"pipeline.mode": "async", "pipeline.max_staleness": 1}),
-              str(tmp_path))
+    run(tiny_config(data_file, algorithm="grpo", **{"pipeline.mode": "async", "pipeline.max_staleness": 1}), tmp_path)
     records = trains(tmp_path)
     assert [r["staleness_max"] for r in records] == [0, 1, 1]
     assert all(r["grad_norm"] > 0 for r in records)
@@ -174,12 +184,14 @@ def test_grpo_async_uses_the_sampler_log_probs(data_file, tmp_path, monkeypatch)
     assert all(abs(r["is_weight_mean"] - 1) > 1e-4 for r in records[1:]), [r["is_weight_mean"] for r in records]
 
 
+@pytest.mark.e2e
 def test_time_sliced_resume_is_exact(sliced, data_file, tmp_path, monkeypatch):
     """SIGTERM during iteration 2 checkpoints the rounds generated ahead (3 and 4, from updates 2 and
     4) with the data position after them; the same command then finishes the straight run's run."""
     assert_sigterm_resume_is_exact(sliced, pipeline.TimeSliced, ASYNC2, data_file, tmp_path, monkeypatch)
 
 
+@pytest.mark.e2e
 def test_resuming_refuses_rounds_over_a_smaller_bound(sliced, data_file, tmp_path):
     import shutil
 
@@ -187,10 +199,9 @@ def test_resuming_refuses_rounds_over_a_smaller_bound(sliced, data_file, tmp_pat
     for step in (3, 4):  # back to checkpoint 2, which holds rounds 3 and 4, 2 updates stale
         shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
     with pytest.raises(ValueError, match="holds round 3 generated 2 updates ahead.*max_staleness=2 or more"):
-        train.run(tiny_config(data_file, num_iterations=4, **{**ASYNC2, "pipeline.max_staleness": 1}),
-                  str(tmp_path / "run"))
+        run(tiny_config(data_file, num_iterations=4, **{**ASYNC2, "pipeline.max_staleness": 1}), tmp_path / "run")
     with pytest.raises(ValueError, match="written by an asynchronous run with rounds \\[3, 4\\]"):
-        train.run(tiny_config(data_file, num_iterations=4), str(tmp_path / "run"))
+        run(tiny_config(data_file, num_iterations=4), tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------- two device groups
@@ -200,10 +211,11 @@ def test_resuming_refuses_rounds_over_a_smaller_bound(sliced, data_file, tmp_pat
 def groups(data_file, tmp_path_factory):
     """The uninterrupted 4-iteration two-group run (round pickup) at max_staleness 2."""
     workdir = tmp_path_factory.mktemp("groups")
-    train.run(tiny_config(data_file, num_iterations=4, **GROUPS), str(workdir))
+    run(tiny_config(data_file, num_iterations=4, **GROUPS), workdir)
     return workdir
 
 
+@pytest.mark.e2e
 def test_two_groups_run_the_time_sliced_schedule(groups, sliced):
     """Rollouts on devices 0-3, updates on device 4, overlapped: the same rounds from the same
     versions as the time-sliced run; the numbers agree to the rounding of the other layout."""
@@ -215,25 +227,27 @@ def test_two_groups_run_the_time_sliced_schedule(groups, sliced):
         np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_two_groups_resume_is_exact(groups, data_file, tmp_path, monkeypatch):
     """SIGTERM: the rollout thread is brought to rest at its bound, the rounds it generated ahead
     are saved, and the rerun continues the straight two-group run bit for bit."""
     assert_sigterm_resume_is_exact(groups, pipeline.TwoGroups, GROUPS, data_file, tmp_path, monkeypatch)
 
 
+@pytest.mark.e2e
 def test_a_failing_rollout_group_is_reported(data_file, tmp_path, monkeypatch):
     """An error in the rollout thread reaches the trainer, naming the round, instead of a hang; the
     checkpoints written before it stay."""
-    generate = train.generate
+    generate = producer.generate
 
     def failing(model, prompts, config, *, seed, **kwargs):
         if kwargs["version"] >= 4:  # round 4's weights, pushed after iteration 2's updates
             raise MemoryError("RESOURCE_EXHAUSTED: out of memory allocating the KV cache")
         return generate(model, prompts, config, seed=seed, **kwargs)
 
-    monkeypatch.setattr(train, "generate", failing)
+    monkeypatch.setattr(producer, "generate", failing)
     with pytest.raises(RolloutFailed, match="generating round 4: MemoryError: RESOURCE_EXHAUSTED"):
-        train.run(tiny_config(data_file, num_iterations=4, **GROUPS), str(tmp_path))
+        run(tiny_config(data_file, num_iterations=4, **GROUPS), tmp_path)
     from reval_jax.run.checkpoint import Checkpointer
 
     # round 4 fails before checkpoint 2 can hold the rounds ahead (a save waits for the rollout
@@ -288,11 +302,12 @@ def test_pushed_weights_reach_the_rows_in_flight(in_flight):
     assert engine.stats["decode_calls"] >= 4 and len(polls) == engine.stats["decode_calls"] + 1
 
 
+@pytest.mark.e2e
 def test_step_pickup_records_every_tokens_version(data_file, tmp_path):
     """Two groups, step pickup every 2 decode steps: rounds start under the newest pushed weights
     (never staler than the bound) and every response token's version is recorded."""
-    train.run(tiny_config(data_file, num_iterations=3, **GROUPS,
-                          **{"pipeline.pickup": "step", "pipeline.pickup_steps": 2}), str(tmp_path))
+    run(tiny_config(data_file, num_iterations=3, **GROUPS, **{"pipeline.pickup": "step", "pipeline.pickup_steps": 2}),
+        tmp_path)
     records = trains(tmp_path)
     assert all(0 <= r["staleness_max"] <= 2 for r in records)
     assert [r["updates"] + r["skipped_total"] for r in records] == [2, 4, 6]

@@ -14,15 +14,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import HANG_S, REPO_ROOT, metric_records, tb_scalars, tiny_config
+from helpers import HANG_S, REPO_ROOT, InlineScorer, metric_records, reference_run, tb_scalars, tiny_config
 
 from reval_jax.run import train
 from reval_jax.run.checkpoint import Checkpointer, CheckpointError
-from reval_jax.run.policy import load_checkpoint_policy
+from reval_jax.run.policy import load_checkpoint_policy, make_run_mesh
+
+
+def run(config, workdir):
+    """train.run without reward workers: the reward path is not under test here."""
+    return train.run(config, str(workdir), scorer=InlineScorer())
 
 
 def final_params(workdir, config):
-    model, _ = load_checkpoint_policy(workdir / "checkpoints", config, train.make_run_mesh(config))
+    model, _ = load_checkpoint_policy(workdir / "checkpoints", config, make_run_mesh(config))
     from flax import nnx
 
     return jax.tree.map(np.asarray, nnx.state(model))
@@ -30,11 +35,8 @@ def final_params(workdir, config):
 
 @pytest.fixture(scope="module")
 def straight(data_file, tmp_path_factory):
-    """The uninterrupted 4-iteration reference run."""
-    workdir = tmp_path_factory.mktemp("straight")
-    config = tiny_config(data_file, num_iterations=4)
-    train.run(config, str(workdir))
-    return workdir, config
+    """The uninterrupted 4-iteration reference run (shared with test_async's sync run)."""
+    return reference_run(tmp_path_factory, data_file, num_iterations=4), tiny_config(data_file, num_iterations=4)
 
 
 def assert_same_run(a, b, config):
@@ -44,11 +46,12 @@ def assert_same_run(a, b, config):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.e2e
 def test_resume_is_bitwise_identical(straight, data_file, tmp_path):
     ref_dir, config = straight
-    train.run(tiny_config(data_file, num_iterations=2), str(tmp_path))
+    run(tiny_config(data_file, num_iterations=2), tmp_path)
     assert Checkpointer(tmp_path / "checkpoints").steps() == [1, 2]
-    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))  # resumes at 3
+    run(tiny_config(data_file, num_iterations=4), tmp_path)  # resumes at 3
     assert_same_run(ref_dir, tmp_path, config)
     assert [r for r in metric_records(tmp_path) if r["kind"] == "train"][-1]["updates"] == 8
 
@@ -95,6 +98,7 @@ def _wait_for_iteration(workdir, iteration, proc, log):
     raise AssertionError("run did not reach the iteration in time")
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_and_the_same_command_resumes(straight, data_file, tmp_path):
     ref_dir, config = straight
     workdir, log = tmp_path / "run", tmp_path / "run.log"
@@ -120,7 +124,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(straight, data_file, t
 
 KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
-    from helpers import tiny_config
+    from helpers import InlineScorer, tiny_config
     from reval_jax.run import checkpoint
     from reval_jax.run import train
     original = checkpoint.Checkpointer.save
@@ -129,10 +133,12 @@ KILL_DURING_SAVE = textwrap.dedent("""
         if iteration == 2:
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.Checkpointer.save = save
-    train.run(tiny_config(os.environ["REVAL_TEST_DATA"], num_iterations=4), os.environ["REVAL_TEST_WORKDIR"])
+    train.run(tiny_config(os.environ["REVAL_TEST_DATA"], num_iterations=4), os.environ["REVAL_TEST_WORKDIR"],
+              scorer=InlineScorer())
 """)
 
 
+@pytest.mark.e2e
 def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(straight, data_file, tmp_path):
     ref_dir, config = straight
     workdir, log = tmp_path / "run", tmp_path / "run.log"
@@ -140,34 +146,37 @@ def test_sigkill_during_a_checkpoint_write_restarts_from_the_previous_one(straig
     out = _finish(proc, log)
     assert proc.returncode == -signal.SIGKILL, out
     assert Checkpointer(workdir / "checkpoints").steps()[-1] in (1, 2)
-    train.run(tiny_config(data_file, num_iterations=4), str(workdir))
+    run(tiny_config(data_file, num_iterations=4), workdir)
     assert_same_run(ref_dir, workdir, config)
 
 
+@pytest.mark.e2e
 def test_corrupt_latest_checkpoint_is_reported_and_skipped(straight, data_file, tmp_path, capsys):
     ref_dir, config = straight
-    train.run(tiny_config(data_file, num_iterations=3), str(tmp_path))
+    run(tiny_config(data_file, num_iterations=3), tmp_path)
     latest = tmp_path / "checkpoints" / "3"
     for f in (latest / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    train.run(tiny_config(data_file, num_iterations=4), str(tmp_path))
+    run(tiny_config(data_file, num_iterations=4), tmp_path)
     out = capsys.readouterr().out
     assert "checkpoint 3" in out and "corrupt or partial and is skipped" in out
     assert "resumed from checkpoint 2" in out
     assert_same_run(ref_dir, tmp_path, config)
 
 
+@pytest.mark.e2e
 def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(data_file, tmp_path):
     # r/β overflows float32: every update is non-finite and skipped
     config = tiny_config(data_file, num_iterations=5, beta=1e-45, max_skipped_in_a_row=3)
     config.reward.transform = "plus_minus_one"
     with pytest.raises(RuntimeError, match=r"3 updates in a row had a non-finite loss.*last good checkpoint \(1\)"):
-        train.run(config, str(tmp_path))
+        run(config, tmp_path)
     steps = Checkpointer(tmp_path / "checkpoints").steps()
     assert steps == [1]  # iteration 2 reached the limit: nothing after the last good one
 
 
+@pytest.mark.e2e
 def test_full_disk_is_reported_and_earlier_checkpoints_stay(data_file, tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
@@ -180,12 +189,13 @@ def test_full_disk_is_reported_and_earlier_checkpoints_stay(data_file, tmp_path,
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
     with pytest.raises(CheckpointError, match=r"saving checkpoint 2 .* No space left on device.*intact \(\[1\]\)"):
-        train.run(tiny_config(data_file, num_iterations=3), str(tmp_path))
+        run(tiny_config(data_file, num_iterations=3), tmp_path)
     monkeypatch.undo()
     assert Checkpointer(tmp_path / "checkpoints").steps() == [1]
-    train.run(tiny_config(data_file, num_iterations=2), str(tmp_path))  # resumes from 1 fine
+    run(tiny_config(data_file, num_iterations=2), tmp_path)  # resumes from 1 fine
 
 
+@pytest.mark.e2e
 def test_a_failed_background_write_stops_the_run_at_once_naming_its_step(data_file, tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
@@ -205,22 +215,24 @@ def test_a_failed_background_write_stops_the_run_at_once_naming_its_step(data_fi
     monkeypatch.setattr(ocp.CheckpointManager, "_finalize_checkpoint", failing_finalize)
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     with pytest.raises(CheckpointError, match=r"saving checkpoint 2 .* No space left on device.*intact \(\[1\]\)"):
-        train.run(tiny_config(data_file, num_iterations=6), str(tmp_path))
+        run(tiny_config(data_file, num_iterations=6), tmp_path)
     monkeypatch.undo()
     # stopped before training iteration 3
     assert [r["iteration"] for r in metric_records(tmp_path) if r["kind"] == "train"] == [1, 2]
     assert Checkpointer(tmp_path / "checkpoints").steps() == [1]
 
 
+@pytest.mark.e2e
 def test_restore_onto_a_different_mesh(data_file, tmp_path):
-    train.run(tiny_config(data_file, num_iterations=1), str(tmp_path))
+    run(tiny_config(data_file, num_iterations=1), tmp_path)
     config = tiny_config(data_file, num_iterations=2, mesh=(2, 2, 2))
-    last = train.run(config, str(tmp_path))
+    last = run(config, tmp_path)
     assert np.isfinite(last["loss"]) and last["updates"] + last["skipped_total"] == 4
     params = final_params(tmp_path, config)
     assert params["q_proj"].shape[0] == 2
 
 
+@pytest.mark.e2e
 def test_export_cli_writes_a_transformers_model(straight, tmp_path):
     import torch
     import transformers
@@ -235,7 +247,7 @@ def test_export_cli_writes_a_transformers_model(straight, tmp_path):
     tokens = np.arange(1, 11)[None]
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
-    model, tok = load_checkpoint_policy(ref_dir / "checkpoints", config, train.make_run_mesh(config))
+    model, tok = load_checkpoint_policy(ref_dir / "checkpoints", config, make_run_mesh(config))
     ours = np.asarray(model(jax.numpy.asarray(tokens)))
     assert np.abs(ours - ref).max() <= 1e-4
     assert tok.encode("1+2") == transformers.AutoTokenizer.from_pretrained(str(out)).encode("1+2")
@@ -300,11 +312,12 @@ def _truncate(f):
 def six(data_file, tmp_path_factory):
     """A 6-iteration run checkpointed every 2 iterations: steps [2, 4, 6]."""
     workdir = tmp_path_factory.mktemp("six")
-    train.run(tiny_config(data_file, num_iterations=6, **{"checkpoint.every": 2}), str(workdir))
+    run(tiny_config(data_file, num_iterations=6, **{"checkpoint.every": 2}), workdir)
     assert Checkpointer(workdir / "checkpoints").steps() == [2, 4, 6]
     return workdir
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", [_garble, _truncate, lambda f: f.unlink()], ids=["garbled", "truncated", "deleted"])
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(six, data_file, tmp_path, capsys, damage):
     import shutil
@@ -315,11 +328,11 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(six, data_fi
     config = tiny_config(data_file, num_iterations=7, **{"checkpoint.every": 2})
     # evaluate and export fall back to the newest usable step too, given the workdir
     said = []
-    model, _ = load_checkpoint_policy(workdir, config, train.make_run_mesh(config), log=said.append)
+    model, _ = load_checkpoint_policy(workdir, config, make_run_mesh(config), log=said.append)
     assert said[0].startswith("checkpoint 6 in ") and "is corrupt or partial and is skipped" in said[0]
     assert said[-1].startswith("loaded checkpoint 4 (the newest usable one)")
     capsys.readouterr()
-    train.run(config, str(workdir))
+    run(config, workdir)
     out = capsys.readouterr().out
     assert "checkpoint 6" in out and "corrupt or partial and is skipped" in out
     if damage is _garble:
@@ -333,6 +346,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(six, data_fi
     assert loss_steps == train_rows  # the events of 5 and 6 from before the resume are gone
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_without_checksums_is_accepted_with_a_warning(six, data_file, tmp_path, capsys):
     import shutil
 
@@ -342,7 +356,7 @@ def test_a_checkpoint_without_checksums_is_accepted_with_a_warning(six, data_fil
     meta = json.loads(metadata.read_text())
     del meta["checksums"]
     metadata.write_text(json.dumps(meta))
-    train.run(tiny_config(data_file, num_iterations=6, **{"checkpoint.every": 2}), str(workdir))
+    run(tiny_config(data_file, num_iterations=6, **{"checkpoint.every": 2}), workdir)
     out = capsys.readouterr().out
     assert "warning: checkpoint 6" in out and "predates checksums; restored unverified" in out
     assert "resumed from checkpoint 6" in out

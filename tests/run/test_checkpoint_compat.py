@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TIMING_SUFFIXES, metric_records, tiny_config
+from helpers import TIMING_SUFFIXES, InlineScorer, metric_records, tiny_config
 
 from reval_jax.run import train
 
@@ -29,7 +29,7 @@ def test_pre_layout_checkpoint_resumes(tmp_path):
     config = tiny_config(str(data), num_iterations=3)
     config.checkpoint.async_save = False
 
-    train.run(config, str(workdir))
+    train.run(config, str(workdir), scorer=InlineScorer())
 
     records = metric_records(workdir)
     assert [(r["kind"], r.get("iteration")) for r in records] == [("data", 0), ("train", 1), ("train", 2),

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import HANG_S, REPO_ROOT, tiny_config
+from helpers import HANG_S, REPO_ROOT, InlineScorer, tiny_config
 
+from reval_jax.run import config as run_config
 from reval_jax.run import train
+from reval_jax.run.hooks import progress_line
 
 TRAIN_FIELDS = {"loss", "grad_norm", "accuracy", "reward_mean", "response_length", "truncation_rate",
                 "generate_s", "update_s", "tokens_per_s", "buffer_size", "buffer_sample_age_mean",
@@ -23,20 +25,22 @@ def read(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["reval", "tbrm", "regression", "grpo"])
+@pytest.mark.e2e
+@pytest.mark.parametrize("algorithm", ["reval", "tbrm", "regression", "grpo", "rloo", "dapo"])
 def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp_path):
     evaluating = algorithm == "reval"  # the evaluation path is the same for every algorithm
     config = tiny_config(data_file, algorithm=algorithm)
     config.eval.every = 2 if evaluating else 0
     if algorithm == "regression":  # the stored-reference path: reference pass, stale recompute after resets
         config.exact_reference, config.reference.reset_every = False, 1
-    train.run(config, str(tmp_path))
+    # the reward workers (RewardScorer) score the run that evaluates; the others score in this process
+    train.run(config, str(tmp_path), **({} if evaluating else {"scorer": InlineScorer()}))
     records = read(tmp_path)
     trains = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["iteration"] for r in trains] == [1, 2, 3]
     assert [r["iteration"] for r in evals] == ([0, 2, 3] if evaluating else [])
-    fields = TRAIN_FIELDS - ({"kl_mean"} if algorithm == "grpo" else set())
+    fields = TRAIN_FIELDS - ({"kl_mean"} if algorithm in ("grpo", "rloo", "dapo") else set())
     for r in trains:
         assert fields <= set(r), fields - set(r)
         for k in fields:
@@ -44,20 +48,22 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
     assert all(0 <= e["avg@2"] <= 1 and "arith/truncation_rate" in e for e in evals)
     data = next(r for r in records if r["kind"] == "data")
     assert data["skipped_missing"] == 1 and data["kept"] == 24
-    expected_updates = {"reval": 2, "regression": 2, "tbrm": 1, "grpo": 1}[algorithm]
+    expected_updates = {"reval": 2, "regression": 2, "tbrm": 1, "grpo": 1, "rloo": 1, "dapo": 1}[algorithm]
     assert trains[-1]["updates"] + trains[-1]["skipped_total"] == 3 * expected_updates
     if algorithm == "regression":
         assert trains[-1]["ref_version"] == trains[-1]["updates"]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard event files
 
 
+@pytest.mark.e2e
 def test_runs_sharded_on_8_devices(data_file, tmp_path):
     config = tiny_config(data_file, mesh=(2, 2, 2), num_iterations=2)
     config.eval.every = 0
-    last = train.run(config, str(tmp_path))
+    last = train.run(config, str(tmp_path), scorer=InlineScorer())
     assert np.isfinite(last["loss"]) and last["updates"] + last["skipped_total"] == 4
 
 
+@pytest.mark.e2e
 def test_config_errors_name_the_field(data_file, tmp_path):
     with pytest.raises(ValueError, match="config.algorithm: 'ppo' is not one of"):
         train.run(tiny_config(data_file, algorithm="ppo"), str(tmp_path))
@@ -70,29 +76,30 @@ def test_config_errors_name_the_field(data_file, tmp_path):
 
 
 def test_progress_line_estimates_time_left_without_the_compiling_iteration():
-    assert train.progress_line(1, 60, [30.0]) == "iteration 1/60 (30.0s; about 29m30s left)"
-    assert train.progress_line(3, 60, [30.0, 4.0, 2.0]) == "iteration 3/60 (2.0s; about 2m51s left)"
-    assert train.progress_line(2, 2000, [30.0, 4.0]) == "iteration 2/2000 (4.0s; about 2h13m left)"
+    assert progress_line(1, 60, [30.0]) == "iteration 1/60 (30.0s; about 29m30s left)"
+    assert progress_line(3, 60, [30.0, 4.0, 2.0]) == "iteration 3/60 (2.0s; about 2m51s left)"
+    assert progress_line(2, 2000, [30.0, 4.0]) == "iteration 2/2000 (4.0s; about 2h13m left)"
 
 
 def test_algorithm_defaults_follow_the_spec(data_file):
     """Regression (Eq. 8) runs on r − group mean; GRPO takes one update per round (ρ ≡ 1)."""
     config = tiny_config(data_file, algorithm="regression", **{"reward.transform": "binary"})
-    assert train.apply_algorithm_defaults(config) == ["reward.transform: 'binary' -> 'centered'"]
-    train.check_config(config)
+    assert run_config.apply_algorithm_defaults(config) == ["reward.transform: 'binary' -> 'centered'"]
+    run_config.check_config(config)
     config = tiny_config(data_file, algorithm="regression", algorithm_defaults=False,
                          **{"reward.transform": "plus_minus_one"})
     with pytest.raises(ValueError, match="config.reward.transform: 'plus_minus_one': the regression variant"):
-        train.check_config(config)
+        run_config.check_config(config)
     config = tiny_config(data_file, algorithm="grpo", algorithm_defaults=False,
                          **{"replay.updates_per_iteration": 2})
     with pytest.raises(ValueError, match="config.replay.updates_per_iteration: 2: GRPO does not store"):
-        train.check_config(config)
+        run_config.check_config(config)
     config = tiny_config(data_file, algorithm="grpo", **{"replay.updates_per_iteration": 2})
-    train.apply_algorithm_defaults(config)
-    train.check_config(config)
+    run_config.apply_algorithm_defaults(config)
+    run_config.check_config(config)
 
 
+@pytest.mark.e2e
 def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
     """Every check (model directory, weights, data, evaluation files) runs before anything is
     written: a bad start in an existing run's workdir leaves config.json byte for byte."""
@@ -114,6 +121,7 @@ def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
         assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json"]
 
 
+@pytest.mark.e2e
 def test_command_line_rejects_a_mistyped_field(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
@@ -130,6 +138,7 @@ def _cli_env(data_file):
             "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
 
 
+@pytest.mark.e2e
 def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_path):
     """--workdir is optional: the run goes to runs/<config file stem> under the current directory."""
     (tmp_path / "mini.py").write_text((Path(REPO_ROOT) / "tests" / "run_config.py").read_text())
@@ -152,13 +161,14 @@ def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_pat
     assert re.search(r"(?m)^I\d{4} ", output) is None and "_NonBlockingMetadataStore" not in output, output[-3000:]
 
 
+@pytest.mark.e2e
 def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
     """sampling.batch_size splits a round into several sampler calls; samples are keyed by prompt
     id, so the run is the same as with one call."""
-    whole = train.run(tiny_config(data_file, num_iterations=1), str(tmp_path / "whole"))
+    whole = train.run(tiny_config(data_file, num_iterations=1), str(tmp_path / "whole"), scorer=InlineScorer())
     config = tiny_config(data_file, num_iterations=1)
     config.sampling.batch_size = 4  # one prompt (4 samples) per call
-    chunked = train.run(config, str(tmp_path / "chunked"))
+    chunked = train.run(config, str(tmp_path / "chunked"), scorer=InlineScorer())
     # Exact: with the same samples, both runs update through the same compiled programs. The samples
     # come from two sampler programs (4 and 8 rows); they agree unless a draw lies within rounding of
     # a tie of the logits (test_sampler checks that tie-aware; these ~100 draws have none). Such a
@@ -167,6 +177,7 @@ def test_generating_in_chunks_gives_the_same_run(data_file, tmp_path):
         assert chunked[key] == whole[key], key
 
 
+@pytest.mark.e2e
 def test_evaluate_command_writes_json(data_file, tmp_path):
     out = tmp_path / "eval.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
