@@ -157,13 +157,16 @@ class Budget:
       devices × max(1, tokens_per_device // row_len) rows. 0 = use `micro_batches`.
     micro_batches: an explicit number of micro-batches per call instead (0 = from the budget).
     devices: the data-parallel devices (data × fsdp) that split a micro-batch's rows.
-    max_segments: trajectories per row at most (M, the slot count of per-trajectory arrays)."""
+    max_segments: trajectories per row at most (M, the slot count of per-trajectory arrays).
+    max_segment_len: the longest trajectory packed (0 = unchecked): the update's attention reads
+      only the keys within this reach (StepConfig.max_segment_len), so `pack` refuses a longer one."""
 
     row_len: int
     tokens_per_device: int = 0
     micro_batches: int = 0
     devices: int = 1
     max_segments: int = 16
+    max_segment_len: int = 0
 
     def __post_init__(self):
         if self.row_len < 1 or self.max_segments < 1 or self.devices < 1:
@@ -218,6 +221,9 @@ def pack(
     B = batch.batch_size
     row_len, max_segments = budget.row_len, budget.max_segments
     start, length = real_spans(batch)
+    if budget.max_segment_len and length.max(initial=0) > budget.max_segment_len:
+        raise ValueError(f"a trajectory of {int(length.max())} tokens exceeds max_segment_len "
+                         f"{budget.max_segment_len}, the reach of the update's banded attention")
     rows = plan_rows(length, row_len, max_segments)
     sizes = micro_batch_rows(len(rows), devices=budget.devices, rows_per_micro_batch=budget.rows_per_micro_batch,
                              micro_batches=budget.micro_batches)

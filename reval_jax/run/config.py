@@ -216,7 +216,7 @@ def packing_budget(config, mesh) -> Budget:
     """How the update, the reference pass and the stale-reference recompute pack their rows."""
     return Budget(row_len=row_length(config), tokens_per_device=config.tokens_per_device,
                   micro_batches=config.micro_batches, devices=mesh.shape["data"] * mesh.shape["fsdp"],
-                  max_segments=config.max_segments_per_row)
+                  max_segments=config.max_segments_per_row, max_segment_len=sequence_length(config))
 
 
 def step_config(config) -> StepConfig:
@@ -227,6 +227,7 @@ def step_config(config) -> StepConfig:
         clip_high=config.grpo.clip_high, dual_clip=config.grpo.dual_clip, is_cap=config.grpo.is_cap,
         max_response_length=config.sampling.max_new_tokens, chunk=config.chunk,
         temperature=config.sampling.temperature, exact_reference=config.exact_reference,
+        max_segment_len=sequence_length(config),  # packing_budget refuses longer trajectories
     )
 
 

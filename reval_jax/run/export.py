@@ -3,7 +3,8 @@
     python -m reval_jax.export --checkpoint=runs/x[/checkpoints[/<iteration>]] --out=DIR [--dtype=bfloat16]
 
 The run's `config.json` (in the workdir above `checkpoints/`) supplies the model architecture and
-tokenizer (`model.path`); `--config` overrides it. The result loads with
+tokenizer (`model.path`); `--config` overrides it. `generation_config.json` carries the run's stop
+tokens and sampling settings, so `generate()` in transformers stops where the run's sampler stops. The result loads with
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and with `reval_jax.load_hf(DIR)`.
 """
 
@@ -35,7 +36,8 @@ def export(checkpoint: str, out: str, *, config=None, dtype: str | None = None,
 
     config = config or workdir_config(checkpoint)
     model, tokenizer = load_checkpoint_policy(checkpoint, config, make_run_mesh(config))
-    return save_hf(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size)
+    sampling = {k: config.sampling[k] for k in ("temperature", "top_p", "top_k") if k in config.sampling}
+    return save_hf(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size, sampling=sampling)
 
 
 def main(argv):

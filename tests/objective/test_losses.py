@@ -424,3 +424,16 @@ def test_tbrm_differs_from_reval_by_ref_value():
     np.testing.assert_allclose(
         np.asarray(m_tbrm["delta"]) - np.asarray(m_reval["delta"]), batch.ref_v, atol=1e-4
     )
+
+
+def test_pack_refuses_a_trajectory_longer_than_the_attention_band():
+    """The update's attention reads only max_segment_len keys back (StepConfig.max_segment_len):
+    a longer trajectory would be cut silently, so packing refuses it."""
+    from reval_jax.objective.packing import real_spans
+
+    batch = make_batch(9)
+    longest = int(real_spans(batch)[1].max())
+    row_len = batch.tokens.shape[1] * 2
+    pack(batch, Budget(row_len=row_len, micro_batches=1, max_segment_len=longest))  # fits exactly
+    with pytest.raises(ValueError, match=f"a trajectory of {longest} tokens exceeds max_segment_len {longest - 1}"):
+        pack(batch, Budget(row_len=row_len, micro_batches=1, max_segment_len=longest - 1))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import HANG_S, REPO_ROOT, InlineScorer, metric_records, reference_run, tb_scalars, tiny_config
 
+from reval_jax.data.templates import stop_token_ids
 from reval_jax.run import train
 from reval_jax.run.checkpoint import Checkpointer, CheckpointError
 from reval_jax.run.policy import load_checkpoint_policy, make_run_mesh
@@ -240,7 +241,7 @@ def test_export_cli_writes_a_transformers_model(straight, tmp_path):
     ref_dir, config = straight
     out = tmp_path / "hf"
     proc = subprocess.run(
-        [sys.executable, "-m", "reval_jax.run.export", f"--checkpoint={ref_dir}", f"--out={out}"],
+        [sys.executable, "-m", "reval_jax.export", f"--checkpoint={ref_dir}", f"--out={out}"],  # the user's name
         cwd=REPO_ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="float32").eval()
@@ -251,6 +252,9 @@ def test_export_cli_writes_a_transformers_model(straight, tmp_path):
     ours = np.asarray(model(jax.numpy.asarray(tokens)))
     assert np.abs(ours - ref).max() <= 1e-4
     assert tok.encode("1+2") == transformers.AutoTokenizer.from_pretrained(str(out)).encode("1+2")
+    generation = transformers.GenerationConfig.from_pretrained(str(out))  # the run's stops and sampling
+    assert generation.eos_token_id == stop_token_ids(tok) and generation.do_sample
+    assert generation.temperature == config.sampling.temperature and generation.top_p == config.sampling.top_p
 
 
 # ----------------------------------------------------------------------------- checksums
