@@ -4,7 +4,8 @@ The files follow the data, requests -> scheduler -> page table -> compiled step 
 
     sampler.py         `generate`, the front door: prompts in, a Rollout out, through the engine
     sampling.py        what both samplers share: SamplingConfig, Rollout, prompt padding and
-                       buckets, the sampling rule (`sample_logits`) and the key rule
+                       buckets, the sampling rule (`sample_logits`; on a mesh each data replica
+                       draws its own rows, `sample_logits_on_mesh`) and the key rule
     engine.py          the engine's host loop: admit, prefill, decode, collect, preempt, repeat
                        (`Engine.run`), and `engine_config` from the run config
     scheduler.py       the host side as one object: the queue, the typed slot table and the page

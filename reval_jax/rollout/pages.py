@@ -15,7 +15,8 @@ straight into a dot over H without a transpose. Rows of one prompt share the pag
 (`engine`): a page is only ever written at positions a row owns, and a prompt's full pages are
 written once, by its prefill.
 
-Both attentions are `attend` hooks of `model.run_layers`: they write this call's keys/values
+Both attentions are `attend` hooks of `model.run_layers` (bound to their rows' tables and positions,
+a `PrefillRead` or a `DecodeRead`): they write this call's keys/values
 [B, T, K, H] at their positions (padding queries write to the trash page), then attend each query to
 the keys at positions <= its own, online softmax in float32:
 
@@ -34,6 +35,9 @@ is communicated.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
@@ -154,28 +158,48 @@ def _write(k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, tab
     return k_pages, v_pages
 
 
-def _attend_per_device(local, q, k, v, k_pages, v_pages, layer, rest, *, mesh, replicas: int):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PagedRows:
+    """The rows of a paged attention call besides q, k, v and the pool: their page tables, the
+    positions of this call's tokens and which are real, and where they live (rows split over
+    `replicas` data replicas of `mesh`; None: one device)."""
+
+    table: Array  # [B, W] int32  each row's pages (its replica's local ids)
+    positions: Array  # [B, T] int32
+    valid: Array  # [B, T] bool  real tokens (padding writes to the trash page and attends to nothing)
+    mesh: Any = None
+    replicas: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefillRead(PagedRows):
+    """`paged_attend`'s rows: every row's table read `block_pages` pages at a time."""
+
+    block_pages: int
+
+
+def _attend_per_device(local, arrays: tuple, rest: tuple, rows: PagedRows):
     """Runs local(q, k, v, k_pages, v_pages, layer, *rest) -> (out, k_pages, v_pages) per device:
-    q [B, T, N, H], k/v [B, T, K, H], the pool, and `rest` arrays split by rows."""
-    if mesh is None:
-        return local(q, k, v, k_pages, v_pages, layer, *rest)
-    rows, heads = replica_axes(mesh, replicas), _heads(mesh, q.shape[2], k.shape[2])
-    act = P(rows, None, heads, None)  # q [B, T, N, H] and k/v [B, T, K, H]: rows by replica, heads by shard
-    pool = P(None, rows, heads, None, None)
-    specs = (act, act, act, pool, pool, P()) + (P(rows),) * len(rest)
-    return _per_device(local, mesh, specs, (act, pool, pool))(q, k, v, k_pages, v_pages, layer, *rest)
+    `arrays` = (q [B, T, N, H], k/v [B, T, K, H], the pool, the layer), and `rest` arrays split by
+    rows, on the mesh of `rows`."""
+    if rows.mesh is None:
+        return local(*arrays, *rest)
+    q, k = arrays[0], arrays[1]
+    axes, heads = replica_axes(rows.mesh, rows.replicas), _heads(rows.mesh, q.shape[2], k.shape[2])
+    act = P(axes, None, heads, None)  # q [B, T, N, H] and k/v [B, T, K, H]: rows by replica, heads by shard
+    pool = P(None, axes, heads, None, None)
+    specs = (act, act, act, pool, pool, P()) + (P(axes),) * len(rest)
+    return _per_device(local, rows.mesh, specs, (act, pool, pool))(*arrays, *rest)
 
 
 # ----------------------------------------------------------------------------- prefill
 
 
-def paged_attend(
-    q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, *,
-    table: Array, positions: Array, valid: Array, block_pages: int, mesh=None, replicas: int = 1,
-):
-    """q [B, T, N, H], k/v [B, T, K, H] at `positions` [B, T] (valid [B, T] marks real tokens);
-    k_pages/v_pages the stacked pool [L, R·G, K, S, H]; the rows are R blocks, one per replica.
-    Returns (out [B, T, N, H], k_pages, v_pages)."""
+def paged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, read: PrefillRead):
+    """q [B, T, N, H], k/v [B, T, K, H] at `read.positions` [B, T] (`read.valid` [B, T] marks real
+    tokens); k_pages/v_pages the stacked pool [L, R·G, K, S, H]; the rows are R blocks, one per
+    replica. Returns (out [B, T, N, H], k_pages, v_pages)."""
+    block_pages = read.block_pages
 
     def local(q, k, v, k_pages, v_pages, layer, table, positions, valid):
         B, T, N, H = q.shape
@@ -218,8 +242,8 @@ def paged_attend(
         out = jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(q.dtype)
         return out, k_pages, v_pages
 
-    return _attend_per_device(local, q, k, v, k_pages, v_pages, layer, (table, positions, valid), mesh=mesh,
-                              replicas=replicas)
+    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), (read.table, read.positions, read.valid),
+                              read)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -235,6 +259,15 @@ class Items:
     col: Array  # [R·(B/R·W + C)] int32  the pair's column in the row's table (its positions col·S ..)
     page: Array  # [R·(B/R·W + C)] int32
     count: Array  # [R] int32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeRead(PagedRows):
+    """`ragged_attend`'s rows (one token each): the (row, page) pairs they read (`decode_items` of
+    their tables) `chunk` pages at a time."""
+
+    items: Items
+    chunk: int
 
 
 def decode_items(table: Array, pos: Array, live: Array, page_size: int, chunk: int, *, mesh=None,
@@ -259,14 +292,12 @@ def decode_items(table: Array, pos: Array, live: Array, page_size: int, chunk: i
     return _per_device(local, mesh, (rows, rows, rows), rows)(table, pos, live)
 
 
-def ragged_attend(
-    q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, *,
-    table: Array, positions: Array, valid: Array, items: Items, chunk: int, mesh=None, replicas: int = 1,
-):
-    """One query per row: q [B, 1, N, H], k/v [B, 1, K, H] at `positions` [B, 1] (valid [B, 1]);
-    the pool [L, R·G, K, S, H]; `items` = decode_items(table, positions[:, 0], valid[:, 0], S, chunk,
-    ...). Reads the items `chunk` pages at a time (a dynamic number of chunks, ⌈count / chunk⌉);
-    each chunk's scores are folded into its rows' running max m, sum l and output o:
+def ragged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, read: DecodeRead):
+    """One query per row: q [B, 1, N, H], k/v [B, 1, K, H] at `read.positions` [B, 1] (`read.valid`
+    [B, 1]); the pool [L, R·G, K, S, H]; `read.items` = decode_items(table, positions[:, 0],
+    valid[:, 0], S, chunk, ...). Reads the items `read.chunk` pages at a time (a dynamic number of
+    chunks, ⌈count / chunk⌉); each chunk's scores are folded into its rows' running max m, sum l and
+    output o:
 
         m'_b = max(m_b, max_{pairs of b in chunk} s),   l'_b = l_b e^{m_b − m'_b} + Σ e^{s − m'_b},
         o'_b = o_b e^{m_b − m'_b} + Σ e^{s − m'_b} v,    out_b = o_b / l_b  (0 for a row with no pair)
@@ -274,6 +305,7 @@ def ragged_attend(
     Returns (out [B, 1, N, H], k_pages, v_pages)."""
     if q.shape[1] != 1:
         raise ValueError(f"ragged_attend decodes one token per row, got {q.shape[1]}")
+    chunk = read.chunk
 
     def local(q, k, v, k_pages, v_pages, layer, table, positions, valid, row, col, page, count):
         k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, table, positions, valid)
@@ -307,5 +339,6 @@ def ragged_attend(
         out = (o / jnp.maximum(l, 1e-30)[..., None]).reshape(b, 1, n, H).astype(q.dtype)
         return out, k_pages, v_pages
 
-    rest = (table, positions, valid, items.row, items.col, items.page, items.count)
-    return _attend_per_device(local, q, k, v, k_pages, v_pages, layer, rest, mesh=mesh, replicas=replicas)
+    items = read.items
+    rest = (read.table, read.positions, read.valid, items.row, items.col, items.page, items.count)
+    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), rest, read)

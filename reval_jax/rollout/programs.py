@@ -29,7 +29,9 @@ from jax.sharding import NamedSharding
 
 from reval_jax.rollout.page_table import CacheGeometry, EngineConfig, pages_needed, pow2_at_least
 from reval_jax.rollout.pages import (
+    DecodeRead,
     Pool,
+    PrefillRead,
     copy_pages,
     decode_items,
     init_pool,
@@ -37,8 +39,9 @@ from reval_jax.rollout.pages import (
     pool_shape,
     pool_spec,
     ragged_attend,
+    replica_axes,
 )
-from reval_jax.rollout.sampling import SamplingConfig, sample_keys, sample_logits, step_keys
+from reval_jax.rollout.sampling import SamplingConfig, sample_keys, sample_logits, sample_logits_on_mesh, step_keys
 
 Array = jax.Array
 
@@ -120,8 +123,9 @@ class PrefillChunk:
 def prefill(graphdef, params, pool: Pool, rows: PrefillChunk, *, block_pages: int, replicas: int = 1):
     """The rows' tokens into the pool; returns (pool, float32 logits [n, V] at each row's `last_index`)."""
     model = nnx.merge(graphdef, params)
-    attend = functools.partial(paged_attend, table=rows.table, positions=rows.positions, valid=rows.valid,
-                               block_pages=block_pages, mesh=model.mesh, replicas=replicas)
+    attend = functools.partial(paged_attend, read=PrefillRead(
+        table=rows.table, positions=rows.positions, valid=rows.valid, block_pages=block_pages, mesh=model.mesh,
+        replicas=replicas))
     hidden, (k, v) = model.run_layers(model.embed_tokens(rows.tokens), rows.positions, attend,
                                       (pool.k, pool.v))  # [n, C, D]
     last = jnp.take_along_axis(hidden, rows.last_index[:, None, None], axis=1)[:, 0]  # [n, D]
@@ -165,12 +169,14 @@ def _step(model, pool: Pool, s: Slots, config: SamplingConfig, chunk: int) -> tu
     B, A = s.tokens.shape
     on_mesh = dict(mesh=model.mesh, replicas=s.n_free.shape[0])
     items = decode_items(s.table, s.pos, s.live, pool.page_size, chunk, **on_mesh)  # the pages each row reads
-    attend = functools.partial(ragged_attend, table=s.table, positions=s.pos[:, None], valid=s.live[:, None],
-                               items=items, chunk=chunk, **on_mesh)
+    attend = functools.partial(ragged_attend, read=DecodeRead(
+        table=s.table, positions=s.pos[:, None], valid=s.live[:, None], items=items, chunk=chunk, **on_mesh))
     hidden, (k, v) = model.run_layers(model.embed_tokens(s.last[:, None]), s.pos[:, None], attend,
                                       (pool.k, pool.v))  # [B, 1, D]
     logits = model.unembed(hidden[:, 0])  # [B, V]
-    token, logp = sample_logits(logits, step_keys(s.keys, s.length), config)
+    # each data replica draws its own rows (top-k / top-p gather no replica's logits)
+    token, logp = sample_logits_on_mesh(logits, step_keys(s.keys, s.length), config, mesh=model.mesh,
+                                        rows=replica_axes(model.mesh, on_mesh["replicas"]))
     on, rows = s.live, jnp.arange(B)
     col = jnp.minimum(s.length, A - 1)
     tokens = s.tokens.at[rows, col].set(jnp.where(on, token, s.tokens[rows, col]))

@@ -14,6 +14,11 @@ their own tokens, never on the other prompts of the batch, the padding, the slot
 Log-probs. `Rollout.logp` is log q(a_h | s_h) in float32 under the distribution the token was
 actually drawn from: softmax(logits / temperature) restricted to the top-k / top-p set and
 renormalised (`sample_logits`). Greedy decoding draws from a point mass, so its log-probs are 0.
+
+On a mesh. The engine's decode step draws with `sample_logits_on_mesh`: each data replica samples
+its own rows, and top-k / top-p rank a row's vocabulary across its tensor shards (a two-stage top-k,
+or the rows dealt out whole over the shards) instead of gathering every slot's logits onto every
+device; the tokens and log-probs are `sample_logits`' bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from reval_jax.parallel.sharding import logical_to_spec
 
 Array = jax.Array
 
@@ -171,19 +179,104 @@ def sample_logits(logits: Array, keys: Array, config: SamplingConfig) -> tuple[A
     if config.greedy:
         return _argmax(logits), jnp.zeros(logits.shape[:1], jnp.float32)
     scaled = logits.astype(jnp.float32) / config.temperature  # [B, V]
-    gumbel = jax.vmap(jax.random.gumbel, (0, None))  # one noise row per key
-    draw = lambda keys, logq: _argmax(logq + gumbel(keys, logq.shape[1:]))  # Gumbel-max
-    if config.top_k == 0 and config.top_p == 1.0:
+    if not _truncates(config):
         logq = jax.nn.log_softmax(scaled, -1)  # [B, V]
-        tokens = draw(keys, logq)
+        tokens = _gumbel_max(keys, logq)
         return tokens.astype(jnp.int32), jnp.take_along_axis(logq, tokens[:, None], -1)[:, 0]
     k = min(config.top_k or scaled.shape[-1], scaled.shape[-1])
     values, index = jax.lax.top_k(scaled, k)  # [B, k] in decreasing order
+    return _draw_candidates(values, index, keys, config)
+
+
+def _truncates(config: SamplingConfig) -> bool:
+    """Whether the rule keeps only some tokens (top-k or top-p): then it ranks the vocabulary."""
+    return not config.greedy and (config.top_k > 0 or config.top_p < 1.0)
+
+
+def _gumbel_max(keys: Array, logq: Array) -> Array:
+    """A draw from each row of logq [B, n] (log-probs): argmax(logq + Gumbel noise of its key)."""
+    gumbel = jax.vmap(jax.random.gumbel, (0, None))  # one noise row per key
+    return _argmax(logq + gumbel(keys, logq.shape[1:]))
+
+
+def _draw_candidates(values: Array, index: Array, keys: Array, config: SamplingConfig) -> tuple[Array, Array]:
+    """The draw from the top-k candidates of each row: values [B, k] f32 (scaled logits, decreasing;
+    ties in increasing token order, `jax.lax.top_k`'s) and their tokens index [B, k]; the top-p
+    cut, the renormalised log-probs and the Gumbel draw over the k ranks."""
     if config.top_p < 1.0:
         probs = jax.nn.softmax(values, -1)
         before = jnp.cumsum(probs, -1) - probs  # mass of the strictly more likely candidates
         values = jnp.where(before < config.top_p, values, -jnp.inf)  # the first one always stays
     logq = jax.nn.log_softmax(values, -1)  # [B, k]
-    choice = draw(keys, logq)[:, None]  # [B, 1]
+    choice = _gumbel_max(keys, logq)[:, None]  # [B, 1]
     tokens = jnp.take_along_axis(index, choice, -1)[:, 0]
     return tokens.astype(jnp.int32), jnp.take_along_axis(logq, choice, -1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- the rule on a mesh
+
+
+def sample_logits_on_mesh(logits: Array, keys: Array, config: SamplingConfig, *, mesh, rows) -> tuple[Array, Array]:
+    """`sample_logits` where every data replica draws its own rows: logits [B, V] (rows split over
+    the mesh axes `rows`, None = every device all rows; the vocabulary over `act_vocab`'s axis, as
+    the model's unembedding leaves it), keys [B] likewise by rows. The same tokens and log-probs,
+    bit for bit, as `sample_logits` on the whole array: each row's candidates are the same values in
+    the same order, and the rest of the rule runs on them unchanged.
+
+    Only top-k / top-p rank the vocabulary, which a row's vocabulary shard cannot do alone; greedy
+    and plain sampling (max and sums over the vocabulary, left to XLA) and a run without a mesh are
+    `sample_logits` itself. With the vocabulary split over tp tensor shards:
+      top_k = k < V / tp    two stages: each shard's own top k (token ids made global), gathered
+                            over the tensor group ([b, tp·k] values and ids), then the top k of those
+      otherwise (top-p on   the rows are dealt out over the tensor group (an all-to-all: each shard
+        the whole vocab)    gets b / tp rows of the whole vocabulary), each samples its rows, and the
+                            tokens and log-probs are gathered back ([b] each)
+    So a step moves at most b·V·4 / tp bytes per device (b = B / replicas), never the B·V·4 of
+    every slot's logits, which gathering them for a whole-vocabulary top_k did."""
+    if mesh is None or not _truncates(config):
+        return sample_logits(logits, keys, config)
+    V = logits.shape[-1]
+    vocab = logical_to_spec(("act_vocab",), (V,), mesh)[0]
+    if vocab is not None and not isinstance(vocab, str):
+        raise ValueError(f"act_vocab must map to one mesh axis, not {vocab}")
+    tp = 1 if vocab is None else mesh.shape[vocab]
+
+    def local(logits, keys):  # [b, V / tp], [b]
+        if tp == 1:
+            return sample_logits(logits, keys, config)
+        if 0 < config.top_k < logits.shape[-1]:
+            scaled = logits.astype(jnp.float32) / config.temperature
+            return _draw_candidates(*_top_k_over_shards(scaled, config.top_k, vocab), keys, config)
+        return _sample_dealt_rows(logits, keys, config, vocab, tp)
+
+    spec = P(rows)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, vocab), spec), out_specs=(spec, spec),
+                         check_vma=False)(logits, keys)
+
+
+def _top_k_over_shards(scaled: Array, k: int, axis: str) -> tuple[Array, Array]:
+    """The top k of rows whose vocabulary is split over the mesh axis `axis` (scaled [b, V / tp],
+    this shard's tokens): values [b, k] decreasing and their global token ids. Each shard's top k,
+    gathered in shard order, holds the row's top k; ties stay in increasing token order (top_k puts
+    the lower position first, and shard s's tokens precede shard s + 1's)."""
+    Vl = scaled.shape[-1]
+    values, index = jax.lax.top_k(scaled, k)  # [b, k] this shard's
+    index = index + jax.lax.axis_index(axis) * Vl  # global token ids
+    values = jax.lax.all_gather(values, axis, axis=1, tiled=True)  # [b, tp·k]
+    index = jax.lax.all_gather(index, axis, axis=1, tiled=True)
+    values, pick = jax.lax.top_k(values, k)  # [b, k]
+    return values, jnp.take_along_axis(index, pick, -1)
+
+
+def _sample_dealt_rows(logits: Array, keys: Array, config: SamplingConfig, axis: str, tp: int):
+    """`sample_logits` of rows whose vocabulary is split over the tp shards of `axis` (logits
+    [b, V / tp]): an all-to-all gives shard t rows t·b/tp .. (t + 1)·b/tp − 1 whole (rows padded to
+    a multiple of tp), it samples them, and the tokens and log-probs [b] are gathered back."""
+    b = logits.shape[0]
+    per = -(-b // tp)
+    fill = jnp.minimum(jnp.arange(per * tp), b - 1)  # padding rows repeat the last row
+    whole = jax.lax.all_to_all(logits[fill], axis, 0, 1, tiled=True)  # [per, V]: this shard's rows
+    mine = jax.lax.dynamic_slice_in_dim(keys[fill], jax.lax.axis_index(axis) * per, per)
+    tokens, logp = sample_logits(whole, mine, config)  # [per]
+    gather = lambda x: jax.lax.all_gather(x, axis, axis=0, tiled=True)[:b]
+    return gather(tokens), gather(logp)

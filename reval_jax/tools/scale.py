@@ -25,6 +25,7 @@ Figures, all per device:
            decode: "per step" is one trip of its data-dependent while loop's body; the program's
            total is what sits outside the loop plus A = max_new_tokens trips, the bound of the loop
            condition (it runs at most A − 1 steps, as prefill samples a_1; fewer when all rows stop).
+           Its collectives depend on config.sampling: `--config.sampling.top_p=0.9` compiles top-p in.
   flops    model FLOPs (analytic, `model_flops`) and `cost_analysis()["flops"]` for comparison (XLA
            counts a while-loop body once there, so it undercounts scanned layers and loops).
 
@@ -418,12 +419,14 @@ def build_decode(s: Setup) -> Program:
     chunk = decode_chunk(engine, s.rollout_mesh.devices.ravel()[0].platform, g.rows * fill, g.rows * g.width)
     # no weight pickup inside a call (async step pickup lowers max_steps): a call runs at most A steps
     # (its condition's bound); a round is ~steps of them: ⌈steps / A⌉ calls
-    call = decode_call(s.rollout_graphdef, s.rollout_params, pool, slots, _sampling_config(s), chunk)
+    sampling = _sampling_config(s)
+    call = decode_call(s.rollout_graphdef, s.rollout_params, pool, slots, sampling, chunk)
     return Program(
         "decode", call.fn, call.args, kwargs=call.kwargs, runs=-(-steps // A), loop_bound=A,
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
         note=f"{engine.slots} slots, {g.replicas} x {g.pages} pages x {engine.page_size} tokens ({g.cached_tokens} "
-             f"cached tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots",
+             f"cached tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots; "
+             f"sampling top_k {sampling.top_k} top_p {sampling.top_p:g} (0, 1: off)",
     )
 
 

@@ -20,7 +20,7 @@ from test_sampler import agreed_columns
 
 from reval_jax.model.attention import attention
 from reval_jax.rollout.engine import EngineConfig, decode_chunk
-from reval_jax.rollout.pages import TRASH, decode_items, paged_attend, ragged_attend
+from reval_jax.rollout.pages import TRASH, DecodeRead, PrefillRead, decode_items, paged_attend, ragged_attend
 from reval_jax.rollout.sampler import SamplingConfig, generate, generate_static
 
 RNG = np.random.RandomState(0)
@@ -243,10 +243,12 @@ def test_paged_attention_equals_einsum_and_reads_only_filled_blocks():
     positions = (lengths - 1)[:, None].astype(np.int32)
     new_k = keys[np.arange(B), lengths - 1][:, None]
     new_v = values[np.arange(B), lengths - 1][:, None]
-    out, _, _ = jax.jit(functools.partial(paged_attend, block_pages=bp))(
+    read = lambda table, positions: PrefillRead(table=table, positions=positions, valid=jnp.ones((B, T), bool),
+                                                block_pages=bp)
+    out, _, _ = jax.jit(lambda q, k, v, pk, pv, table, positions: paged_attend(
+        q, k, v, pk, pv, jnp.asarray(0), read(table, positions)))(
         jnp.asarray(q), jnp.asarray(new_k), jnp.asarray(new_v), jnp.asarray(pool_k), jnp.asarray(pool_v),
-        jnp.asarray(0), table=jnp.asarray(table), positions=jnp.asarray(positions),
-        valid=jnp.ones((B, T), bool))
+        jnp.asarray(table), jnp.asarray(positions))
     assert np.isfinite(np.asarray(out)).all()
     np.testing.assert_allclose(np.asarray(out), np.asarray(_attention_reference(q, keys, values, lengths)),
                                rtol=1e-5, atol=1e-5)
@@ -274,8 +276,8 @@ def test_ragged_attention_reads_each_rows_own_pages(chunk):
     @jax.jit
     def run(q, new_k, new_v, pool_k, pool_v, table, positions, live):
         items = decode_items(table, positions[:, 0], live, S, chunk)
-        return ragged_attend(q, new_k, new_v, pool_k, pool_v, jnp.asarray(0), table=table, positions=positions,
-                             valid=live[:, None], items=items, chunk=chunk), items.count
+        read = DecodeRead(table=table, positions=positions, valid=live[:, None], items=items, chunk=chunk)
+        return ragged_attend(q, new_k, new_v, pool_k, pool_v, jnp.asarray(0), read), items.count
 
     (out, _, _), count = run(*map(jnp.asarray, (q, new_k, new_v, pool_k, pool_v, table, positions, live)))
     out = np.asarray(out)

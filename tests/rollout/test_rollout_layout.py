@@ -1,6 +1,7 @@
 """The rollout layout: the cast master in ROLLOUT_RULES shardings (chunked = whole), a decode loop
-that gathers no parameter (the FSDP one does), sampling on it = the single-device model, and the
-config errors of config.rollout."""
+that gathers no parameter (the FSDP one does), sampling on it = the single-device model, top-k /
+top-p sampled by each data replica on its own rows (no logits-sized collective, the tokens of one
+device), and the config errors of config.rollout."""
 
 import functools
 import math
@@ -265,3 +266,79 @@ def test_a_run_refuses_a_bad_tensor_size_before_writing(data_file, tmp_path):
     with pytest.raises(UserError, match="config.rollout.tensor: 3 does not divide the 1 devices"):
         train.run(tiny_config(data_file, **{"rollout.tensor": 3}), str(workdir))
     assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------- top-k / top-p per replica
+
+TOP_P = SamplingConfig(max_new_tokens=8, num_samples=2, top_p=0.9, temperature=0.8, buckets=(8,))
+
+
+def _whole_array_rule(monkeypatch):
+    """The decode step with the sampling rule as it was before each replica sampled its own rows:
+    `sample_logits` on all slots' logits (XLA gathers them onto every device)."""
+    from reval_jax.rollout import programs
+    from reval_jax.rollout.sampling import sample_logits
+
+    monkeypatch.setattr(programs, "sample_logits_on_mesh", lambda x, k, c, **_: sample_logits(x, k, c))
+    programs.decode.clear_cache()  # traced with the rule above from now on
+
+
+@pytest.mark.parametrize("tensor", [1, 2])
+@pytest.mark.parametrize("config", [SAMPLED, TOP_P], ids=["top_k_top_p", "top_p"])
+def test_top_k_top_p_on_data_replicas_sample_the_tokens_of_one_device(tensor, config, monkeypatch):
+    """top_p = 0.9 (with and without top_k = 20) on the 8 fake devices, 16 slots in 8 / tensor data
+    replicas: the tokens of the single-device model exactly, the log-probs within float32 rounding of
+    its differently compiled forward; and on the same layout, the tokens and log-probs of the
+    whole-array rule (every device sampling every row) bit for bit."""
+    from reval_jax.rollout import programs
+    from reval_jax.rollout.pages import engine_replicas
+
+    master = _hf_policy((1, 8, 1))
+    graphdef, params = nnx.split(master)
+    model = to_rollout(graphdef, params, rollout_mesh(master.mesh, tensor, master.cfg), "float32")
+    assert engine_replicas(model.mesh, len(PROMPTS) * 2, 2) == 8 // tensor  # generate's default: a slot per sample
+    ours = jax.tree.map(np.asarray, generate(model, PROMPTS, config, seed=3))
+    single = jax.tree.map(np.asarray, generate(_hf_policy(None), PROMPTS, config, seed=3))
+    np.testing.assert_array_equal(ours.response_tokens, single.response_tokens)
+    np.testing.assert_array_equal(ours.response_length, single.response_length)
+    np.testing.assert_allclose(ours.logp, single.logp, atol=1e-5)
+    assert len(set(single.response_tokens.ravel().tolist())) >= 8  # not one token repeated
+
+    _whole_array_rule(monkeypatch)
+    try:
+        before = jax.tree.map(np.asarray, generate(model, PROMPTS, config, seed=3))
+    finally:
+        programs.decode.clear_cache()
+    np.testing.assert_array_equal(ours.response_tokens, before.response_tokens)
+    np.testing.assert_array_equal(ours.logp, before.logp)
+
+
+def _largest_collective(text: str) -> tuple[int, str]:
+    """(bytes, op) of the largest collective of a compiled program, per device and execution."""
+    return max(((c.bytes, f"{c.kind} {c.op_name}") for c in hlo.collectives(text).collectives), default=(0, ""))
+
+
+@pytest.mark.parametrize("tensor", [1, 2, 4])
+@pytest.mark.parametrize("config", [SAMPLED, TOP_P], ids=["top_k_top_p", "top_p"])
+def test_decode_with_top_p_moves_no_logits_sized_collective(tensor, config, monkeypatch):
+    """The engine's decode step with top-p on, on 8 fake devices at tp 1, 2 and 4: no collective as
+    large as one replica's logits (slots × V × 4 bytes / replicas). The check fails on the
+    whole-array rule, which gathers all slots' logits (replicas times that) onto every device."""
+    from reval_jax.rollout import programs
+    from reval_jax.rollout.pages import engine_replicas
+
+    graphdef, master, train_mesh = fsdp_master(**SHAPES)
+    model = to_rollout(graphdef, master, rollout_mesh(train_mesh, tensor), "bfloat16")
+    slots, V = 16, SHAPES["vocab_size"]
+    replicas = 8 // tensor  # 16 slots split over every data replica (at least num_samples each)
+    assert engine_replicas(model.mesh, slots, config.num_samples) == replicas
+    logits_bytes = slots * V * 4 // replicas
+    size, op = _largest_collective(_decode_hlo(model, config, slots=slots))
+    assert size < logits_bytes, (size, op, logits_bytes)
+
+    _whole_array_rule(monkeypatch)
+    try:
+        size, op = _largest_collective(_decode_hlo(model, config, slots=slots))
+    finally:
+        programs.decode.clear_cache()
+    assert size >= slots * V * 4, (size, op)  # all slots' logits on every device

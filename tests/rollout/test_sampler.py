@@ -360,3 +360,34 @@ def test_sharded_sampler_equals_single_device(mesh_shape):
         np.testing.assert_array_equal(getattr(sharded, name)[same], getattr(single, name)[same], err_msg=name)
     for i, n in enumerate(agreed):
         np.testing.assert_allclose(sharded.logp[i, :n], single.logp[i, :n], atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,rows,config", [
+    ((8, 1, 1), 16, SamplingConfig(max_new_tokens=1, top_k=20, top_p=0.9, temperature=0.8)),
+    ((8, 1, 1), 16, SamplingConfig(max_new_tokens=1, top_p=0.9, temperature=0.8)),
+    ((4, 1, 2), 16, SamplingConfig(max_new_tokens=1, top_k=20, top_p=0.9, temperature=0.8)),  # two-stage top-k
+    ((4, 1, 2), 12, SamplingConfig(max_new_tokens=1, top_p=0.9, temperature=0.8)),  # rows dealt out, 3 per replica
+    ((2, 1, 4), 16, SamplingConfig(max_new_tokens=1, top_k=5, temperature=1.3)),
+    ((2, 1, 4), 16, SamplingConfig(max_new_tokens=1, top_k=100, top_p=0.7)),  # k > V / tp: rows dealt out
+    ((1, 1, 8), 8, SamplingConfig(max_new_tokens=1, top_k=3, top_p=0.5)),
+])
+def test_each_replica_samples_its_own_rows_bit_for_bit(mesh_shape, rows, config):
+    """sample_logits_on_mesh on logits split by rows over `data` and by vocabulary over `tensor`
+    (as the rollout layout leaves them) draws the tokens and log-probs of sample_logits on the whole
+    array, bit for bit; the logits are rounded to 0.1 so that many tie, within and across shards."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from reval_jax.rollout.sampling import sample_keys, sample_logits_on_mesh, step_keys
+
+    V = 136
+    mesh = make_mesh(mesh_shape)
+    logits = np.round(np.random.RandomState(2).normal(0, 3.0, (rows, V)), 1).astype(np.float32)
+    keys = step_keys(sample_keys(np.uint32(5), jnp.arange(rows, dtype=jnp.int32), jnp.zeros(rows, jnp.int32)), 3)
+    want = jax.jit(lambda x, k: sample_logits(x, k, config))(logits, keys)
+    split = "data" if mesh_shape[0] > 1 else None
+    on_mesh = jax.device_put(logits, NamedSharding(mesh, P(split, "tensor" if mesh_shape[2] > 1 else None)))
+    got = jax.jit(lambda x, k: sample_logits_on_mesh(x, k, config, mesh=mesh, rows=split))(on_mesh, keys)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    assert len(set(np.asarray(want[0]).tolist())) > rows // 2  # the rows draw different tokens
