@@ -204,7 +204,7 @@ class JaxSide:
         """jit cache entries of the update's programs (one each: nothing recompiled)."""
         u = self.updater
         return {name: fn._cache_size() for name, fn in
-                (("zeros", u._zeros), ("accumulate", u._accumulate_fn), ("apply", u._apply_fn))}
+                (("zeros", u._zeros), ("accumulate", u.micro_step), ("apply", u.apply_step))}
 
     def describe(self) -> str:
         R, L, M = self.micro[0].shape

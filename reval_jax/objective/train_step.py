@@ -286,10 +286,11 @@ class Updater:
         state, metrics = updater.update(state, micro, layout, norm)    # micro: host Packed list
         logp, v = updater.reference(state.ref_params, micro)           # host [R, L] / [R, M] lists
 
-    Programs: `_cast_fn` (parameters to the compute dtype, once per update), `_forward_fn` (the
-    forward program: reference pass, and both sides of δ with `exact_reference`), `_accumulate_fn`
-    (micro-step: loss at given values, gradients through the differentiated pass, added to a donated
-    accumulator) and `_apply_fn`. With a mesh, parameters keep their `state_sharding` layout,
+    Its public programs (jitted; reval_jax.tools.scale compiles these same objects): `forward` (the
+    forward program: reference pass, and both sides of δ with `exact_reference`), `micro_step`
+    (loss at given values, gradients through the differentiated pass, added to a donated
+    accumulator) and `apply_step` (clip, optimizer, finite checks); `_cast_fn` casts parameters to
+    the compute dtype once per update. With a mesh, parameters keep their `state_sharding` layout,
     micro-batches are split by rows over the data axes (placed from host arrays that every process
     holds whole), the state and the gradient accumulator are donated."""
 
@@ -305,9 +306,9 @@ class Updater:
         if mesh is None:
             self._zeros = jax.jit(_zeros)
             self._cast_fn = jax.jit(cast)
-            self._accumulate_fn = jax.jit(accumulate, donate_argnums=(0,))
-            self._apply_fn = jax.jit(apply, donate_argnums=(0,))
-            self._forward_fn = jax.jit(forward)
+            self.micro_step = jax.jit(accumulate, donate_argnums=(0,))
+            self.apply_step = jax.jit(apply, donate_argnums=(0,))
+            self.forward = jax.jit(forward)
             return
         s_sh = state_sharding(state, optimizer, mesh)
         b_sh, replicated = packed_sharding(mesh), NamedSharding(mesh, PartitionSpec())
@@ -319,11 +320,11 @@ class Updater:
             grads, value, metrics = accumulate(*args)
             return jax.lax.with_sharding_constraint(grads, s_sh.params), value, metrics
 
-        self._accumulate_fn = jax.jit(accumulate_in_layout, donate_argnums=(0,),
+        self.micro_step = jax.jit(accumulate_in_layout, donate_argnums=(0,),
                                       in_shardings=(s_sh.params, s_sh.params, b_sh, norm_sh, b_sh))
-        self._apply_fn = jax.jit(apply, in_shardings=(s_sh, s_sh.params, replicated),
+        self.apply_step = jax.jit(apply, in_shardings=(s_sh, s_sh.params, replicated),
                                  out_shardings=(s_sh, replicated), donate_argnums=(0,))
-        self._forward_fn = jax.jit(forward, in_shardings=(s_sh.params, b_sh), out_shardings=(b_sh, b_sh))
+        self.forward = jax.jit(forward, in_shardings=(s_sh.params, b_sh), out_shardings=(b_sh, b_sh))
 
     @staticmethod
     def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm, values):
@@ -357,12 +358,12 @@ class Updater:
         for mb in micro:
             mb, values = self.put(mb), None
             if self.exact:
-                ref_logp, ref_v = self._forward_fn(ref, mb)
-                mb, values = mb.replace(ref_logp=ref_logp, ref_v=ref_v), self._forward_fn(params, mb)
-            grads, value, m = self._accumulate_fn(grads, params, mb, norm, values)
+                ref_logp, ref_v = self.forward(ref, mb)
+                mb, values = mb.replace(ref_logp=ref_logp, ref_v=ref_v), self.forward(params, mb)
+            grads, value, m = self.micro_step(grads, params, mb, norm, values)
             loss, metrics = loss + value, metrics + [m]
         del params, ref
-        state, out = self._apply_fn(state, grads, loss)
+        state, out = self.apply_step(state, grads, loss)
         host = summarize(loss, metrics, layout, norm)
         host.update({k: float(v) for k, v in jax.device_get(out).items()})
         seconds = time.perf_counter() - start
@@ -375,7 +376,7 @@ class Updater:
     def reference(self, ref_params: nnx.State, micro: Sequence[Packed]):
         """Reference terms of every micro-batch: lists of host logp [R, L] and v [R, M]."""
         ref = self.computing(ref_params)
-        outs = [self._forward_fn(ref, self.put(mb)) for mb in micro]
+        outs = [self.forward(ref, self.put(mb)) for mb in micro]
         return [to_host(lp) for lp, _ in outs], [to_host(v) for _, v in outs]
 
 

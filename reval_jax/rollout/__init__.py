@@ -7,7 +7,7 @@ The files follow the data, requests -> scheduler -> page table -> compiled step 
                        buckets, the sampling rule (`sample_logits`; on a mesh each data replica
                        draws its own rows, `sample_logits_on_mesh`) and the key rule
     engine.py          the engine's host loop: admit, prefill, decode, collect, preempt, repeat
-                       (`Engine.run`), and `engine_config` from the run config
+                       (`Engine.run`); its EngineConfig comes from reval_jax.run.config
     scheduler.py       the host side as one object: the queue, the typed slot table and the page
                        allocator; admit / collect / preempt, no compiling
     page_table.py      EngineConfig, the cache geometry (slots, table width, replicas, pages), the

@@ -53,18 +53,7 @@ from reval_jax.rollout.programs import PrefillChunk, SlotRows, Slots, empty_stat
 from reval_jax.rollout.sampling import SamplingConfig, sample_keys
 from reval_jax.rollout.scheduler import Admission, Readback, Request, Scheduler
 
-__all__ = ["Engine", "EngineConfig", "Slots", "decode_chunk", "engine_config", "replica_pages"]
-
-
-def engine_config(config) -> EngineConfig | None:
-    """The run config's `rollout.*` engine fields; None (generate's default: one slot per sample of a
-    call) when `rollout.slots` is 0."""
-    r = config.rollout
-    if not r.get("slots", 0):
-        return None
-    return EngineConfig(slots=r.slots, page_size=r.page_size, cache_tokens=r.cache_tokens,
-                        prefill_chunk=r.prefill_chunk, prefill_rows=max(1, min(r.slots, 64)),
-                        decode_chunk=r.get("decode_chunk", 0))
+__all__ = ["Engine", "EngineConfig", "Slots", "decode_chunk", "replica_pages"]
 
 
 class Engine:

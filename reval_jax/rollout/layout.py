@@ -14,7 +14,7 @@ heads, kv heads, the MLP and the vocabulary over `tensor`; the model dimension i
 decode step then moves activations only (the partial sums of o_proj / down_proj over `tensor`, the
 vocabulary of the logits), never a weight; with tp = 1 nothing but the loop's stop test.
 
-    layout = layout_from_config(config, train_mesh, model_cfg)  # validates config.rollout.*
+    layout = run.config.rollout_layout(config, train_mesh, model_cfg)  # validates config.rollout.*
     model = layout(graphdef, state.params)   # once per round, after the previous round's updates
     rollout = generate(model, prompts, sampling, seed=..., prompt_ids=...)
     del model                                # before the updates: the copy lives for one round
@@ -266,15 +266,3 @@ class RolloutLayout:
     def abstract(self, cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
         """The rollout graphdef and abstract parameters of a model `cfg` (for reval_jax.tools.scale)."""
         return abstract_rollout(rollout_model_config(cfg, self.dtype), self.mesh)
-
-
-def layout_from_config(config, train_mesh: Mesh, cfg: ModelConfig | None = None) -> RolloutLayout:
-    """`config.rollout` (tensor, dtype, chunk_mb) on the devices of `train_mesh`, validated against
-    the model `cfg`; dtype "" is the compute dtype `config.model.dtype`."""
-    r = config.rollout
-    if r.dtype not in ("", *DTYPES):
-        raise UserError(f"config.rollout.dtype: {r.dtype!r} is not one of {DTYPES} ('' = model.dtype)")
-    if r.chunk_mb < 1:
-        raise UserError(f"config.rollout.chunk_mb: {r.chunk_mb} must be >= 1 (MiB moved at a time)")
-    return RolloutLayout(mesh=rollout_mesh(train_mesh, int(r.tensor), cfg), dtype=r.dtype or config.model.dtype,
-                         chunk_bytes=int(r.chunk_mb) * 2**20)

@@ -482,11 +482,16 @@ def _loop_config(config, step: StepConfig, rollouts: int) -> LoopConfig:
     )
 
 
-def _round_config(config, pipe: PipelineConfig, processes: int, seq_len: int) -> RoundConfig:
+def prompts_per_call(config) -> int:
+    """Prompts per sampler call: sampling.batch_size rollouts' worth, or the whole round."""
     s = config.sampling
-    per_call = max(1, s.batch_size // s.num_samples) if s.batch_size else config.data.prompts_per_iteration
+    return max(1, s.batch_size // s.num_samples) if s.batch_size else config.data.prompts_per_iteration
+
+
+def _round_config(config, pipe: PipelineConfig, processes: int, seq_len: int) -> RoundConfig:
     return RoundConfig(
-        prompts_per_round=config.data.prompts_per_iteration, prompts_per_call=per_call, seed=config.seed,
+        prompts_per_round=config.data.prompts_per_iteration, prompts_per_call=prompts_per_call(config),
+        seed=config.seed,
         seq_len=seq_len, num_iterations=config.num_iterations,
         shares=pipe.two_groups and processes > 1, pickup_steps=pipe.pickup_steps if pipe.pickup == "step" else 0,
         in_flight=pipe.in_flight, progress=config.progress,

@@ -22,11 +22,11 @@ from reval_jax.parallel.sharding import RULES, logical_to_spec, make_mesh, state
 from reval_jax.rollout.layout import (
     ROLLOUT_RULES,
     chunking,
-    layout_from_config,
     rollout_mesh,
     to_rollout,
 )
 from reval_jax.rollout.sampler import SamplingConfig, generate, pad_prompts
+from reval_jax.run.config import rollout_layout
 from reval_jax.tools import hlo
 
 # tiny shapes whose matrices (and per-layer slices) no activation of the decode below shares in
@@ -249,12 +249,12 @@ def _rollout_config(**fields):
 def test_config_errors_are_one_line_naming_the_field(fields, message):
     model = tiny_model(0)  # 4 heads, 2 kv heads
     with pytest.raises(UserError) as e:
-        layout_from_config(_rollout_config(**fields), make_mesh((1, 8, 1)), model.cfg)
+        rollout_layout(_rollout_config(**fields), make_mesh((1, 8, 1)), model.cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 def test_dtype_defaults_to_the_compute_dtype():
-    layout = layout_from_config(_rollout_config(), make_mesh((1, 8, 1)), tiny_model(0).cfg)
+    layout = rollout_layout(_rollout_config(), make_mesh((1, 8, 1)), tiny_model(0).cfg)
     assert layout.dtype == "bfloat16" and dict(layout.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert layout.chunk_bytes == 256 * 2**20
 

@@ -24,7 +24,8 @@ def _run(*args):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("module", ["train", "evaluate", "export", "plot", "experiments.toy", "experiments.one_prompt"])
+@pytest.mark.parametrize("module", ["train", "evaluate", "export", "plot", "scale", "experiments.toy",
+                                    "experiments.one_prompt"])
 def test_every_command_answers_help(module):
     proc = _run(f"reval_jax.{module}", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -155,15 +155,34 @@ def test_checker_reports_every_program_on_a_tiny_config():
     assert "decode x 16" in scale.format_report(report)
 
 
-def test_model_shapes_need_a_preset_or_a_model_directory():
+def test_report_header_says_what_runs_where():
+    """A 1x1x1 mesh on 8 fake devices says so; parameters in k/M/B; the header's micro-batches are
+    the ones the programs run; a program set without collectives says there are none."""
     from reval_jax.tools import scale
+
+    config = _tiny_config()
+    config.mesh = (1, 1, 1)
+    config.micro_batches = 0
+    config.tokens_per_device = 2 * 32  # two 32-token rows per micro-batch: 16 trajectories in 8 micro-batches
+    report = scale.check(config, jax.devices()[:8], programs=("update",))
+    text = scale.format_report(report)
+    header = text.splitlines()[0]
+    assert "on 1 of 8 cpu " in header and " params" in header and "0.00B" not in header
+    micro = report["setup"]["micro_batches"]
+    assert micro == 8 and f"in {micro} micro-batch(es)" in header
+    assert f"{micro} micro-batch(es) x 2 updates" in text  # the FLOPs section's note says the same
+    assert "(none: no program moves data between devices)" in text
+
+
+def test_model_shapes_need_a_preset_or_a_model_directory():
+    from reval_jax.tools import scale_programs
 
     config = _tiny_config()
     config.model.preset = ""
     with pytest.raises(ValueError, match="model.preset"):
-        scale.model_config(config)
+        scale_programs.model_config(config)
     config.model.preset = "qwen2.5-math-7b"
-    assert scale.model_config(config).num_layers == 28
+    assert scale_programs.model_config(config).num_layers == 28
 
 
 def test_trip_count_from_the_condition_and_the_initial_value():
