@@ -16,6 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.algorithm = "reval"  # reval | tbrm | regression | grpo | rloo | dapo (docs/algorithms.md): one flag apart
     c.algorithm_defaults = True  # apply what an algorithm implies (its record's defaults, objective/algorithms.py)
     c.num_iterations = 650  # generation rounds (Algorithm 1's outer loop)
+    # a start on an existing workdir whose config differs from the run's recorded one (config.json, or the newest
+    # config.start-<i>.json) in a field that can change results is refused, naming each field; True accepts it and
+    # records this start's config beside the others as config.start-<first iteration>.json (config.json is never
+    # rewritten). Free to change: num_iterations, progress, compile_cache, checkpoint.*, reward.num_workers
+    c.allow_config_change = False
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local Hugging Face directory (config.json, *.safetensors, tokenizer)
@@ -136,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.eval.limit = 100  # problems per benchmark (fixed-seed subset); 0 = all
     c.eval.k = 16  # samples per problem: avg@k
-    c.eval.temperature = 1.0  # evaluation sampling temperature
+    c.eval.temperature = 1.0  # evaluation sampling temperature; 0 = greedy (argmax; `evaluate --greedy` also sets k 1)
     c.eval.max_new_tokens = 0  # 0 = sampling.max_new_tokens
     c.eval.stop_at = 0.0  # stop the run once the evaluation average avg@k reaches this (0 = never)
 

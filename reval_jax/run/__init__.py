@@ -6,7 +6,8 @@
     hooks.py       what attaches to the loop: metrics, evaluation, checkpoints, progress, stop signals
     producer.py    one round: prompts -> rollout engine -> rewards (dynamic sampling) -> Trajectories
     pipeline.py    where a round's rollouts come from: generated in turn (sync) or ahead (async)
-    checkpoint.py  Orbax checkpoints of the whole experiment, fingerprints, exact resume
+    record.py      the run's record of its configs: which starts may go on, config.start-<i>.json beside config.json
+    checkpoint.py  Orbax checkpoints of the whole experiment, fingerprints, exact resume, quiet recovery
     metrics.py     one writer for stdout, metrics.jsonl and TensorBoard
     evaluate.py    `python -m reval_jax.evaluate`: avg@k on benchmarks
     export.py      `python -m reval_jax.export`: a checkpoint to a Hugging Face directory

@@ -14,17 +14,22 @@ are finite: a non-finite state is never saved). Restoring walks from the newest 
 and skips, with a report naming the step, any step that fails to load (partial, truncated, missing
 files) or whose restored values do not match its checksums (bit flips inside array data); the
 training run moves such a step aside to `checkpoints.corrupt/` so that the run can write that step
-again. A step written before checksums existed is accepted with a warning. Restoring takes the
+again. The report is one line (the innermost cause, not Orbax's TensorStore spec dump), and a read
+that fails leaves nothing behind: the other reads of the step are awaited before Orbax's event loop
+closes (`_SettlingLoop`), so no coroutine or TensorStore callback meets a closed loop later. A step
+written before checksums existed is accepted with a warning. Restoring takes the
 *current* run's shardings as target, so a checkpoint written on one mesh loads onto another (the
 fingerprints do not depend on the sharding).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -171,6 +176,72 @@ def _saved_numpy_tree(sums: dict[str, str] | None) -> dict[str, np.ndarray] | No
     return tree
 
 
+# ----------------------------------------------------------------------------- quiet failed restores
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets the tasks still pending on it finish before it closes.
+
+    Orbax runs a restore in a fresh event loop (`run_until_complete`, then `close`). When one array
+    read fails, the gather that awaits the reads raises at once and the loop is closed under the
+    other reads: their coroutines are destroyed mid-await ("Exception ignored in: <coroutine ...>"
+    with a TensorStore spec each) and TensorStore's threads, finishing them, call into the closed
+    loop ("RuntimeError: Event loop is closed"). Awaiting them first, as `asyncio.run` would, ends
+    every read before the loop goes (their errors are collected: the first one is already raised)."""
+
+    def close(self) -> None:
+        while not self.is_closed() and not self.is_running() and (pending := asyncio.all_tasks(self)):
+            self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingLoop()
+
+
+@contextlib.contextmanager
+def _settling_event_loops():
+    """The event loops created inside (Orbax's, for a restore) settle their tasks before closing."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def failure_reason(e: BaseException, limit: int = 200) -> str:
+    """One line saying why a step did not load: the innermost cause's first line (Orbax wraps a
+    TensorStore read error in a message that dumps the store's whole spec)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+@contextlib.contextmanager
+def _without_log_lines(*fragments: str):
+    """Orbax's log records (absl's logger) holding any of `fragments` are dropped inside."""
+    logger, drop = logging.getLogger("absl"), _DropLines(fragments)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 
 
@@ -181,13 +252,13 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
         self.read_only = read_only
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                cleanup_tmp_directories=True,
-            ),
-        )
+        if read_only:  # every option a read-only manager would otherwise reset, with a warning each
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                   create=True, cleanup_tmp_directories=True)
+        with _without_log_lines("Given directory is read only"):  # Orbax's unconditional warning
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.writing: int | None = None  # the step whose (async) write is under way or last done
 
     def steps(self) -> list[int]:
@@ -272,14 +343,15 @@ class Checkpointer:
         (CorruptCheckpoint on a checksum mismatch) if it is not usable; returns the Orbax result
         and whether checksums were verified (False: a checkpoint older than checksums)."""
         items = {"state": ocp.args.StandardRestore(_abstract(state_like)), "meta": ocp.args.JsonRestore()}
-        if buffer_like is not None:
-            # the buffer item as it was saved (its keys, shapes and dtypes are in the checksums):
-            # entries added to the buffer state since, or that vary between runs (the queued rounds
-            # of an asynchronous run), restore as saved; the caller fills in what is missing
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            saved = _saved_numpy_tree(meta.get("checksums", {}).get("buffer"))
-            items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like if saved is None else saved))
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        with _settling_event_loops():
+            if buffer_like is not None:
+                # the buffer item as it was saved (its keys, shapes and dtypes are in the checksums):
+                # entries added to the buffer state since, or that vary between runs (the queued rounds
+                # of an asynchronous run), restore as saved; the caller fills in what is missing
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                saved = _saved_numpy_tree(meta.get("checksums", {}).get("buffer"))
+                items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like if saved is None else saved))
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
         trees = {"state": out.state, **({"buffer": out.buffer} if buffer_like is not None else {})}
         bad = verify(dict(out.meta), **trees)
         if bad:
@@ -296,7 +368,7 @@ class Checkpointer:
                 out, verified = self.restore(step, state_like, buffer_like)
             except Exception as e:  # noqa: BLE001 — any failure to read means: not usable
                 log(f"checkpoint {step} in {self.directory} is corrupt or partial and is skipped "
-                    f"({type(e).__name__}: {str(e)[:300]})")
+                    f"({failure_reason(e)})")
                 self._quarantine(step, log)
                 continue
             if not verified:
@@ -341,13 +413,9 @@ def find_checkpoints(path: str | os.PathLike) -> tuple[Path, int | None]:
     return path, None
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Fields whose values differ between a checkpoint's config and the current one."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
-        elif json.dumps(a, default=str) != json.dumps(b, default=str):
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+def newest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step in a checkpoints/ directory (None: none, or no directory), read
+    without opening a manager and without checking the step."""
+    path = Path(directory)
+    steps = ocp.utils.checkpoint_steps(path) if path.is_dir() else []
+    return max(steps) if steps else None

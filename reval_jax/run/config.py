@@ -58,7 +58,8 @@ class EvalSettings:
     """What `reval_jax.run.evaluate.evaluate` samples."""
 
     k: int = 16  # samples per problem
-    temperature: float = 1.0
+    temperature: float = 1.0  # ignored when greedy
+    greedy: bool = False  # argmax decoding (config.eval.temperature = 0): deterministic
     max_new_tokens: int = 1024
     stop_ids: tuple[int, ...] = ()
     buckets: tuple[int, ...] = (128, 256, 512, 1024)
@@ -96,6 +97,7 @@ def check_config(config) -> None:
     if config.replay.on_reset not in ("recompute", "flush"):
         _bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
     _check_files(config)
+    _check_eval(config)
     for field in ("num_iterations", "data.prompts_per_iteration", "sampling.num_samples",
                   "sampling.max_new_tokens", "replay.capacity", "replay.updates_per_iteration"):
         if _get(config, field) < 1:
@@ -109,6 +111,13 @@ def check_config(config) -> None:
     if config.replay.schedule == "on_policy_first" and batch != rollouts:
         _bad("replay.batch_size", f"{batch} must equal prompts × samples = {rollouts} with on_policy_first")
     _check_packing(config)
+
+
+def _check_eval(config) -> None:
+    if config.eval.temperature < 0:
+        _bad("eval.temperature", f"{config.eval.temperature} must be >= 0 (0 = greedy: the most likely token)")
+    if config.eval.k < 1:
+        _bad("eval.k", f"{config.eval.k} must be >= 1")
 
 
 def _check_files(config) -> None:
@@ -280,8 +289,11 @@ def rollout_layout(config, devices, model_cfg=None) -> RolloutLayout:
 
 
 def eval_settings(config, stop_ids) -> EvalSettings:
+    """What the evaluation samples; `eval.temperature` 0 means greedy (argmax) decoding."""
+    _check_eval(config)
+    greedy = config.eval.temperature == 0
     return EvalSettings(
-        k=config.eval.k, temperature=config.eval.temperature,
+        k=config.eval.k, temperature=1.0 if greedy else float(config.eval.temperature), greedy=greedy,
         max_new_tokens=config.eval.max_new_tokens or config.sampling.max_new_tokens,
         stop_ids=tuple(stop_ids), buckets=tuple(config.sampling.buckets), seed=config.seed,
         prompts_per_call=max(1, (config.sampling.batch_size or 1024) // config.eval.k),

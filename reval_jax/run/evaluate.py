@@ -1,11 +1,18 @@
 """Evaluation: avg@k per benchmark, their average, response length and truncation rate.
 
-    python -m reval_jax.evaluate --config=configs/qwen7b.py [--hf=DIR | --checkpoint=DIR] [--out=FILE]
+    python -m reval_jax.evaluate --config=configs/qwen7b.py [--hf=DIR | --checkpoint=DIR] [--greedy] [--out=FILE]
 
 The same `evaluate` function runs inside training every `eval.every` iterations; both hand it the
 policy in the rollout layout (`reval_jax.rollout.layout`, config.rollout.*). avg@k is the mean
 correctness over k samples per problem, averaged over the problems of a benchmark (ALGORITHMS.md,
 Evaluation protocol); "avg@k" alone is the mean over benchmarks.
+
+Sampling follows `eval.k` and `eval.temperature`; temperature 0 decodes greedily (the most likely
+token at every step: deterministic, so the k samples of a problem are the same). `--greedy` is one
+greedy answer per problem, `--config.eval.temperature=0 --config.eval.k=1`: its key is "avg@1".
+With `--checkpoint`, a step that does not load (or does not match its checksums) is named in one
+line with the reason, and the newest usable one is evaluated. Progress bars (config.progress) are
+shown on a terminal only.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from reval_jax.errors import UserError
 from reval_jax.parallel.distributed import all_gather_rows, process_share, to_host
 from reval_jax.rollout.sampler import Rollout, SamplingConfig, generate
 from reval_jax.run.config import DataSettings, EvalSettings
+from reval_jax.run.metrics import show_bars
 
 
 def decode_responses(tokenizer, rollout: Rollout, rows: slice = slice(None)) -> list[str]:
@@ -60,7 +68,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
     from tqdm import tqdm
 
     config = SamplingConfig(max_new_tokens=settings.max_new_tokens, num_samples=settings.k,
-                            temperature=settings.temperature, stop_ids=settings.stop_ids,
+                            temperature=settings.temperature, greedy=settings.greedy, stop_ids=settings.stop_ids,
                             buckets=settings.buckets)
     results: dict[str, float] = {}
     key = f"avg@{settings.k}"
@@ -69,7 +77,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
     for name, examples in benchmarks.items():
         correct, lengths, truncated = [], [], []
         chunks = range(0, len(examples), settings.prompts_per_call)
-        for start in tqdm(chunks, desc=f"eval {name}", disable=not progress, leave=False):
+        for start in tqdm(chunks, desc=f"eval {name}", disable=not show_bars(progress), leave=False):
             batch = examples[start : start + settings.prompts_per_call]
             rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed, engine=settings.engine,
                                prompt_ids=list(range(start, start + len(batch))))
@@ -121,6 +129,8 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     config = FLAGS.config
+    if FLAGS.greedy:
+        config.eval.temperature, config.eval.k = 0.0, 1
     mesh = make_run_mesh(config)
     if FLAGS.checkpoint:
         model, tokenizer = load_checkpoint_policy(FLAGS.checkpoint, config, mesh)
@@ -153,6 +163,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("hf", "", "Hugging Face directory to evaluate (default: config.model.path).")
     flags.DEFINE_string("checkpoint", "", "Training checkpoint to evaluate: a workdir, its checkpoints/ "
                         "directory (the newest usable step) or one step directory.")
+    flags.DEFINE_bool("greedy", False, "One greedy (argmax) answer per problem: --config.eval.temperature=0 "
+                      "--config.eval.k=1 (temperature 0 alone keeps eval.k identical samples).")
     flags.DEFINE_string("out", "", "Write the results to this JSON file too.")
     flags.mark_flags_as_required(["config"])
     cli.run_absl(main)

@@ -24,6 +24,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def show_bars(progress: bool, stream=None) -> bool:
+    """Whether tqdm bars are shown: config.progress, on a terminal only (the bars' stream, stderr).
+    In a log file a bar is carriage returns without a newline, and the line printed next (`[eval 10]
+    avg@4=...`) would continue it."""
+    stream = sys.stderr if stream is None else stream
+    return progress and hasattr(stream, "isatty") and stream.isatty()
+
+
 def tensorboard_tag(name: str) -> str:
     """`name` with only the characters TensorBoard accepts (letters, digits, _ - . /)."""
     return re.sub(r"[^-/\w.]", "_", name.replace("@", "_at_"))

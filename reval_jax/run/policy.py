@@ -36,7 +36,7 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=prin
     from flax import nnx
 
     from reval_jax.objective.train_step import init_state, make_optimizer, state_sharding
-    from reval_jax.run.checkpoint import Checkpointer, find_checkpoints
+    from reval_jax.run.checkpoint import Checkpointer, failure_reason, find_checkpoints
 
     directory, only = find_checkpoints(checkpoint)
     settings = model_settings(config)
@@ -58,9 +58,8 @@ def load_checkpoint_policy(checkpoint: str | os.PathLike, config, mesh, log=prin
             try:
                 out, verified = ckpt.restore(step, target)
             except Exception as e:  # noqa: BLE001 — any failure to read means: not usable
-                failures.append(f"checkpoint {step}: {type(e).__name__}: {str(e)[:300]}")
-                log(f"checkpoint {step} in {directory} is corrupt or partial and is skipped "
-                    f"({type(e).__name__}: {str(e)[:300]})")
+                failures.append(f"checkpoint {step}: {failure_reason(e)}")
+                log(f"checkpoint {step} in {directory} is corrupt or partial and is skipped ({failure_reason(e)})")
                 continue
             if not verified:
                 log(f"warning: checkpoint {step} in {directory} predates checksums; loaded unverified")

@@ -31,6 +31,7 @@ from reval_jax.rollout.engine import EngineConfig
 from reval_jax.rollout.sampler import SamplingConfig, generate
 from reval_jax.run import evaluate
 from reval_jax.run.config import Rewarding, RoundConfig
+from reval_jax.run.metrics import show_bars
 from reval_jax.run.pipeline import RolloutWeights, Round
 
 
@@ -80,7 +81,8 @@ class Producer:
         version, model = weights.current()
         parts = []
         for start in tqdm(range(0, len(examples), cfg.prompts_per_call), desc=f"generate {iteration}",
-                          disable=not cfg.progress or len(examples) <= cfg.prompts_per_call, leave=False):
+                          disable=not show_bars(cfg.progress) or len(examples) <= cfg.prompts_per_call,
+                          leave=False):
             chunk = examples[start : start + cfg.prompts_per_call]
             rollout = generate(model, [e.prompt_ids for e in chunk], self.sampling, engine=self.engine,
                                seed=(cfg.seed * 1_000_003 + iteration) % 2**32,

@@ -14,11 +14,15 @@ device, or on a rollout device group while the others train); the loop body is t
 round i from the pipeline. The algorithm is one config field; what it implies and refuses is its
 record's (reval_jax/run/config.py).
 
-Build order: config checks -> devices and mesh -> model, optimizer, state -> data, benchmarks,
-buffer, scorer (nothing is written to the workdir before all of them have loaded: a start that
-fails its checks leaves an existing run's record as it was; only the compilation cache,
-config.compile_cache, may gain entries) -> the run's record (config.json, metrics) -> producer,
-pipeline, checkpointer -> resume -> hooks -> the loop. Everything built is closed on every exit.
+Build order: config checks -> the run's record (reval_jax/run/record.py: a start whose config
+differs from the run's in a field that can change results is refused, unless
+config.allow_config_change; a finished run stops here, untouched) -> devices and mesh -> model,
+optimizer, state -> data, benchmarks, buffer, scorer -> producer, pipeline, checkpointer -> resume
+-> the start's record (its config, metrics rewound to the checkpoint) -> hooks -> the loop. Nothing
+is written to the workdir before the resume has succeeded, but a corrupt step moved aside to
+checkpoints.corrupt/ (and the compilation cache, config.compile_cache, may gain entries): a start
+that fails its checks leaves an existing run's record as it was. Everything built is closed on every
+exit.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -41,6 +46,7 @@ from reval_jax.parallel import distributed
 from reval_jax.parallel.distributed import all_gather_rows
 from reval_jax.parallel.sharding import make_mesh
 from reval_jax.run import config as run_config
+from reval_jax.run import record
 from reval_jax.run.config import RunSettings
 from reval_jax.run.config import packing_budget as packing_budget  # reval_jax.tools.scale imports it from here
 from reval_jax.run.config import step_config as step_config  # reval_jax.tools.scale imports it from here
@@ -49,6 +55,9 @@ from reval_jax.run.pipeline import Clock, Round, device_groups, make_pipeline
 from reval_jax.run.policy import load_hf_policy
 from reval_jax.run.producer import Producer
 from reval_jax.run.trainer import Diverged, Learner, Trainer, staleness_of
+
+if TYPE_CHECKING:
+    from reval_jax.run.checkpoint import Restored
 
 
 def enable_compile_cache(cache: str, workdir: Path) -> None:
@@ -114,16 +123,15 @@ def load_data(s: RunSettings, tokenizer):
     return prompts, stats, benchmarks
 
 
-def resume(ckpt, trainer: Trainer, s: RunSettings, prompts, scorer, writer, json_config) -> int:
-    """Restores the newest loadable checkpoint into the trainer, the prompt stream, the scorer's
-    counters and the metrics; returns the first iteration to train (1 for a fresh run)."""
+def resume(ckpt, trainer: Trainer, s: RunSettings, prompts, scorer) -> Restored | None:
+    """Restores the newest loadable checkpoint into the trainer, the prompt stream and the scorer's
+    counters; returns it (None for a fresh run). Writes nothing but the move of a corrupt step aside."""
     from reval_jax.data.rewards import RewardStats
-    from reval_jax.run.checkpoint import config_differences
 
     pipe, buffer = trainer.pipeline, trainer.buffer
     restored = ckpt.restore_latest(trainer.state, {**buffer.state_dict(), **pipe.state_dict()})
     if restored is None:
-        return 1
+        return None
     trainer.state = restored.state
     buffer.load_state_dict(restored.buffer)
     pipe.load_state_dict(restored.buffer)
@@ -140,26 +148,32 @@ def resume(ckpt, trainer: Trainer, s: RunSettings, prompts, scorer, writer, json
                             "or more (or from an earlier checkpoint)")
     prompts.set_state(restored.meta["data"])
     scorer.restore_stats(RewardStats(**restored.meta["verifier"]))
+    return restored
+
+
+def _rewound(restored: Restored, writer, directory: Path, json_config: dict) -> None:
+    """The metrics back at the restored checkpoint; says so, and which result-changing fields the
+    checkpoint was written under another value of."""
     dropped = writer.rewind(restored.iteration)  # metrics.jsonl and TensorBoard events
-    print(f"resumed from checkpoint {restored.iteration} in {ckpt.directory} "
-          f"({dropped} later metric records dropped)")
-    for diff in config_differences(restored.meta["config"], json_config):
-        print(f"warning: config differs from the checkpoint's: {diff}")
-    return restored.iteration + 1
+    print(f"resumed from checkpoint {restored.iteration} in {directory} ({dropped} later metric records dropped)")
+    for change in record.changes(restored.meta["config"], json_config):
+        if record.needs_flag(change):
+            print(f"warning: config differs from the checkpoint's: {change}")
 
 
-def _record(config, s: RunSettings, workdir: Path, stack: contextlib.ExitStack):
-    """The run's record: config.json (process 0) and the metrics writer."""
+def _record(config, s: RunSettings, workdir: Path, json_config: dict, first: int, stack: contextlib.ExitStack):
+    """The run's record of a start that trains from iteration `first`: its config (process 0;
+    reval_jax/run/record.py) and the metrics writer."""
     from reval_jax.run.metrics import MetricsWriter
 
     workdir.mkdir(parents=True, exist_ok=True)
-    json_config = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(json_config, indent=2))
+    if jax.process_index() == 0 and (path := record.write_start(workdir, json_config, first)) is not None:
+        if path.name != record.ORIGINAL:
+            print(f"this start's config is recorded in {path} (the run's earlier ones are kept)")
     writer = MetricsWriter(workdir, wandb_project=s.wandb_project, config=config.to_dict(),
                            enabled=jax.process_index() == 0)
     stack.callback(writer.close)
-    return json_config, writer
+    return writer
 
 
 def _hooks(trainer: Trainer, s: RunSettings, model: Model, evaluation, writer, ckpt, meta, fresh: bool) -> None:
@@ -176,17 +190,34 @@ def _hooks(trainer: Trainer, s: RunSettings, model: Model, evaluation, writer, c
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, scorer=None) -> dict[str, float]:
     """Trains as `config` says, writing metrics (and checkpoints) under `workdir`. Returns the
-    last iteration's train metrics. `scorer` (default: a RewardScorer of config.reward, closed at
-    the end) scores the answers; one passed in stays open."""
+    last iteration's train metrics ({} when there is nothing to train). `scorer` (default: a
+    RewardScorer of config.reward, closed at the end) scores the answers; one passed in stays open.
+
+    A start on an existing run first compares its config with the run's record (reval_jax/run/
+    record.py: a change that can alter results is refused unless config.allow_config_change); a
+    finished run (its newest checkpoint is num_iterations or later) is left as it is: nothing is
+    built, read or written."""
+    from reval_jax.run.checkpoint import newest_step
+
     for change in run_config.prepare(config):
         print(f"algorithm {config.algorithm} implies {change}")
     s = run_config.run_settings(config, len(jax.devices()), jax.process_count())
-    enable_compile_cache(s.compile_cache, Path(workdir))
+    path = Path(workdir)
+    json_config = json.loads(config.to_json_best_effort())
+    for change in record.check_start(path, json_config, bool(config.get("allow_config_change", False))):
+        print(f"config change from the run's record: {change}")
+    if (done := newest_step(path / "checkpoints")) is not None and done >= s.loop.num_iterations:
+        print(f"{workdir} is a finished run (checkpoint {done}, num_iterations={s.loop.num_iterations}): "
+              f"nothing to train; nothing was changed. Delete {workdir} for a fresh run, or raise "
+              "--config.num_iterations to go on.")
+        return {}
+    enable_compile_cache(s.compile_cache, path)
     with contextlib.ExitStack() as stack:
-        return _run(config, s, Path(workdir), stack, scorer)
+        return _run(config, s, path, json_config, stack, scorer)
 
 
-def _run(config, s: RunSettings, workdir: Path, stack: contextlib.ExitStack, scorer) -> dict[str, float]:
+def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contextlib.ExitStack,
+         scorer) -> dict[str, float]:
     from reval_jax.data.rewards import RewardScorer
     from reval_jax.data.templates import stop_token_ids
     from reval_jax.run.checkpoint import Checkpointer
@@ -202,7 +233,6 @@ def _run(config, s: RunSettings, workdir: Path, stack: contextlib.ExitStack, sco
         scorer = stack.enter_context(RewardScorer(s.reward.name, template=s.reward.template,
                                                   num_workers=s.reward.num_workers, timeout_s=s.reward.timeout_s))
     evaluation = Evaluation(model.tokenizer, benchmarks, run_config.eval_settings(config, stops), scorer, s.progress)
-    json_config, writer = _record(config, s, workdir, stack)  # everything above loaded: this start is valid
     ckpt = Checkpointer(workdir / "checkpoints", keep=s.hooks.checkpoint_keep, async_save=s.hooks.async_save)
     stack.callback(ckpt.close)
     producer = Producer(s.rounds, sampling, s.engine, prompts, scorer, model.tokenizer, s.rewarding)
@@ -215,19 +245,20 @@ def _run(config, s: RunSettings, workdir: Path, stack: contextlib.ExitStack, sco
                       s.advantages)
     trainer = Trainer(s.loop, state, learner, buffer, pipe, clock, lambda: scorer.stats)
     del state  # the trainer owns the state from here
-    start = resume(ckpt, trainer, s, prompts, scorer, writer, json_config)
-    if start == 1:
+    restored = resume(ckpt, trainer, s, prompts, scorer)
+    start = 1 if restored is None else restored.iteration + 1
+    writer = _record(config, s, workdir, json_config, start, stack)  # everything above loaded: this start trains
+    if restored is None:
         writer.write("data", 0, {k: v for k, v in vars(data_stats).items() if k != "files"},
                      echo=("kept", "skipped_missing", "dropped_too_long"))
+    else:
+        _rewound(restored, writer, ckpt.directory, json_config)
 
     def meta():
         return {"data": prompts.get_state(), "verifier": dataclasses.asdict(scorer.stats), "config": json_config}
 
-    _hooks(trainer, s, model, evaluation, writer, ckpt, meta, fresh=start == 1)
+    _hooks(trainer, s, model, evaluation, writer, ckpt, meta, fresh=restored is None)
     stack.enter_context(StopOnSignal(trainer))
-    if start > s.loop.num_iterations:
-        print(f"{workdir} is a finished run (checkpoint {start - 1}, num_iterations={s.loop.num_iterations}): "
-              f"nothing to train. Delete {workdir} for a fresh run, or raise --config.num_iterations to go on.")
     try:
         return trainer.train(start)
     except Diverged as e:

@@ -198,10 +198,12 @@ def test_resuming_refuses_rounds_over_a_smaller_bound(sliced, data_file, tmp_pat
     shutil.copytree(sliced, tmp_path / "run")
     for step in (3, 4):  # back to checkpoint 2, which holds rounds 3 and 4, 2 updates stale
         shutil.rmtree(tmp_path / "run" / "checkpoints" / str(step))
+    accepted = {"allow_config_change": True}  # past the run record's check: the checkpoint's own
     with pytest.raises(ValueError, match="holds round 3 generated 2 updates ahead.*max_staleness=2 or more"):
-        run(tiny_config(data_file, num_iterations=4, **{**ASYNC2, "pipeline.max_staleness": 1}), tmp_path / "run")
+        run(tiny_config(data_file, num_iterations=4, **{**ASYNC2, "pipeline.max_staleness": 1}, **accepted),
+            tmp_path / "run")
     with pytest.raises(ValueError, match="written by an asynchronous run with rounds \\[3, 4\\]"):
-        run(tiny_config(data_file, num_iterations=4), tmp_path / "run")
+        run(tiny_config(data_file, num_iterations=4, **accepted), tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------- two device groups

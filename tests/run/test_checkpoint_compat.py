@@ -28,8 +28,13 @@ def test_pre_layout_checkpoint_resumes(tmp_path):
     data = shutil.copy(FIXTURE / "arith.jsonl", tmp_path / "arith.jsonl")
     config = tiny_config(str(data), num_iterations=3)
     config.checkpoint.async_save = False
+    config.allow_config_change = True  # the old run's paths (and the fields added since) differ from today's
+    recorded = (workdir / "config.json").read_bytes()
 
     train.run(config, str(workdir), scorer=InlineScorer())
+
+    assert (workdir / "config.json").read_bytes() == recorded  # kept; this start's config is recorded beside it
+    assert json.loads((workdir / "config.start-3.json").read_text())["model"]["path"] == config.model.path
 
     records = metric_records(workdir)
     assert [(r["kind"], r.get("iteration")) for r in records] == [("data", 0), ("train", 1), ("train", 2),

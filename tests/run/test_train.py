@@ -1,17 +1,20 @@
 """The real training entry point on a tiny model and tiny data: every algorithm, one device and
 8 fake devices, metrics files, and the config/data errors a user can hit."""
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import HANG_S, REPO_ROOT, InlineScorer, tiny_config
+from helpers import HANG_S, REPO_ROOT, InlineScorer, reference_run, tiny_config
 
+from reval_jax.errors import UserError
 from reval_jax.run import config as run_config
 from reval_jax.run import train
 from reval_jax.run.hooks import progress_line
@@ -115,8 +118,8 @@ def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
                   ({"data.train_files": (str(no_rows),)}, "no usable rows"),
                   ({"eval.every": 1, "eval.files": (str(no_rows),)}, "no usable rows")]
     for overrides, message in bad_starts:
-        with pytest.raises((ValueError, FileNotFoundError), match=message):
-            train.run(tiny_config(data_file, **overrides), str(workdir))
+        with pytest.raises((ValueError, FileNotFoundError), match=message):  # past the record's check: accepted
+            train.run(tiny_config(data_file, allow_config_change=True, **overrides), str(workdir))
         assert (workdir / "config.json").read_bytes() == record
         assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "config.json"]
 
@@ -138,27 +141,69 @@ def _cli_env(data_file):
             "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
 
 
+def file_hashes(directory: Path) -> dict[str, str]:
+    """Every file and folder under `directory` by relative path: a sha256 of each file's bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(directory.rglob("*"))}
+
+
 @pytest.mark.e2e
 def test_command_line_without_workdir_writes_runs_config_stem(data_file, tmp_path):
-    """--workdir is optional: the run goes to runs/<config file stem> under the current directory."""
+    """--workdir is optional: the run goes to runs/<config file stem> under the current directory.
+    The same command on the finished run says so, trains nothing and leaves every file as it was."""
     (tmp_path / "mini.py").write_text((Path(REPO_ROOT) / "tests" / "run_config.py").read_text())
-    proc = subprocess.run(
-        [sys.executable, "-m", "reval_jax.run.train", "--config=mini.py", "--config.num_iterations=1"],
-        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=HANG_S)
+    command = [sys.executable, "-m", "reval_jax.run.train", "--config=mini.py", "--config.num_iterations=1",
+               f"--config.model.path={tiny_config(data_file).model.path}"]  # one model directory for both
+    proc = subprocess.run(command, cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True,
+                          timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = read(tmp_path / "runs" / "mini")
+    workdir = tmp_path / "runs" / "mini"
+    records = read(workdir)
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [1]
     assert "iteration 1/1: compiling" in proc.stdout and "iteration 1/1 (" in proc.stdout
-    again = subprocess.run(  # the same command on the finished run says so and trains nothing
-        [sys.executable, "-m", "reval_jax.run.train", "--config=mini.py", "--config.num_iterations=1"],
-        cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True, timeout=HANG_S)
+    before = file_hashes(workdir)
+    assert "config.json" in before and any(name.startswith("tb/events.out.tfevents") for name in before)
+    again = subprocess.run(command, cwd=tmp_path, env=_cli_env(data_file), capture_output=True, text=True,
+                           timeout=HANG_S)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "is a finished run" in again.stdout and "compiling" not in again.stdout
-    assert read(tmp_path / "runs" / "mini") == records
-    assert (tmp_path / "runs" / "mini" / "config.json").exists()
+    assert "is a finished run" in again.stdout and "nothing to train" in again.stdout
+    assert "compiling" not in again.stdout
+    assert file_hashes(workdir) == before  # metrics, config.json, TensorBoard events, checkpoints
     # quiet by default: no absl/Orbax INFO lines ("I1202 00:00:00.0 ... Closing _NonBlocking...")
     output = proc.stdout + proc.stderr
     assert re.search(r"(?m)^I\d{4} ", output) is None and "_NonBlockingMetadataStore" not in output, output[-3000:]
+
+
+@pytest.mark.e2e
+def test_a_start_that_trains_nothing_or_is_refused_changes_nothing(data_file, tmp_path_factory, tmp_path, capsys):
+    """On a finished run: the same config trains nothing, another algorithm is refused naming the
+    differences and the flag; both leave every file byte for byte. Accepted, the change trains on
+    and is recorded beside the original config.json, which stays as it was."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run(tmp_path_factory, data_file, num_iterations=4), workdir)
+    before = file_hashes(workdir)
+    capsys.readouterr()
+    assert train.run(tiny_config(data_file, num_iterations=4), str(workdir), scorer=InlineScorer()) == {}
+    assert "is a finished run (checkpoint 4, num_iterations=4): nothing to train" in capsys.readouterr().out
+    assert file_hashes(workdir) == before
+    with pytest.raises(UserError) as refused:
+        train.run(tiny_config(data_file, algorithm="grpo", num_iterations=5), str(workdir), scorer=InlineScorer())
+    message = str(refused.value)
+    assert "this start changes algorithm: 'reval' -> 'grpo'; replay.updates_per_iteration: 2 -> 1." in message
+    assert "--config.allow_config_change=True" in message
+    assert file_hashes(workdir) == before
+
+    accepted = tiny_config(data_file, algorithm="grpo", num_iterations=5, allow_config_change=True)
+    assert train.run(accepted, str(workdir), scorer=InlineScorer())["iteration"] == 5
+    assert file_hashes(workdir)["config.json"] == before["config.json"]
+    assert json.loads((workdir / "config.json").read_text())["algorithm"] == "reval"
+    assert json.loads((workdir / "config.start-5.json").read_text())["algorithm"] == "grpo"
+    assert "recorded in" in capsys.readouterr().out
+    # the run's latest record is now the grpo start's: the same command goes on without the flag
+    again = tiny_config(data_file, algorithm="grpo", num_iterations=5)
+    before = file_hashes(workdir)
+    assert train.run(again, str(workdir), scorer=InlineScorer()) == {}
+    assert file_hashes(workdir) == before
 
 
 @pytest.mark.e2e
@@ -191,3 +236,21 @@ def test_evaluate_command_writes_json(data_file, tmp_path):
     results = json.loads(out.read_text())
     assert set(results) == {"arith/avg@2", "arith/response_length", "arith/truncation_rate", "avg@2"}
     assert 0 <= results["avg@2"] <= 1 and results["arith/response_length"] > 0
+
+
+@pytest.mark.e2e
+def test_in_a_log_file_the_eval_line_starts_its_own_line(data_file, tmp_path):
+    """stdout and stderr to one file, progress bars on: no bar (its carriage returns) is left on the
+    line of `[eval N]`. The evaluation is greedy (eval.temperature 0) on the command line."""
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "reval_jax.run.train", "--config=tests/run_config.py",
+             f"--workdir={tmp_path / 'run'}", f"--config.model.path={tiny_config(data_file).model.path}",
+             "--config.num_iterations=1", "--config.progress=True", "--config.eval.every=1",
+             "--config.eval.temperature=0"],
+            cwd=REPO_ROOT, env=_cli_env(data_file), stdout=out, stderr=subprocess.STDOUT, text=True, timeout=HANG_S)
+    text = log.read_bytes().decode()  # as written: read_text() would turn the bars' "\r" into newlines
+    assert proc.returncode == 0, text[-3000:]
+    assert text.count("[eval") == 2, text[-3000:]  # before the first round and after the last
+    assert re.search(r"[^\n]\[eval", text) is None, text[-3000:]
