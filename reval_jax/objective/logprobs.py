@@ -7,10 +7,13 @@ For the tokens x_1..x_n of one trajectory (prompt then response) the quantities 
 summed later over response tokens, and V(s_1) at the last prompt position (ALGORITHMS.md, Notation).
 
 Chunking is per row: the hidden states [R, L, D] are unembedded C positions of every row at a time
-inside a rematerialised `lax.scan`, so one [R, C, V] float32 block of logits is alive at a time,
-forward and backward. Each row stays on the device that holds it (rows are split over the data
-axes), so the unembedding never splits its contraction across devices and no logits-sized
-all-reduce exists; the unembedding weight is gathered once per call, before the scan.
+inside a `lax.scan` whose chunks have a written-out gradient (`_chunk_logprobs`: the backward pass
+rebuilds a chunk's logits from its hidden states and logsumexp), so one [R, C, V] float32 block of
+logits is alive at a time, forward and backward; a single chunk keeps its block for the backward
+pass instead (3 unembedding dots per step, not 4). Each row stays on the device that holds it
+(rows are split over the data axes), so the unembedding never splits its contraction across
+devices and no logits-sized all-reduce exists; the unembedding weight is gathered once per call,
+before the scan.
 """
 
 from __future__ import annotations
@@ -33,38 +36,94 @@ class SequenceStats:
     v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position
 
 
+def _chunk_logprobs(hc: Array, tc: Array, w: Array, temperature: float, tensor_axis: str | None,
+                    keep: bool) -> Array:
+    """log-softmax(hc @ w / τ)[tc] of one chunk, hc [R, C, D], tc [R, C] (global vocabulary ids;
+    with `tensor_axis`, w [D, V_local] is this device's slice). Its gradient is written out, for
+    an incoming g [R, C]:
+
+        dlogits = g (onehot(tc) − p) / τ,   p = exp(logits − lse),   dh = dlogits wᵀ,   dw = hcᵀ dlogits
+
+    one fused elementwise pass, no scatter into a zero [R, C, V] block and no max / exp / sum
+    chain to differentiate. `keep`: the logits are saved for the backward pass (one chunk: the
+    forward's block is the one the backward would rebuild); else the backward recomputes them
+    from hc (one chunk of a scan: only hc, tc and the [R, C] lse are saved)."""
+    return _chunk_vjp(hc, tc, w, temperature, tensor_axis, keep)
+
+
+def _chunk_forward(hc, tc, w, temperature, tensor_axis):
+    """(logp [R, C], logits [R, C, V_local], lse [R, C]) of one chunk."""
+    V_local = w.shape[1]
+    offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * V_local
+    logits = jnp.einsum("RCD,DV->RCV", hc, w, preferred_element_type=jnp.float32) / temperature
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [R, C, 1]
+    if tensor_axis is not None:
+        top = jax.lax.pmax(top, tensor_axis)
+    total = jnp.sum(jnp.exp(logits - top), axis=-1)  # [R, C]
+    local = tc - offset
+    inside = (local >= 0) & (local < V_local)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, V_local - 1)[..., None], axis=-1)[..., 0]
+    picked = jnp.where(inside, picked, 0.0)  # [R, C]
+    if tensor_axis is not None:
+        total, picked = jax.lax.psum(total, tensor_axis), jax.lax.psum(picked, tensor_axis)
+    lse = top[..., 0] + jnp.log(total)
+    return picked - lse, logits, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunk_vjp(hc, tc, w, temperature, tensor_axis, keep):
+    return _chunk_forward(hc, tc, w, temperature, tensor_axis)[0]
+
+
+def _chunk_vjp_fwd(hc, tc, w, temperature, tensor_axis, keep):
+    logp, logits, lse = _chunk_forward(hc, tc, w, temperature, tensor_axis)
+    return logp, (hc, tc, w, lse, logits if keep else None)
+
+
+def _chunk_vjp_bwd(temperature, tensor_axis, keep, res, g):
+    hc, tc, w, lse, logits = res
+    V_local = w.shape[1]
+    if logits is None:
+        logits = jnp.einsum("RCD,DV->RCV", hc, w, preferred_element_type=jnp.float32) / temperature
+    offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * V_local
+    vocab = offset + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    onehot = (vocab == tc[..., None]).astype(jnp.float32)
+    dlogits = (g[..., None] / temperature) * (onehot - jnp.exp(logits - lse[..., None]))  # [R, C, V]
+    # the dots see R·C as one axis: contracting over (R, C) made XLA copy dlogits to [C, R, V] first
+    R, C, D = hc.shape
+    dlogits, h2 = dlogits.reshape(R * C, -1), hc.reshape(R * C, D)
+    dh = jnp.einsum("NV,DV->ND", dlogits.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    if tensor_axis is not None:
+        dh = jax.lax.psum(dh, tensor_axis)
+    dw = jnp.einsum("ND,NV->DV", h2, dlogits.astype(hc.dtype), preferred_element_type=jnp.float32)
+    return dh.reshape(R, C, D).astype(hc.dtype), None, dw.astype(w.dtype)
+
+
+_chunk_vjp.defvjp(_chunk_vjp_fwd, _chunk_vjp_bwd)
+
+
 def _row_logprobs(h: Array, targets: Array, w: Array, chunk: int, temperature: float,
                   tensor_axis: str | None = None, row_axes=None) -> Array:
     """log-softmax(h @ w)[target] for h [R, L, D], targets [R, L], C = `chunk` positions of every
-    row at a time. Returns [R, L] f32. With `tensor_axis` (inside shard_map), w holds this device's
-    slice of the vocabulary and the logsumexp and the picked logit are combined over that axis;
-    `row_axes` are the axes the rows are split over: w is marked as varying over them once, before
-    the loop, so its gradient is summed over devices once, not in every chunk."""
+    row at a time (`_chunk_logprobs`). Returns [R, L] f32. With `tensor_axis` (inside shard_map), w
+    holds this device's slice of the vocabulary and the logsumexp and the picked logit are combined
+    over that axis; `row_axes` are the axes the rows are split over: w is marked as varying over
+    them once, before the loop, so its gradient is summed over devices once, not in every chunk.
+    One chunk (L <= C) is one direct call that keeps its logits for the backward pass; several
+    chunks run in a `lax.scan` whose backward rebuilds each chunk's logits."""
     R, L, D = h.shape
     C = min(chunk, L)
+    if row_axes:
+        w = jax.lax.pcast(w, row_axes, to="varying")
+    if C == L:
+        return _chunk_logprobs(h, targets, w, temperature, tensor_axis, keep=True)
     pad = -L % C
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(R, -1, C, D).swapaxes(0, 1)  # [L/C, R, C, D]
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(R, -1, C).swapaxes(0, 1)  # [L/C, R, C]
-    if row_axes:
-        w = jax.lax.pcast(w, row_axes, to="varying")
-    V_local = w.shape[1]
-    offset = 0 if tensor_axis is None else jax.lax.axis_index(tensor_axis) * V_local
 
-    @jax.checkpoint
     def one(_, xs):
         hc, tc = xs
-        logits = jnp.einsum("RCD,DV->RCV", hc, w, preferred_element_type=jnp.float32) / temperature
-        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [R, C, 1]
-        if tensor_axis is not None:
-            top = jax.lax.pmax(top, tensor_axis)
-        total = jnp.sum(jnp.exp(logits - top), axis=-1)  # [R, C]
-        local = tc - offset
-        inside = (local >= 0) & (local < V_local)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, V_local - 1)[..., None], axis=-1)[..., 0]
-        picked = jnp.where(inside, picked, 0.0)  # [R, C]
-        if tensor_axis is not None:
-            total, picked = jax.lax.psum(total, tensor_axis), jax.lax.psum(picked, tensor_axis)
-        return None, picked - (top[..., 0] + jnp.log(total))
+        return None, _chunk_logprobs(hc, tc, w, temperature, tensor_axis, keep=False)
 
     _, out = jax.lax.scan(one, None, (h, targets))  # [L/C, R, C]
     return out.swapaxes(0, 1).reshape(R, -1)[:, :L]
