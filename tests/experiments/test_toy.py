@@ -15,8 +15,8 @@ from reval_jax.model.tokenizer import build_char_tokenizer
 
 TARGETS = {"hard": 0.13, "medium": 0.31, "easy": 0.76}  # as stated in reval_jax/experiments/toy.py
 BAND = 0.12  # on 128 samples the standard error is at most 0.044
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja")
 
 
 def _values(problem: str) -> list[int]:
@@ -141,5 +141,6 @@ def test_build_is_deterministic(tmp_path):
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
     for f in files:
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
         assert (outs[0] / name).read_bytes() == (toy.ASSET_DIR / name).read_bytes(), name
