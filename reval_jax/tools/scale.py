@@ -3,6 +3,7 @@ weights) and reports, per program, per-device memory, collective bytes and FLOPs
 
     python -m reval_jax.scale --config=configs/qwen7b.py [--platform=cpu|v5p|v5e|v6e] [--devices=8]
         [--mean_tokens=682] [--config.tokens_per_device=16384 ...] [--programs=update,reference] [--json=PATH]
+        [--device=h100|h200|v5p|v5e|v6e] [--device_memory=80GB]
 
 Programs (one builder each, see `BUILDERS`): `update` (train_step.Updater's micro-step on one packed
 micro-batch, run once per micro-batch, and its apply step, once per update), `reference` (the
@@ -26,6 +27,12 @@ Figures, all per device:
            total is what sits outside the loop plus A = max_new_tokens trips, the bound of the loop
            condition (it runs at most A − 1 steps, as prefill samples a_1; fewer when all rows stop).
            Its collectives depend on config.sampling: `--config.sampling.top_p=0.9` compiles top-p in.
+  holds    peak + the resident state the run keeps on the device while the program runs and does
+           not pass it (reval_jax.tools.scale_memory: e.g. the master weights, Adam's moments and the
+           reference beside the micro-step, the whole train state beside the rollout's decode), with a
+           fits / does-not-fit verdict against a named device (--device; default h100 for cpu, the
+           chip itself for a TPU platform) or --device_memory. On CPU, the float32 copies of bfloat16
+           arrays live at the temp's peak (a CPU-backend artefact: reval_jax.tools.buffers) are shown.
   flops    model FLOPs (analytic, `model_flops`) and `cost_analysis()["flops"]` for comparison (XLA
            counts a while-loop body once there, so it undercounts scanned layers and loops).
 
@@ -49,10 +56,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from reval_jax.errors import UserError
+from reval_jax.tools.scale_memory import (
+    DEFAULT_DEVICE,
+    DEVICES,
+    DeviceSpec,
+    device_budget,
+    verdict,
+    worst_residency,
+)
 from reval_jax.tools.scale_programs import BUILDERS, PROGRAMS, Program, make_setup, micro_batches_for
 
 # TPU topology per (platform, chips); --topology overrides it.
@@ -109,16 +125,51 @@ def _fits_error(message: str) -> bool:
                                       "exceeds the memory", "HBM"))
 
 
-def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
-    """Compiles `p` and returns its figures (per device; see the module docstring); with `dump_hlo`,
-    writes the compiled HLO text to <dump_hlo>/<program>.hlo.txt."""
-    from reval_jax.tools import hlo
+def _compile(p: Program, platform: str):
+    """(compiled, CPU float32-copy figures or None): on CPU the compile also dumps XLA's buffer
+    assignment into a temporary directory, read by reval_jax.tools.buffers and removed."""
+    from reval_jax.tools import buffers
 
+    lowered = p.fn.lower(*p.args, **p.kwargs)
+    if platform != "cpu":
+        return lowered.compile(), None
+    with tempfile.TemporaryDirectory(prefix="reval_scale_") as directory:
+        compiled = buffers.compile_dumping(lowered, directory)
+        try:
+            upcast = buffers.upcasts_at_peak(directory, int(compiled.memory_analysis().temp_size_in_bytes))
+        except (OSError, ValueError, KeyError) as e:  # a dump format this reader does not know
+            print(f"  {p.name}: float32 copies not measured ({type(e).__name__}: {e})", file=sys.stderr)
+            upcast = None
+    return compiled, upcast
+
+
+def _memory(compiled, platform: str) -> dict:
+    m = compiled.memory_analysis()
+    memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    memory["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    # CPU's peak_memory_in_bytes comes out below its own temp size: not a peak; use the sum there
+    memory["peak"] = memory["xla_peak"] if platform == "tpu" and memory["xla_peak"] else (
+        memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
+    return memory
+
+
+def holds(p: Program, peak: int, budget: DeviceSpec) -> dict:
+    """The device's share while `p` runs: its peak plus the resident state it does not take as an
+    argument (the call of it that leaves the most), and the verdict against `budget`."""
+    resident = worst_residency(p.resident)
+    total = peak + resident["bytes"]
+    return {"resident": resident, "holds": total, **verdict(total, budget)}
+
+
+def measure(p: Program, platform: str, dump_hlo: str = "", budget: DeviceSpec | None = None) -> dict:
+    """Compiles `p` and returns its figures (per device; see the module docstring); with `dump_hlo`,
+    writes the compiled HLO text to <dump_hlo>/<program>.hlo.txt. `budget`: the device memory the
+    program's share is held against (default: the platform's, scale_memory.device_budget)."""
     start = time.perf_counter()
     out = {"program": p.name, "note": p.note, "runs": p.runs, "loop_bound": p.loop_bound,
            "model_flops": p.model_flops}
     try:
-        compiled = p.fn.lower(*p.args, **p.kwargs).compile()
+        compiled, upcast = _compile(p, platform)
     except Exception as e:  # a TPU program that does not fit raises here
         text = str(e).strip()
         first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
@@ -126,18 +177,27 @@ def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
         out["compile_s"] = time.perf_counter() - start
         return out
     out["compile_s"] = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    memory = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-    memory["xla_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    # CPU's peak_memory_in_bytes comes out below its own temp size: not a peak; use the sum there
-    memory["peak"] = memory["xla_peak"] if platform == "tpu" and memory["xla_peak"] else (
-        memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
+    memory = _memory(compiled, platform)
+    out.update(memory=memory, **holds(p, memory["peak"], budget or device_budget(platform)))
+    if upcast is not None:
+        out["cpu_f32_copies"] = upcast
     text = compiled.as_text()
     if dump_hlo:
         Path(dump_hlo).mkdir(parents=True, exist_ok=True)
         (Path(dump_hlo) / f"{p.name}.hlo.txt").write_text(text)
+    out.update(_collectives(p, text))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["xla_flops"] = float((cost or {}).get("flops", 0.0))
+    return out
+
+
+def _collectives(p: Program, text: str) -> dict:
+    """The collective figures of `measure` from the compiled HLO text."""
+    from reval_jax.tools import hlo
+
     report = hlo.collectives(text)
-    out.update(memory=memory, collectives=report.bytes, collective_bytes=report.total_bytes,
+    out = dict(collectives=report.bytes, collective_bytes=report.total_bytes,
                loops=[[loop.trip_count, loop.source] for loop in report.loops],
                largest=[[c.kind, c.bytes, c.count, c.op_name] for c in report.largest(3)])
     if p.loop_bound:  # the data-dependent loop counted once (+ outside) vs bound times (+ outside)
@@ -147,17 +207,17 @@ def measure(p: Program, platform: str, dump_hlo: str = "") -> dict:
                    collective_bytes_outside_loop=sum(once.values()) - sum(step.values()),
                    model_flops_per_step=p.model_flops, model_flops=p.model_flops * p.loop_bound)
     out["collective_bytes_per_round"] = out["collective_bytes"] * p.runs
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out["xla_flops"] = float((cost or {}).get("flops", 0.0))
     return out
 
 
-def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: int = 0) -> dict:
+def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: int = 0,
+          budget: DeviceSpec | None = None) -> dict:
     """Builds and measures `programs` of `config` on `devices`. Returns {"setup": ..., "programs":
-    [one `measure` dict each]} (the Python API behind the CLI). `mean_tokens`: see make_setup."""
+    [one `measure` dict each]} (the Python API behind the CLI). `mean_tokens`: see make_setup;
+    `budget`: the device memory each program's share is held against (default: the platform's)."""
     import jax
 
+    budget = budget or device_budget(devices[0].platform)
     s = make_setup(config, devices, mean_tokens)
     setup = {
         "devices": len(devices), "mesh_devices": int(s.mesh.devices.size), "platform": devices[0].platform,
@@ -169,12 +229,13 @@ def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: i
         "mean_tokens": s.mean_tokens, "prompts_per_call": s.prompts_per_call,
         "bucket": s.bucket, "max_new_tokens": s.max_new_tokens, "remat": s.cfg.remat,
         "param_dtype": s.cfg.param_dtype, "dtype": s.cfg.dtype, "jax": jax.__version__,
+        "held_against": {"device": budget.name, "memory": budget.memory, "source": budget.source},
     }
     results = []
     for name in programs:
         built = BUILDERS[name](s)
         for program in built if isinstance(built, (list, tuple)) else [built]:
-            results.append(measure(program, devices[0].platform, dump_hlo))
+            results.append(measure(program, devices[0].platform, dump_hlo, budget))
             print(f"  {program.name}: compiled in {results[-1]['compile_s']:.1f} s", file=sys.stderr, flush=True)
     return {"setup": setup, "programs": results}
 
@@ -219,6 +280,7 @@ def format_report(report: dict) -> str:
         m = r["memory"]
         lines.append(f"{r['program']:<16}" + "".join(col(_si(m[k])) for k in ("argument", "output", "alias",
                      "temp", "peak")) + col(f"{r['compile_s']:.0f} s"))
+    lines += _holds_lines(report)
     kinds = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
     names = ("all-gather", "all-reduce", "red-scatter", "all-to-all", "permute")
     lines += ["", f"{'collect. / device':<16}" + "".join(col(k) for k in names)
@@ -237,7 +299,7 @@ def format_report(report: dict) -> str:
     lines += ["", "largest collectives (bytes x count, jax op)"]
     largest = [(r["program"], *c) for r in report["programs"] for c in r.get("largest", [])]
     for program, kind, nbytes, count, op in largest:
-        lines.append(f"{program:<12}{kind:<20}{_si(nbytes):>10} x {count:<6} {op[-90:]}")
+        lines.append(f"{program:<18}{kind:<20}{_si(nbytes):>10} x {count:<6} {op[-90:]}")
     if not largest:
         lines.append("(none: no program moves data between devices)")
     lines += ["", "FLOP per execution, all devices: model (analytic) | XLA cost_analysis x devices (it counts "
@@ -249,6 +311,35 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['program']:<12}{_si(r['model_flops'], 'FLOP'):>14}{step} | "
                      f"{_si(r['xla_flops'] * used, 'FLOP')}   {r['note']}")
     return "\n".join(lines)
+
+
+def _holds_lines(report: dict) -> list[str]:
+    """The 'device holds' section: each program's peak plus the resident state that is not its
+    argument, against the device memory; on CPU, the float32 copies of bfloat16 arrays in its temp."""
+    held = report["setup"].get("held_against")
+    if not held:
+        return []
+    col = lambda x: f"{x:>12}"
+    lines = ["", f"device holds / device: the program's peak + resident state that is not its argument, against "
+             f"{held['device']} = {_si(held['memory'])} ({held['source']})",
+             f"{'':<16}" + "".join(col(k) for k in ("peak", "resident", "holds")) + "   verdict"]
+    for r in report["programs"]:
+        if "error" in r:
+            continue
+        room = r["headroom"]
+        verdict = f"fits, {_si(room)} headroom" if r["fits"] else f"does not fit, {_si(-room)} over"
+        lines.append(f"{r['program']:<16}" + "".join(col(_si(x)) for x in (r["memory"]["peak"],
+                     r["resident"]["bytes"], r["holds"])) + f"   {verdict}")
+        parts = ", ".join(f"{name} {_si(n)}" for name, n in r["resident"]["parts"].items() if n)
+        lines.append(f"{'':<18}resident: {parts or 'nothing beside its arguments'} ({r['resident']['when']})")
+        if (c := r.get("cpu_f32_copies")) is not None:
+            lines.append(f"{'':<18}CPU backend artefact: {_si(c['upcast'])} of the {_si(c['live'])} of temp live "
+                         "at its peak are float32 copies of bfloat16 arrays (no bfloat16 dot on CPU; a GPU or "
+                         "TPU computes in bfloat16 without them)")
+    if report["setup"]["platform"] == "cpu" and not any("cpu_f32_copies" in r for r in report["programs"]):
+        lines.append("(CPU compile: its temp includes float32 copies of bfloat16 arrays that a GPU or TPU does "
+                     "not make; not measured here)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -268,8 +359,9 @@ def main(argv):
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         raise UserError(f"--programs: unknown {unknown}; choose from {PROGRAMS}")
+    budget = device_budget(FLAGS.platform, FLAGS.device, FLAGS.device_memory)
     devices = devices_for(FLAGS.platform, FLAGS.devices, FLAGS.topology)
-    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo, FLAGS.mean_tokens)
+    report = check(FLAGS.config, devices, programs, FLAGS.dump_hlo, FLAGS.mean_tokens, budget)
     report["setup"]["command"] = " ".join(["python -m reval_jax.scale", *sys.argv[1:]])
     print(format_report(report))
     if FLAGS.json:
@@ -291,5 +383,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("dump_hlo", "", "Write each compiled program's HLO text into this directory.")
     flags.DEFINE_integer("mean_tokens", 0, "Average trajectory tokens (prompt + response), which sets the packed "
                          "micro-batches per update; 0 = every trajectory at full length (the worst case).")
+    flags.DEFINE_string("device", "", "Hold each program's share against this device's memory: "
+                        f"{', '.join(DEVICES)}; default per platform {DEFAULT_DEVICE}.")
+    flags.DEFINE_string("device_memory", "", "Device memory to hold the figures against, in bytes or e.g. 80GB, "
+                        "16GiB (overrides --device's).")
     flags.mark_flags_as_required(["config"])
     cli.run_absl(main)

@@ -149,6 +149,7 @@ class Program:
     kwargs: dict = dataclasses.field(default_factory=dict)
     loop_bound: int = 0  # >0: the program is a data-dependent while loop run at most this often
     note: str = ""
+    resident: tuple = ()  # scale_memory.Residency of each way the run calls it: what else is on the device
 
 
 def abstract_packed(s: Setup, rows: int):
@@ -163,16 +164,19 @@ def abstract_packed(s: Setup, rows: int):
 
 
 def _optimizer_and_state(s: Setup):
+    """The run's optimizer and its abstract TrainState, every array carrying the sharding the trainer
+    puts it in (train_step.state_sharding: parameters from their logical axes, moments alike)."""
     import jax
 
-    from reval_jax.objective.train_step import init_state, make_optimizer
+    from reval_jax.objective.train_step import init_state, make_optimizer, state_sharding
     from reval_jax.run.config import model_settings, optimizer_config
 
     optimizer = make_optimizer(optimizer_config(s.config))
     plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.params)
     ref_dtype = model_settings(s.config).ref_dtype
     state = jax.eval_shape(lambda p: init_state(p, optimizer, ref_dtype=ref_dtype), plain)
-    return optimizer, state
+    shardings = state_sharding(state, optimizer, s.mesh)
+    return optimizer, jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, shardings)
 
 
 def _updater(s: Setup):
@@ -194,12 +198,38 @@ def micro_batches_for(s: Setup, trajectories: int) -> int:
 
 
 def _computing(updater, params):
-    """Abstract parameters in the compute dtype, as `Updater.computing` hands them to the programs."""
+    """Abstract parameters in the compute dtype, as `Updater.computing` hands them to the programs: the
+    same arrays when they already are in it (no copy), else a cast copy in the same layout."""
     import jax
     import jax.numpy as jnp
 
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, updater.dtype)
+    floats = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if all(a.dtype == updater.dtype for a in floats):
+        return params
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, updater.dtype, sharding=a.sharding)
                         if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
+def _state_parts(state) -> dict:
+    """The train state's arrays by what they are (scale_memory.Residency's live trees)."""
+    counters = (state.ref_version, state.step, state.skipped, state.skipped_in_a_row)
+    return {"master weights": state.params, "optimizer state": state.opt_state,
+            "reference": state.ref_params, "counters": counters}
+
+
+def _update_live(updater, state) -> tuple[dict, Any, Any]:
+    """What `Updater.update` holds on the devices through its micro-batch loop: the train state, the
+    gradient accumulator, the policy in the compute dtype and (exact_reference) the reference in it.
+    Returns (live, the policy's compute copy, the reference's)."""
+    import jax
+    import jax.numpy as jnp
+
+    grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state.params)
+    params = _computing(updater, state.params)
+    ref = _computing(updater, state.ref_params) if updater.exact else None
+    live = {**_state_parts(state), "gradient accumulator": grads, "policy in compute dtype": params,
+            "reference in compute dtype": ref}
+    return live, params, ref
 
 
 def build_update(s: Setup) -> list[Program]:
@@ -210,25 +240,33 @@ def build_update(s: Setup) -> list[Program]:
     import jax.numpy as jnp
 
     from reval_jax.objective.losses import LossNorm
+    from reval_jax.tools.scale_memory import Residency
 
     updater, state = _updater(s)
     rows, K = s.rows_per_micro_batch, s.config.replay.updates_per_iteration
     n = micro_batches_for(s, s.update_batch)
-    grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), state.params)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    live, params, _ = _update_live(updater, state)
+    grads = live["gradient accumulator"]
+    replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     norm = LossNorm(scalar, scalar, scalar)
     tokens = rows * s.budget.row_len
     mb = abstract_packed(s, rows)
     values = (mb.ref_logp, mb.ref_v) if updater.exact else None  # f32 [R, L] / [R, M], like the forward's
+    micro_args = (grads, params, mb, norm, values)
+    apply_args = (state, grads, scalar)
     return [
         Program(
-            "update micro-step", updater.micro_step, (grads, _computing(updater, state.params), mb, norm, values),
+            "update micro-step", updater.micro_step, micro_args,
             runs=n * K, model_flops=model_flops(s.cfg, "update", rows, s.budget.row_len, segment=s.mean_tokens),
             note=f"[{rows}, {s.budget.row_len}] packed rows ({tokens // len(s.mesh.devices.flat)} tokens/device); "
                  f"{n} micro-batch(es) x {K} updates of {s.update_batch} trajectories of ~{s.mean_tokens} tokens",
+            resident=(Residency(live, micro_args, "in Updater.update's micro-batch loop"),),
         ),
-        Program("update apply", updater.apply_step, (state, grads, scalar), runs=K, model_flops=0.0,
-                note="clip + AdamW + finite checks, once per update"),
+        Program("update apply", updater.apply_step, apply_args, runs=K, model_flops=0.0,
+                note="clip + AdamW + finite checks, once per update",
+                resident=(Residency({**_state_parts(state), "gradient accumulator": grads}, apply_args,
+                                    "after the micro-batches, their compute copies freed"),)),
     ]
 
 
@@ -237,20 +275,49 @@ def build_reference(s: Setup) -> Program:
     twice per update micro-batch (the policy's and the reference's side of δ) and the rollouts get
     no reference pass; otherwise once per micro-batch of a round's fresh rollouts (stale buffer
     draws add more runs)."""
+    from reval_jax.tools.scale_memory import Residency
+
     updater, state = _updater(s)
     rows = s.rows_per_micro_batch
+    mb = abstract_packed(s, rows)
     if updater.exact:
         K = s.config.replay.updates_per_iteration
         n = 2 * K * micro_batches_for(s, s.update_batch)
         when = f"{n} runs per round: policy and reference of each update micro-batch"
+        live, params, ref = _update_live(updater, state)
+        resident = (Residency(live, (ref, mb), "the reference's side of δ, in Updater.update"),
+                    Residency(live, (params, mb), "the policy's side of δ, in Updater.update"))
     else:
         n = micro_batches_for(s, s.config.data.prompts_per_iteration * s.num_samples)
         when = f"{n} micro-batch(es) per round; more when stale buffer draws are recomputed"
+        ref = _computing(updater, state.ref_params)
+        resident = (Residency({**_state_parts(state), "reference in compute dtype": ref}, (ref, mb),
+                              "Updater.reference on a round's rollouts"),)
     return Program(
-        "reference", updater.forward, (_computing(updater, state.ref_params), abstract_packed(s, rows)),
+        "reference", updater.forward, (ref, mb),
         runs=n, model_flops=model_flops(s.cfg, "forward", rows, s.budget.row_len, segment=s.mean_tokens),
-        note=f"[{rows}, {s.budget.row_len}] packed rows; {when}",
+        note=f"[{rows}, {s.budget.row_len}] packed rows; {when}", resident=resident,
     )
+
+
+def _rollout_resident(s: Setup, args: tuple) -> tuple:
+    """What stays on the devices beside the rollout's programs: the whole train state when the
+    rollout shares the training devices (sync, or async time-sliced: generation and updates take
+    turns); with two device groups, the weight pushes waiting for the rollout group instead."""
+    import jax
+
+    from reval_jax.run.pipeline import PUSHES_WAITING
+    from reval_jax.tools.scale_memory import Residency
+
+    p = s.config.pipeline
+    if p.mode == "async" and p.rollout_devices:
+        waiting = 1 if p.pickup == "step" else PUSHES_WAITING
+        copies = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                               s.rollout_params) for _ in range(waiting)]
+        return (Residency({"weight pushes waiting": copies}, args,
+                          f"two device groups: {waiting} pushed rollout copies may wait (not the train state)"),)
+    _, state = _optimizer_and_state(s)
+    return (Residency(_state_parts(state), args, "the train state stays on the devices while they generate"),)
 
 
 def _sampling_config(s: Setup):
@@ -289,6 +356,7 @@ def build_prefill(s: Setup) -> Program:
     calls = -(-s.config.data.prompts_per_iteration // per_call) * chunks
     return Program(
         "prefill", call.fn, call.args, kwargs=call.kwargs, runs=calls,
+        resident=_rollout_resident(s, (call.args, call.kwargs)),
         model_flops=model_flops(s.cfg, "prefill", n, C),
         note=f"[{n}, {C}] prompt tokens per call (bucket {s.bucket}: {chunks} chunk(s)); pool of "
              f"{g.replicas} x {g.pages} pages x {g.page_size} tokens",
@@ -316,6 +384,7 @@ def build_decode(s: Setup) -> Program:
     call = decode_call(s.rollout_graphdef, s.rollout_params, pool, slots, sampling, chunk)
     return Program(
         "decode", call.fn, call.args, kwargs=call.kwargs, runs=-(-steps // A), loop_bound=A,
+        resident=_rollout_resident(s, (call.args, call.kwargs)),
         model_flops=model_flops(s.cfg, "decode", engine.slots, 1, keys=s.bucket + mean_response // 2),
         note=f"{engine.slots} slots, {g.replicas} x {g.pages} pages x {engine.page_size} tokens ({g.cached_tokens} "
              f"cached tokens); ~{steps} steps per round = {rollouts} rollouts x {mean_response} tokens / slots; "

@@ -1,5 +1,7 @@
 """The scale checker: exact collective bytes of small programs, and the checker end to end."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from reval_jax.tools import hlo
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the command-line tests run there
 ROWS = 16  # per-device rows of the test arrays: f32[16] = 64 bytes per device
 
 
@@ -215,3 +218,148 @@ ENTRY %main (x: f32[16]) -> (s32[], f32[16]) {
     assert [(loop.trip_count, loop.source) for loop in report.loops] == [(5, "condition")]
     assert report.bytes["all-reduce"] == 5 * 16 * 4
     assert hlo.collectives(text, infer=False).bytes["all-reduce"] == 16 * 4
+
+
+# ----------------------------------------------------------------------------- what a device holds
+
+
+def _real_state(config, devices):
+    """The train state as reval_jax.run.train.build_model puts it on the mesh: real arrays, real shardings."""
+    from flax import nnx
+
+    from reval_jax.model.decoder import Decoder
+    from reval_jax.objective.train_step import init_state, make_optimizer, state_sharding
+    from reval_jax.parallel.sharding import make_mesh
+    from reval_jax.run.config import model_settings, optimizer_config
+    from reval_jax.tools.scale_programs import model_config
+
+    mesh = make_mesh(tuple(config.mesh), devices=devices)
+    _, params = nnx.split(Decoder(model_config(config), rngs=nnx.Rngs(0), mesh=mesh))
+    optimizer = make_optimizer(optimizer_config(config))
+    state = init_state(params, optimizer, ref_dtype=model_settings(config).ref_dtype)
+    return jax.device_put(state, state_sharding(state, optimizer, mesh))
+
+
+def _on_device(tree, device) -> int:
+    """Bytes of `tree`'s shards that live on `device`, from the arrays themselves."""
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(tree) for shard in leaf.addressable_shards
+               if shard.device == device)
+
+
+@pytest.mark.parametrize("ref_dtype", ["", "bfloat16"])
+def test_resident_state_is_the_train_states_bytes_per_device(ref_dtype):
+    """The resident figure beside the rollout's decode is the whole train state, and beside the update's
+    micro-step the train state plus the reference's compute-dtype copy (none when the reference is
+    stored in bfloat16 already): both equal to the bytes of the real state's shards on each device."""
+    from reval_jax.objective.train_step import compute_dtype
+    from reval_jax.tools import scale_memory, scale_programs
+
+    config = _tiny_config()
+    config.model.ref_dtype = ref_dtype
+    devices = jax.devices()[:8]
+    s = scale_programs.make_setup(config, devices)
+    state = _real_state(config, devices)
+    per_device = [_on_device(state, d) for d in devices]
+    assert min(per_device) > 0
+    decode = scale_memory.worst_residency(scale_programs.build_decode(s).resident)
+    assert decode["bytes"] == max(per_device)
+    assert decode["parts"]["optimizer state"] == _on_device(state.opt_state, devices[decode["device"]])
+
+    dtype = compute_dtype(s.graphdef, state.params)
+    ref_copy = 0 if ref_dtype else max(_on_device(jax.tree.map(lambda x: x.astype(dtype), state.ref_params), d)
+                                       for d in devices)
+    micro, apply = scale_programs.build_update(s)
+    assert (ref_copy > 0) == (not ref_dtype)
+    assert scale_memory.worst_residency(micro.resident)["bytes"] == max(per_device) + ref_copy
+    assert scale_memory.worst_residency(apply.resident)["bytes"] == 0  # the state and gradients are its arguments
+
+
+def test_the_verdict_flips_at_the_device_memory():
+    from reval_jax.tools import scale, scale_memory
+
+    report = scale.check(_tiny_config(), jax.devices()[:8], programs=("reference",))
+    r = report["programs"][0]
+    assert r["holds"] == r["memory"]["peak"] + r["resident"]["bytes"] and r["resident"]["bytes"] > 0
+    assert r["fits"] and report["setup"]["held_against"]["device"] == "NVIDIA H100 80GB"  # the CPU default
+    program = scale.BUILDERS["reference"](scale.make_setup(_tiny_config(), jax.devices()[:8]))
+    for memory, fits in ((r["holds"] - 1, False), (r["holds"], True), (r["holds"] + 1, True)):
+        budget = scale_memory.device_budget("cpu", device_memory=str(memory))
+        out = scale.holds(program, r["memory"]["peak"], budget)
+        assert (out["fits"], out["headroom"], out["holds"]) == (fits, memory - r["holds"], r["holds"])
+    report["programs"][0].update(scale.holds(program, r["memory"]["peak"], scale_memory.DeviceSpec("x", 1, "y")))
+    assert "does not fit" in scale.format_report(report)
+
+
+def test_device_memory_and_device_names():
+    from reval_jax.errors import UserError
+    from reval_jax.tools.scale_memory import DEVICES, device_budget, parse_bytes
+
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("16GiB") == 16 * 2**30
+    assert parse_bytes("95.74 GB") == 95_740_000_000 and parse_bytes("8e10") == 8 * 10**10
+    assert parse_bytes("123") == 123
+    for bad in ("lots", "80 GX", "-5GB", "0", ""):
+        with pytest.raises(UserError, match="--device_memory"):
+            parse_bytes(bad)
+    assert device_budget("cpu").memory == DEVICES["h100"].memory == 80 * 10**9
+    assert device_budget("v5p").memory == 95_740_000_000 and device_budget("v5e").memory == 15_750_000_000
+    assert device_budget("cpu", "V5E").name == "TPU v5e"
+    assert device_budget("v5p", "h100", "1GB").memory == 10**9
+    with pytest.raises(UserError, match="--device='h1000': expected one of h100"):
+        device_budget("cpu", "h1000")
+
+
+def test_cpu_float32_copies_of_bfloat16_are_measured_from_the_buffer_assignment(tmp_path):
+    """A bfloat16 matmul on CPU keeps a float32 copy of its operand; in float32 there is none."""
+    from reval_jax.tools import buffers
+
+    found = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        w = jax.ShapeDtypeStruct((512, 512), dtype)
+        directory = tmp_path / jnp.dtype(dtype).name
+        compiled = buffers.compile_dumping(jax.jit(lambda w, x: jnp.tanh(w @ x) @ w).lower(w, w), str(directory))
+        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+        found[dtype] = buffers.upcasts_at_peak(str(directory), temp)
+        assert found[dtype]["live"] <= found[dtype]["temp"] == temp
+    assert found[jnp.float32]["upcast"] == 0
+    assert found[jnp.bfloat16]["upcast"] > 0 and found[jnp.bfloat16]["upcast"] % (512 * 512 * 4) == 0
+    assert buffers.upcasts_at_peak(str(tmp_path / "nothing"), 0) is None
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("flag, message", [
+    ("--device=h1000", "error: --device='h1000': expected one of h100, h200, v5p, v5e, v6e"),
+    ("--device_memory=lots", "error: --device_memory='lots': expected bytes or a size such as 80GB"),
+])
+def test_bad_device_flags_are_one_line_exit_2(flag, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "reval_jax.scale", "--config=configs/qwen7b.py", flag],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+@pytest.mark.e2e
+def test_command_line_device_memory_below_the_figure_does_not_fit(tmp_path):
+    """`--device_memory` one byte under a program's share flips the command's verdict."""
+    import inspect
+    import json
+    import subprocess
+    import sys
+
+    from reval_jax.tools import scale
+
+    r = scale.check(_tiny_config(), jax.devices()[:8], programs=("reference",))["programs"][0]
+    config = tmp_path / "tiny.py"  # _tiny_config as a config file
+    body = inspect.getsource(_tiny_config).replace("def _tiny_config():", "def get_config():")
+    config.write_text(body)
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "reval_jax.scale", f"--config={config}", "--programs=reference",
+                          f"--device_memory={r['holds'] - 1}", f"--json={report}"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(report.read_text())["programs"][0]
+    assert (got["holds"], got["fits"], got["headroom"]) == (r["holds"], False, -1)
+    assert "does not fit, 1 B over" in out.stdout
