@@ -128,9 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.micro_batches = 0  # explicit micro-batches per update / reference pass (0 = budget); shapes follow the data
     c.max_segments_per_row = 16  # trajectories packed into one row at most
     c.chunk = 512  # positions of every row unembedded at a time when computing log-probs (memory vs speed)
-    # both sides of δ (policy and reference) from one compiled forward while π_θ = π_ref bit for bit, so that
-    # δ = −r/β exactly (paper Prop. 2); costs a reference forward per micro-batch (two while π_θ = π_ref),
-    # saves the rollouts' reference pass
+    # both sides of δ (policy and reference) from one compiled forward in every update, so π_θ = π_ref gives
+    # δ = −r/β exactly (paper Prop. 2); costs two forwards per micro-batch, saves the rollouts' reference pass
     c.exact_reference = True
     c.compile_cache = "jax_cache"  # persistent XLA compilation cache, relative to the workdir ("" = off)
 

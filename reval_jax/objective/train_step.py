@@ -20,15 +20,10 @@ when π_θ = π_ref. Two differently compiled programs round differently in the 
 run on the same packed micro-batch with parameters of the same dtype and layout: with equal
 parameters its outputs are bitwise equal and δ = −r/β exactly. The gradient is the pull-back of
 ∂L/∂(logp, v), evaluated at those values, through the differentiated pass (`jax.vjp`), so a zero δ
-gives an exactly zero gradient. The last bits matter only where the two sides are equal: while the
-policy's parameters are bitwise the reference's (the first update after a reset), the update runs
-the forward program on both (two forwards per micro-batch on top of the forward + backward); once
-they differ, δ is a real difference and the policy side is the differentiated pass's own forward
-values, so an update costs one extra forward (the reference). `Updater.update` checks the equality
-on the device, so the choice follows the parameters (a resumed run chooses as the uninterrupted
-one). The reference terms stored with the rollouts are unused (the run skips computing them).
-The reference is exact in this sense when its dtype is the compute dtype or wider (e.g. a bfloat16
-reference with bfloat16 compute; not with float32 compute).
+gives an exactly zero gradient. This costs two forwards per micro-batch (policy and reference) on
+top of the forward + backward, and makes the reference terms stored with the rollouts unused (the
+run skips computing them). The reference is exact in this sense when its dtype is the compute dtype
+or wider (e.g. a bfloat16 reference with bfloat16 compute; not with float32 compute).
 
 `TrainState` holds policy parameters (float32 master weights), optimizer state and the reference
 parameters (same sharding, optionally bfloat16) with their version. Parameters are nnx.State trees
@@ -292,8 +287,7 @@ class Updater:
         logp, v = updater.reference(state.ref_params, micro)           # host [R, L] / [R, M] lists
 
     Its public programs (jitted; reval_jax.tools.scale compiles these same objects): `forward` (the
-    forward program: reference pass, and the policy side of δ too while it equals the reference, with
-    `exact_reference`), `micro_step`
+    forward program: reference pass, and both sides of δ with `exact_reference`), `micro_step`
     (loss at given values, gradients through the differentiated pass, added to a donated
     accumulator) and `apply_step` (clip, optimizer, finite checks); `_cast_fn` casts parameters to
     the compute dtype once per update. With a mesh, parameters keep their `state_sharding` layout,
@@ -309,7 +303,6 @@ class Updater:
         apply = functools.partial(apply_gradients, optimizer)
         forward = functools.partial(reference_stats, graphdef, cfg=cfg)
         cast = functools.partial(_cast, dtype=self.dtype)
-        self._bitwise_equal = jax.jit(bitwise_equal)
         if mesh is None:
             self._zeros = jax.jit(_zeros)
             self._cast_fn = jax.jit(cast)
@@ -355,22 +348,18 @@ class Updater:
 
     def update(self, state: TrainState, micro: Sequence[Packed], layout: Layout, norm: LossNorm):
         """One update from host micro-batches; returns (state, host metrics incl. seconds). With
-        `exact_reference` the micro-batches' stored reference terms are not read: the reference
-        side of δ is computed here by the forward program (and the policy side too while the
-        policy's bits are the reference's)."""
+        `exact_reference` the micro-batches' stored reference terms are not read: both sides of δ
+        are computed here by the forward program."""
         start = time.perf_counter()
         grads = self._zeros(state.params)
         params = self.computing(state.params)
         ref = self.computing(state.ref_params) if self.exact else None
-        # the policy side from the forward program only while it equals the reference (above)
-        both_sides = self.exact and bool(to_host(self._bitwise_equal(params, ref)))
         loss, metrics = 0.0, []
         for mb in micro:
             mb, values = self.put(mb), None
             if self.exact:
                 ref_logp, ref_v = self.forward(ref, mb)
-                mb = mb.replace(ref_logp=ref_logp, ref_v=ref_v)
-                values = self.forward(params, mb) if both_sides else None
+                mb, values = mb.replace(ref_logp=ref_logp, ref_v=ref_v), self.forward(params, mb)
             grads, value, m = self.micro_step(grads, params, mb, norm, values)
             loss, metrics = loss + value, metrics + [m]
         del params, ref
@@ -389,20 +378,6 @@ class Updater:
         ref = self.computing(ref_params)
         outs = [self.forward(ref, self.put(mb)) for mb in micro]
         return [to_host(lp) for lp, _ in outs], [to_host(v) for _, v in outs]
-
-
-def bitwise_equal(a, b) -> Array:
-    """Whether two parameter trees hold the same bits (a [] bool): -0.0 and 0.0 differ, NaNs of
-    equal bits are equal, trees of different dtypes are not equal."""
-    def same(x, y):
-        if x.dtype != y.dtype or x.shape != y.shape:
-            return jnp.asarray(False)
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            bits = jnp.dtype(f"uint{x.dtype.itemsize * 8}")
-            x, y = jax.lax.bitcast_convert_type(x, bits), jax.lax.bitcast_convert_type(y, bits)
-        return jnp.array_equal(x, y)
-    leaves = [same(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _zeros(params):
