@@ -5,6 +5,18 @@ length T. Per-token arrays are aligned with `tokens`: entry t is about token t, 
 predicted from position t − 1. The leaves are either all numpy arrays (host side: sampler output,
 replay buffer) or all jax arrays (device side: train step); the helpers here work on both where
 that makes sense and say so otherwise.
+
+A multi-turn trajectory (ALGORITHMS.md, "Multi-turn trajectories") is still ONE span of real tokens,
+the prompt and everything after it; inside it the response interleaves policy turns with
+environment tokens (a tool's output, appended between turns):
+
+    attn_mask      . . p p p a a a o o o o a a a . .     (. padding, p prompt, a policy, o environment)
+    response_mask  . . . . . 1 1 1 . . . . 1 1 1 . .     policy tokens only: not contiguous
+    s1_index             ^ the position whose logits predict the first policy token
+
+Every loss sums over `response_mask` only and reads V(s_1) at `s1_index` (the first policy decision
+state); environment tokens are context, never loss targets. `check_masks` states the layout the
+packer and the losses rely on; the single-turn case is one policy turn.
 """
 
 from __future__ import annotations
@@ -51,18 +63,18 @@ class Trajectories:
     """B trajectories padded to length T (see the module docstring for the alignment)."""
 
     tokens: Array  # [B, T] int32  prompt followed by response, padded (left or right)
-    attn_mask: Array  # [B, T] bool   real tokens (prompt + response incl. the stop token)
-    response_mask: Array  # [B, T] bool   response tokens incl. the stop token, nothing after it
-    s1_index: Array  # [B] int32  index of the LAST prompt token (its logits predict a_1)
+    attn_mask: Array  # [B, T] bool   real tokens, one span (prompt + every turn + environment tokens)
+    response_mask: Array  # [B, T] bool   policy tokens incl. each turn's stop token (not contiguous)
+    s1_index: Array  # [B] int32  index of the LAST prompt token (its logits predict a_1, the first policy token)
     group_id: Array  # [B] int32  which prompt this sample came from
     reward: Array  # [B] f32  transformed reward used by the loss
     raw_reward: Array  # [B] f32  verifier reward (0/1)
     ref_logp: Array  # [B, T] f32  log π_ref of token t, 0 where not response
     ref_v: Array  # [B] f32  V_ref(s_1)
     ref_version: Array  # [B] int32  reference version of ref_logp/ref_v (-1 = not computed)
-    sampler_logp: Array  # [B, T] f32  sampler's log-prob of token t, 0 where not response
+    sampler_logp: Array  # [B, T] f32  sampler's log-prob of token t, 0 where not a policy token
     iteration: Array  # [B] int32  generation iteration that produced the sample
-    sampler_version: Array  # [B, T] int32  policy version (updates) token t was sampled under, -1 where not response
+    sampler_version: Array  # [B, T] int32  policy version (updates) token t was sampled under, -1 where not policy
 
     @property
     def batch_size(self) -> int:
@@ -120,8 +132,41 @@ class Trajectories:
         return Trajectories.from_numpy(fields)
 
     def num_response_tokens(self) -> int:
-        """Total number of response tokens (loss targets) in the batch."""
+        """Total number of response tokens (loss targets: policy tokens only) in the batch."""
         return int(np.asarray(self.response_mask).sum())
+
+    def response_lengths(self) -> np.ndarray:
+        """[B] int64 policy tokens of each trajectory (environment tokens not counted): the response
+        length of the metrics and of length-based reward shaping (DAPO's overlong penalty)."""
+        return np.asarray(self.response_mask).sum(axis=1).astype(np.int64)
+
+    def policy_turns(self) -> np.ndarray:
+        """[B] int64 policy turns of each trajectory: the runs of consecutive policy tokens (1 for
+        a single-turn trajectory, 0 for an empty response)."""
+        mask = np.asarray(self.response_mask)
+        starts = mask & ~np.pad(mask[:, :-1], ((0, 0), (1, 0)))  # [B, T] first token of each run
+        return starts.sum(axis=1).astype(np.int64)
+
+    def check_masks(self) -> None:
+        """Raises ValueError naming the first trajectory that breaks the layout of the module
+        docstring: policy tokens (response_mask) outside its real tokens (attn_mask), a policy token
+        first in its span (nothing to predict it from), or an `s1_index` other than the position
+        just before its first policy token (V(s_1) is read at the first policy decision state).
+        Host side (numpy); a trajectory without policy tokens is not checked for s1."""
+        attn, resp = np.asarray(self.attn_mask, bool), np.asarray(self.response_mask, bool)
+        first_real = np.argmax(attn, axis=1)
+        first_policy = np.argmax(resp, axis=1)
+        has_policy = resp.any(axis=1)
+        rows = np.arange(attn.shape[0])
+        problems = [
+            ((resp & ~attn).any(axis=1), "has policy tokens (response_mask) outside its real tokens (attn_mask)"),
+            (resp[rows, first_real] & attn[rows, first_real], "starts with a policy token: no prompt token before it"),
+            (has_policy & (np.asarray(self.s1_index) != first_policy - 1),
+             "has s1_index != (first policy token − 1): V(s_1) must be read where a_1 is predicted"),
+        ]
+        for bad, what in problems:
+            if bad.any():
+                raise ValueError(f"trajectory {int(np.flatnonzero(bad)[0])} {what}")
 
 
 def concatenate(batches: Sequence[Trajectories]) -> Trajectories:

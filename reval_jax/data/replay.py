@@ -7,6 +7,8 @@ P(i) ∝ p_i^α. Entries remember the reference version that produced their refe
 `sample(..., ref_version=v, recompute_fn=f)` recomputes the stale ones through `f` before they
 are used and writes them back. All sampling decisions come from one numpy Generator whose state
 is part of `state_dict`, so a restored buffer draws exactly the samples the original would have.
+Multi-turn trajectories are stored as they are: one span of tokens with a non-contiguous policy mask
+(reval_jax.data.batch); recomputed reference log-probs are kept on the policy tokens only.
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ class ReplayBuffer:
                 f"recompute_fn returned ref_logp {ref_logp.shape} and ref_v {ref_v.shape}, "
                 f"expected {(k, self.seq_len)} and {(k,)}"
             )
-        ref_logp = np.where(sub.response_mask, ref_logp, 0.0).astype(np.float32)
+        ref_logp = np.where(sub.response_mask, ref_logp, 0.0).astype(np.float32)  # policy tokens only
         for name, value in (("ref_logp", ref_logp), ("ref_v", ref_v), ("ref_version", ref_version)):
             arrays[name][stale] = value
             self._data[name][slots[stale]] = value

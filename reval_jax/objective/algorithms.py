@@ -42,7 +42,7 @@ from reval_jax.objective.losses import (
 
 AdvantageFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (reward [B], group_id [B]) -> [B]
 FilterFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (raw [B], group_id [B]) -> keep mask [B]
-ShapeFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]  # (raw [B], lengths [B], config) -> [B]
+ShapeFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]  # (raw [B], policy-token lengths [B], config) -> [B]
 OptionsFn = Callable[[Any], Mapping[str, Any]]  # StepConfig -> keyword options of the loss
 CheckFn = Callable[[Any], None]  # run config -> None, or raises UserError("config.<field>: ...")
 
@@ -80,7 +80,8 @@ class Algorithm:
 
     def rewards(self, raw: np.ndarray, group_id: np.ndarray, lengths: np.ndarray, config) -> np.ndarray:
         """A round's training reward [B] f32: the raw verifier rewards, shaped (`shape_rewards`, from
-        the response lengths in tokens) and then transformed by config.reward.transform."""
+        the response lengths in policy tokens, `Trajectories.response_lengths`: a multi-turn
+        trajectory's environment tokens do not count) and then transformed by config.reward.transform."""
         raw = np.asarray(raw, np.float32)
         shaped = raw if self.shape_rewards is None else self.shape_rewards(raw, np.asarray(lengths), config)
         return np.asarray(transform_rewards(shaped, np.asarray(group_id), config.reward.transform), np.float32)

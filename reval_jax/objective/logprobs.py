@@ -4,7 +4,10 @@ For the tokens x_1..x_n of one trajectory (prompt then response) the quantities 
 
     log π(x_t | x_<t) = logit(s_{t-1}, x_t) / τ − V(s_{t-1}),   V(s) = logsumexp_a logit(s, a) / τ,
 
-summed later over response tokens, and V(s_1) at the last prompt position (ALGORITHMS.md, Notation).
+summed later over the policy tokens (the response mask), and V(s_1) at the last prompt position
+(ALGORITHMS.md, Notation). In a multi-turn trajectory the environment tokens between the policy's turns
+are context: the forward pass attends to them, but their log-probs are masked to 0 here and V is read
+at s_1 only, so the logits at the positions that predict them get an exactly zero gradient.
 
 Chunking is per row: the hidden states [R, L, D] are unembedded C positions of every row at a time
 inside a `lax.scan` whose chunks have a written-out gradient (`_chunk_logprobs`: the backward pass
@@ -32,8 +35,8 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class SequenceStats:
-    logp: Array  # [B, T] f32: entry t = log π(token t | tokens < t); 0 where not a response token
-    v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position
+    logp: Array  # [B, T] f32: entry t = log π(token t | tokens < t); 0 where not a policy token
+    v0: Array  # [B] f32: V(s_1), logsumexp of the logits at the last prompt position (s1_index)
 
 
 def _chunk_logprobs(hc: Array, tc: Array, w: Array, temperature: float, tensor_axis: str | None,
@@ -154,7 +157,8 @@ def packed_stats(
     fields of the same names; s1 [R, M] indexes each slot's last prompt token in its row).
     `max_segment_len` > 0: no trajectory is longer (attention reads only the keys it can reach).
 
-    logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a response token."""
+    logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a policy token
+    (response_mask, which may have gaps: environment tokens are attended to, never targets)."""
     h, _ = model.hidden_states(tokens, positions=positions, mask=segment_ids > 0,
                                segment_ids=segment_ids, max_segment_len=max_segment_len)  # [R, L, D]
     w = model.unembed_weight()  # [D, V], gathered once for every chunk
@@ -199,7 +203,17 @@ def naive_sequence_stats(
     temperature: float = 1.0,
 ) -> SequenceStats:
     """Reference implementation through the full [B, T, V] logits (tests and debugging only)."""
-    logits = model(tokens, mask=attn_mask) / temperature  # [B, T, V]
+    return stats_from_logits(model(tokens, mask=attn_mask), tokens, response_mask, s1_index, temperature=temperature)
+
+
+def stats_from_logits(logits: Array, tokens: Array, response_mask: Array, s1_index: Array, *,
+                      temperature: float = 1.0) -> SequenceStats:
+    """The same statistics from given logits [B, T, V] of a padded batch (tests and debugging: a loss
+    can be differentiated with respect to the logits themselves):
+
+        logp[b, t] = logits[b, t−1, tokens[b, t]] / τ − V(s_{t−1}) where response_mask, else 0
+        v0[b]      = V(s_1) = logsumexp(logits[b, s1_index[b]] / τ)"""
+    logits = logits / temperature  # [B, T, V]
     logsm = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     picked = jnp.take_along_axis(logsm, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     logp = jnp.where(response_mask, jnp.pad(picked, ((0, 0), (1, 0))), 0.0)

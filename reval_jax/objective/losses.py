@@ -6,6 +6,12 @@ tokens, up to M trajectories per row; entry t of `logp` is log π_θ(token t | e
 trajectory)). A padded batch is the case M = 1 (`packing.pack_rows`). It returns
 `(loss_contribution, metrics)`.
 
+Every sum, count and mean runs over the policy tokens only, `batch.response_mask`, which in a
+multi-turn trajectory has gaps (ALGORITHMS.md, "Multi-turn trajectories"): the environment tokens
+between turns are never loss targets and their log-probs never enter δ, a ratio or a token count,
+and V_θ(s_1) is read at the first policy decision state only (the shaping terms telescope over the
+policy's decision states). GRPO and the other baselines apply the same mask.
+
 Gradient accumulation is exact: a loss is normalised by the counts of the WHOLE update batch,
 given in `LossNorm`, so the contributions of its micro-batches sum to the full-batch loss.
 In `metrics`, scalars are contributions too (sum them over micro-batches) and arrays of
@@ -39,7 +45,7 @@ class LossNorm:
     """Global counts of one update batch (all micro-batches, all devices together)."""
 
     num_sequences: Array  # [] f32  trajectories in the update batch
-    num_tokens: Array  # [] f32  response tokens in the update batch
+    num_tokens: Array  # [] f32  policy tokens (response_mask) in the update batch
     max_response_length: Array  # [] f32  constant divisor of the Dr. GRPO aggregation
 
     @classmethod
@@ -70,8 +76,8 @@ class LossNorm:
 
 
 def _log_ratio_sum(logp: Array, batch: Packed) -> jax.Array:
-    """Σ_h [log π_θ − log π_ref] over each trajectory's response tokens, differences first, in
-    float32: [R, L] -> [R, M]."""
+    """Σ_h [log π_θ − log π_ref] over each trajectory's policy tokens (response_mask, gaps and all),
+    differences first, in float32: [R, L] -> [R, M]."""
     mask = jnp.asarray(batch.response_mask)
     ref_logp = jax.lax.stop_gradient(jnp.asarray(batch.ref_logp, jnp.float32))
     diff = jnp.where(mask, jnp.asarray(logp, jnp.float32) - ref_logp, 0.0)  # [R, L]
@@ -108,6 +114,9 @@ def reval_loss(
 
         δ(τ) = [V_θ(s_1) − V_ref(s_1)] + Σ_h [log π_θ(a_h|s_h) − log π_ref(a_h|s_h)] − r(τ)/β
         L    = (1/N) Σ_i w_i δ(τ_i)²,      N = norm.num_sequences, w_i = batch.weight
+
+    with h over the policy tokens only (a multi-turn trajectory's environment tokens are skipped) and
+    s_1 the first policy decision state.
 
     Its gradient (Eq. 4) is −(2/N) Σ_i w_i (r/β − (V_θ − V_ref + log π_θ/π_ref)) ∇log π_θ(τ_i)
     plus the V_θ(s_1) term (dropped with `stop_grad_v`). Reference terms, reward and weights
@@ -179,7 +188,7 @@ def grpo_loss(
         ℓ_t   = min(ℓ_t, −A·dual_clip)                              if A < 0
         ℓ_t  ←  ℓ_t · sg[min(exp(log π_old − log π_sampler), is_cap)]
 
-    aggregated over the response tokens m_it of the update batch by
+    aggregated over the policy tokens m_it (response_mask) of the update batch by
       token-mean:               Σ_it m ℓ / num_tokens
       seq-mean-token-mean:      Σ_i (Σ_t m ℓ / Σ_t m) / num_sequences
       seq-mean-token-sum-norm:  Σ_it m ℓ / (num_sequences · max_response_length)   (Dr. GRPO)
@@ -328,7 +337,8 @@ def overlong_penalty(lengths: Array, max_length: int, cache: int) -> Array:
                       ((L_max − L_cache) − |y|) / L_cache   L_max − L_cache < |y| ≤ L_max
                       −1                              L_max < |y|
 
-    `lengths` [B] response lengths in tokens, `max_length` L_max, `cache` L_cache (0: no penalty
+    `lengths` [B] response lengths in policy tokens (`Trajectories.response_lengths`: a multi-turn
+    trajectory's environment tokens do not count), `max_length` L_max, `cache` L_cache (0: no penalty
     up to L_max). numpy in → numpy out.
     """
     xp = _xp(lengths)

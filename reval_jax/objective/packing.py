@@ -7,7 +7,10 @@ trajectory's real tokens end to end into rows of `row_len` tokens:
     row r:  [ traj a (segment 1) | traj b (segment 2) | traj c (segment 3) | padding (0) ]
 
 with per-token `segment_ids` (1, 2, ...; 0 = padding: attention never crosses a segment) and
-per-segment `positions` (0.. in each trajectory, so RoPE sees what it sees unpacked). Per-trajectory
+per-segment `positions` (0.. in each trajectory, so RoPE sees what it sees unpacked). A segment is a
+trajectory's whole span of real tokens: for a multi-turn trajectory the prompt, every policy turn and
+the environment tokens between them, with its non-contiguous `response_mask` (policy tokens) carried
+inside the segment as it is (reval_jax.data.batch). Per-trajectory
 fields live in M slots per row ([R, M]); slot m holds segment m + 1. Rows are filled first-fit
 decreasing, then grouped into micro-batches of `rows` rows each, a multiple of the data-parallel
 device count so that a micro-batch always splits over the devices (the last one may be shorter,
@@ -47,11 +50,11 @@ class Packed:
     tokens: Array  # [R, L] int32
     segment_ids: Array  # [R, L] int32  slot m's tokens carry m + 1; 0 = padding
     positions: Array  # [R, L] int32  position inside the trajectory
-    response_mask: Array  # [R, L] bool  response tokens (loss targets)
+    response_mask: Array  # [R, L] bool  policy tokens (loss targets; not contiguous in a multi-turn trajectory)
     ref_logp: Array  # [R, L] f32  log π_ref of the token, 0 where not response
     sampler_logp: Array  # [R, L] f32  the sampler's log q of the token, 0 where not response
     valid: Array  # [R, M] bool  the slot holds a trajectory
-    s1: Array  # [R, M] int32  index in the row of the trajectory's last prompt token
+    s1: Array  # [R, M] int32  index in the row of the trajectory's last prompt token (predicts a_1)
     reward: Array  # [R, M] f32  transformed reward
     raw_reward: Array  # [R, M] f32
     ref_v: Array  # [R, M] f32  V_ref(s_1)
@@ -88,7 +91,8 @@ def token_slots(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 def real_spans(batch: Trajectories) -> tuple[np.ndarray, np.ndarray]:
     """(start [B], length [B]) of each trajectory's real tokens, which must be contiguous (any
-    left/right padding layout)."""
+    left/right padding layout). A multi-turn trajectory is one span too (environment tokens are real
+    tokens, attended to as context); only its response_mask has gaps."""
     mask = np.asarray(batch.attn_mask)
     length = mask.sum(axis=1).astype(np.int64)
     start = np.argmax(mask, axis=1).astype(np.int64)
@@ -221,6 +225,7 @@ def pack(
     B = batch.batch_size
     row_len, max_segments = budget.row_len, budget.max_segments
     start, length = real_spans(batch)
+    batch.check_masks()  # policy tokens inside the span, after its first token; s1 predicts a_1
     if budget.max_segment_len and length.max(initial=0) > budget.max_segment_len:
         raise ValueError(f"a trajectory of {int(length.max())} tokens exceeds max_segment_len "
                          f"{budget.max_segment_len}, the reach of the update's banded attention")
