@@ -1,8 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv from the requirements and runs the embedded default (tiny model, CPU)
 #   make test   creates .venv from the requirements and runs the linter and the test suite (what CI runs)
-#   make test-fast   the unit tier: the suite without the end-to-end and multi-process tests (markers
-#                    e2e / multiprocess, registered in pyproject.toml), for a quick check while editing
+#   make test-fast   the unit tier: the suite without the end-to-end, multi-process and slow tests (markers
+#                    e2e / multiprocess / slow, registered in pyproject.toml), for a quick check while editing
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,11 +17,17 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 lint: $(VENV)/.installed
 	$(PY) -m ruff check reval_jax tests configs benchmarks launch
 
+# Two pytest workers (pytest-xdist; PYTEST_WORKERS=0 runs in one process): the suite is mostly
+# single-threaded compilation. Test files whose tests share a module fixture (one reference run) are
+# one xdist_group, so that fixture runs once.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS := -q --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 test-fast: lint
-	$(PY) -m pytest -q --durations=15 -m "not e2e and not multiprocess" tests
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not e2e and not multiprocess and not slow" tests
 
 demo: $(VENV)/.installed
 	$(PY) -m reval_jax.train --config=configs/tiny.py --workdir=runs/tiny

@@ -22,6 +22,10 @@ NO_TIMEOUT_S = 600.0
 STARTUP_S = 600.0
 NUM_WORKERS = 2
 
+# one pytest-xdist worker runs this file: its tests share module fixtures (runs, a worker pool)
+pytestmark = pytest.mark.xdist_group("test_rewards")
+
+
 
 def faulty_reward(response: str, answer: str, template: str) -> float:
     """``math_reward``, except for test hooks: responses that hang, raise, kill the worker, answer

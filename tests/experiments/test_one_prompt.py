@@ -3,12 +3,15 @@ config (configs/tiny.py) on a shortened run."""
 
 import json
 
+import pytest
+
 from reval_jax.experiments import one_prompt, toy
 from reval_jax.run import train
 from reval_jax.run.metrics import read_metrics
 from reval_jax.tools import plot
 
 
+@pytest.mark.e2e  # generates, trains and evaluates: the experiment script end to end
 def test_one_prompt_experiment_reduced(tmp_path):
     results = one_prompt.main([
         f"--out={tmp_path}", "--levels=easy", "--updates=2", "--seeds=1", "--max_rounds=2",
@@ -40,6 +43,7 @@ def test_summary_marks_runs_that_missed_the_target():
     assert "| hard | 30 | 15, 2.0× | 3.6× |" in table and "average speed-up over GRPO 2.00×" in table
 
 
+@pytest.mark.e2e  # train.run and plot: the demo, shortened
 def test_tiny_config_runs_shortened(tmp_path):
     from configs import tiny
 

@@ -102,7 +102,9 @@ def assert_calibrated(m):
 
 
 @pytest.mark.parametrize("dtype,devices,micro_batches,chunk", [
-    ("float32", 1, 1, 512), ("float32", 8, 2, 3), ("bfloat16", 1, 3, 5), ("bfloat16", 8, 2, 512)])
+    ("float32", 1, 1, 512), ("float32", 8, 2, 3),
+    pytest.param("bfloat16", 1, 3, 5, marks=pytest.mark.slow),
+    pytest.param("bfloat16", 8, 2, 512, marks=pytest.mark.slow)])
 def test_calibrated_initialisation_is_exact(dtype, devices, micro_batches, chunk):
     """Prop. 2: π_θ = π_ref and r = 0 give δ, loss and gradient of the real update EXACTLY zero (both
     sides of δ come from one compiled forward; train_step, exact calibration), in float32 and
@@ -283,7 +285,7 @@ def test_bfloat16_reference_is_kept_in_bfloat16():
     assert reset_reference(state).ref_params["q_proj"][...].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("loss", ["reval", "grpo"])
+@pytest.mark.parametrize("loss", ["reval", pytest.param("grpo", marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device(loss):
     batch = make_batch(seed=6)
     cfg = StepConfig(loss=loss, beta=0.1)
@@ -307,6 +309,7 @@ FAMILY_MODELS = {  # preset("tiny") overrides: every family's parameters and RoP
 }
 
 
+@pytest.mark.slow  # every family's parameters through the sharded update: qwen2's is the unit tier's case above
 @pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
 def test_sharded_step_equals_single_device_for_every_family(family):
     batch = make_batch(seed=6)

@@ -172,8 +172,9 @@ SAMPLED = SamplingConfig(max_new_tokens=8, num_samples=2, top_k=20, top_p=0.9, t
 
 
 @pytest.mark.parametrize("config, family", [
-    (SAMPLED, "qwen2"), (SamplingConfig(max_new_tokens=8, greedy=True, buckets=(8,)), "qwen2"),
-    (SAMPLED, "qwen3"), (SAMPLED, "llama"),
+    (SAMPLED, "qwen2"), pytest.param(SamplingConfig(max_new_tokens=8, greedy=True, buckets=(8,)), "qwen2",
+                                     marks=pytest.mark.slow),
+    pytest.param(SAMPLED, "qwen3", marks=pytest.mark.slow), pytest.param(SAMPLED, "llama", marks=pytest.mark.slow),
 ])
 def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config, family):
     """A float32 rollout layout (tp 2 × dp 4 from an FSDP master) samples what one device samples:
@@ -283,8 +284,8 @@ def _whole_array_rule(monkeypatch):
     programs.decode.clear_cache()  # traced with the rule above from now on
 
 
-@pytest.mark.parametrize("tensor", [1, 2])
-@pytest.mark.parametrize("config", [SAMPLED, TOP_P], ids=["top_k_top_p", "top_p"])
+@pytest.mark.parametrize("tensor", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("config", [SAMPLED, pytest.param(TOP_P, marks=pytest.mark.slow)], ids=["top_k_top_p", "top_p"])
 def test_top_k_top_p_on_data_replicas_sample_the_tokens_of_one_device(tensor, config, monkeypatch):
     """top_p = 0.9 (with and without top_k = 20) on the 8 fake devices, 16 slots in 8 / tensor data
     replicas: the tokens of the single-device model exactly, the log-probs within float32 rounding of
@@ -318,7 +319,7 @@ def _largest_collective(text: str) -> tuple[int, str]:
     return max(((c.bytes, f"{c.kind} {c.op_name}") for c in hlo.collectives(text).collectives), default=(0, ""))
 
 
-@pytest.mark.parametrize("tensor", [1, 2, 4])
+@pytest.mark.parametrize("tensor", [1, *(pytest.param(t, marks=pytest.mark.slow) for t in (2, 4))])
 @pytest.mark.parametrize("config", [SAMPLED, TOP_P], ids=["top_k_top_p", "top_p"])
 def test_decode_with_top_p_moves_no_logits_sized_collective(tensor, config, monkeypatch):
     """The engine's decode step with top-p on, on 8 fake devices at tp 1, 2 and 4: no collective as

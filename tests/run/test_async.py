@@ -26,6 +26,9 @@ from reval_jax.run.config import PipelineConfig, pipeline_config
 from reval_jax.run.pipeline import RolloutFailed, round_version
 from reval_jax.run.policy import make_run_mesh
 
+# one pytest-xdist worker runs this file: its tests share module fixtures (runs, a worker pool)
+pytestmark = pytest.mark.xdist_group("test_async")
+
 ASYNC2 = {"pipeline.mode": "async", "pipeline.max_staleness": 2}
 # two groups: devices 0-3 generate (the rollout layout over them), device 4 trains (mesh (1, 1, 1))
 GROUPS = {**ASYNC2, "pipeline.rollout_devices": 4}

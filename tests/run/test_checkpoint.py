@@ -21,6 +21,9 @@ from reval_jax.run import train
 from reval_jax.run.checkpoint import Checkpointer, CheckpointError
 from reval_jax.run.policy import load_checkpoint_policy, make_run_mesh
 
+# one pytest-xdist worker runs this file: its tests share module fixtures (runs, a worker pool)
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 
 def run(config, workdir):
     """train.run without reward workers: the reward path is not under test here."""

@@ -5,6 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import InlineScorer, tiny_config
 
 from reval_jax.data.templates import stop_token_ids
@@ -26,10 +27,14 @@ def test_temperature_zero_means_greedy_and_a_negative_one_is_refused(data_file):
 
 
 def _argmax_continuation(model, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
-    """The greedy response by full forward passes (no cache, no padding): the reference."""
-    seq = list(prompt)
+    """The greedy response by full forward passes (no cache): the reference. The sequence sits at the
+    left of one fixed-length row, so every pass is one compiled program; the causal mask keeps the
+    tokens after position n out of position n's logits."""
+    forward = nnx.jit(lambda model, row: model(row)[0])
+    seq, row = list(prompt), np.zeros((1, len(prompt) + max_new), np.int32)
     for _ in range(max_new):
-        token = int(jnp.argmax(model(jnp.asarray([seq]))[0, -1]))
+        row[0, : len(seq)] = seq
+        token = int(jnp.argmax(forward(model, jnp.asarray(row))[len(seq) - 1]))
         seq.append(token)
         if token in stops:
             break
