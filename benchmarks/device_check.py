@@ -209,7 +209,7 @@ def stage_attention(ctx: Context) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from reval_jax.model.attention import attention
+    from reval_jax.model.attention import SegmentMask, attention
 
     impl = "cudnn" if ctx.platform == "gpu" else "xla"  # xla: the same jax.nn plumbing, on any backend
     B, T, N, K, H, longest = (3, 96, 4, 2, 16, 40) if ctx.smoke else (4, 4096, 12, 2, 128, 1500)
@@ -220,7 +220,7 @@ def stage_attention(ctx: Context) -> dict:
     cot = jnp.asarray(r.randn(B, T, N, H) * valid[:, :, None, None], jnp.bfloat16)  # padding queries: 0
 
     def run(name):  # segment ids and cotangent as arguments: no constant folding of large arrays
-        fwd = jax.jit(lambda q, k, v, seg: attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
+        fwd = jax.jit(lambda q, k, v, seg: attention(q, k, v, SegmentMask(seg, seg),
                                                      implementation=name))
         loss = lambda q, k, v, seg, cot: jnp.sum(fwd(q, k, v, seg).astype(jnp.float32) * cot)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

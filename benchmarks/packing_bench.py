@@ -71,14 +71,14 @@ def math_prompt_lengths(rng, n: int, max_prompt: int) -> np.ndarray:
 def demo_lengths(rounds: int = 3) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     from configs import tiny
     from reval_jax import load_hf
-    from reval_jax.data.prompts import prompt_batches
+    from reval_jax.data.prompts import LoadOptions, prompt_batches
     from reval_jax.data.templates import stop_token_ids
     from reval_jax.rollout.sampler import SamplingConfig, generate
 
     c = tiny.get_config()
     model, tokenizer = load_hf(str(ROOT / c.model.path))
-    data, _ = prompt_batches([str(ROOT / f) for f in c.data.train_files], tokenizer, c.data.template,
-                             c.data.max_prompt_len, c.data.prompts_per_iteration, seed=0)
+    data, _ = prompt_batches([str(ROOT / f) for f in c.data.train_files], tokenizer,
+                             LoadOptions(c.data.template, c.data.max_prompt_len), c.data.prompts_per_iteration, seed=0)
     sampling = SamplingConfig(max_new_tokens=c.sampling.max_new_tokens, num_samples=c.sampling.num_samples,
                               stop_ids=tuple(stop_token_ids(tokenizer)), buckets=tuple(c.sampling.buckets))
     prompts, responses = [], []

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from configs import tiny
-    from reval_jax.data.prompts import prompt_batches
+    from reval_jax.data.prompts import LoadOptions, prompt_batches
     from reval_jax.data.templates import stop_token_ids
     from reval_jax.model.attention import banded_work
     from reval_jax.objective.packing import pack, real_spans
@@ -69,8 +69,9 @@ def main(argv=None) -> dict:
     model, state = build_model(config, s)
     tok = model.tokenizer
     sampling = run_config.sampling_config(config, tuple(stop_token_ids(tok)), tok.pad_token_id)
-    prompts, _ = prompt_batches(list(config.data.train_files), tok, config.data.template, config.data.max_prompt_len,
-                                config.data.prompts_per_iteration, seed=config.seed)
+    options = LoadOptions(config.data.template, config.data.max_prompt_len)
+    prompts, _ = prompt_batches(list(config.data.train_files), tok, options, config.data.prompts_per_iteration,
+                                seed=config.seed)
     examples = next(prompts)
     policy = model.rollout_layout(model.graphdef, state.params)
     gen_first, gen_s, rollout = timed(lambda: generate(policy, [e.prompt_ids for e in examples], sampling,

@@ -10,6 +10,7 @@ error); prompts longer than ``max_prompt_len`` tokens (after the prompt template
 counted. A missing file, an unsupported suffix and a ``.parquet`` file that is not Parquet are
 errors that name the file (``UserError``: one line on the command line).
 
+A call's loading options (template, length cap, columns, strictness) travel as one ``LoadOptions``.
 Training prompts come from ``prompt_batches``: a ``grain`` pipeline that shuffles with a seed,
 repeats over epochs (each epoch in a different order, all fixed by the seed) and yields lists of
 ``prompts_per_batch`` examples. On several hosts every process takes its contiguous slice of each
@@ -262,24 +263,34 @@ def batch_iterator(
     return iter(ds.to_iter_dataset(options))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a call turns data files into prompts: the prompt `template` (``templates.apply_template``,
+    with its ``enable_thinking`` switch), the prompt-length cap ``max_prompt_len`` (None: none), the
+    problem and answer columns, and whether an invalid JSON Lines line is an error (``strict``)."""
+
+    template: str
+    max_prompt_len: int | None = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    strict: bool = False
+    enable_thinking: bool | None = None
+
+
 def prompt_batches(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: Any,
-    template: str,
-    max_prompt_len: int | None,
+    options: LoadOptions,
     prompts_per_batch: int,
     seed: int,
-    problem_key: str = "problem",
-    answer_key: str = "answer",
     process_index: int = 0,
     process_count: int = 1,
-    strict: bool = False,
-    enable_thinking: bool | None = None,
 ) -> tuple[grain.DatasetIterator, DataStats]:
     """Training prompts: ``load_examples`` then an endless ``batch_iterator`` over them."""
+    o = options
     examples, stats = load_examples(
-        paths, tokenizer, template, max_prompt_len, problem_key, answer_key, strict=strict,
-        enable_thinking=enable_thinking,
+        paths, tokenizer, o.template, o.max_prompt_len, o.problem_key, o.answer_key, strict=o.strict,
+        enable_thinking=o.enable_thinking,
     )
     iterator = batch_iterator(
         examples, prompts_per_batch, seed, process_index=process_index, process_count=process_count
@@ -290,24 +301,20 @@ def prompt_batches(
 def load_eval_set(
     path: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: Any,
-    template: str,
+    options: LoadOptions,
     limit: int | None = 100,
     seed: int = 0,
-    max_prompt_len: int | None = None,
-    problem_key: str = "problem",
-    answer_key: str = "answer",
-    strict: bool = False,
-    enable_thinking: bool | None = None,
 ) -> tuple[list[PromptExample], DataStats]:
     """A benchmark: the first ``limit`` valid problems after a shuffle with ``seed`` (all of them,
     in file order, when ``limit`` is None).
 
     The subset depends only on the files and the seed, not on the tokenizer: it is chosen before
-    tokenising, and prompts longer than ``max_prompt_len`` are then dropped and counted.
+    tokenising, and prompts longer than ``options.max_prompt_len`` are then dropped and counted.
     """
+    o = options
     paths = _as_paths(path)
     invalid: list[str] = []
-    rows, rows_read, skipped = read_rows(paths, problem_key, answer_key, strict=strict, invalid=invalid)
+    rows, rows_read, skipped = read_rows(paths, o.problem_key, o.answer_key, strict=o.strict, invalid=invalid)
     capped = 0
     if limit is not None:
         if limit < 1:
@@ -315,10 +322,10 @@ def load_eval_set(
         order = np.random.default_rng(seed).permutation(len(rows))
         capped = max(0, len(rows) - limit)
         rows = [rows[i] for i in order[:limit]]
-    examples, too_long = _tokenize(rows, tokenizer, template, max_prompt_len, enable_thinking)
+    examples, too_long = _tokenize(rows, tokenizer, o.template, o.max_prompt_len, o.enable_thinking)
     if not examples:
         raise UserError(
-            f"every prompt of {paths} is longer than max_prompt_len={max_prompt_len} tokens"
+            f"every prompt of {paths} is longer than max_prompt_len={o.max_prompt_len} tokens"
         )
     stats = DataStats(tuple(paths), rows_read, skipped, too_long, len(examples), capped, tuple(invalid))
     return examples, stats

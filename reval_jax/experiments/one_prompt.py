@@ -90,7 +90,7 @@ def rounds_to_target(workdir: Path, target: float, key: str) -> int | None:
     return None
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/one_prompt")
     p.add_argument("--model", default="", help="HF directory (default: the embedded tiny_arith model)")
@@ -111,12 +111,41 @@ def main(argv=None):
     p.add_argument("--buffer_rounds", type=int, default=4, help="replay capacity in rounds")
     p.add_argument("--max_new_tokens", type=int, default=80)
     p.add_argument("--no_grpo", action="store_true", help="skip the GRPO baseline")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run_level(level: str, prompt_file: Path, model_dir: str, settings, args) -> list[dict]:
+    """Every (algorithm, updates) setting of one level, `args.seeds` runs each, from scratch: the
+    rounds each run took to reach `args.target` (None: never) and its seconds."""
+    from reval_jax.run import train
+
+    key = f"avg@{args.eval_samples}"
+    results = []
+    for algorithm, updates in settings:
+        for seed in range(args.seeds):
+            name = f"{level}_{algorithm}{updates}_s{seed}"
+            workdir = Path(args.out) / "runs" / name
+            if workdir.exists():
+                import shutil
+
+                shutil.rmtree(workdir)
+            start = time.perf_counter()
+            config = run_config(model_dir, str(prompt_file), algorithm=algorithm, updates=updates,
+                                seed=seed, args=args)
+            train.run(config, str(workdir))
+            rounds = rounds_to_target(workdir, args.target, key)
+            results.append({"level": level, "algorithm": algorithm, "updates": updates, "seed": seed,
+                            "rounds": rounds, "seconds": time.perf_counter() - start})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
 
     import jax
 
     from reval_jax.experiments import toy
-    from reval_jax.run import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +157,6 @@ def main(argv=None):
     base_model, tokenizer = load_hf(model_dir)
     levels = args.levels.split(",")
     settings = ([] if args.no_grpo else [("grpo", 1)]) + [("reval", int(k)) for k in args.updates.split(",")]
-    key = f"avg@{args.eval_samples}"
     results = []
     prompts = {}
     for level in levels:
@@ -140,22 +168,7 @@ def main(argv=None):
         prompt_file = out / f"{level}.jsonl"
         prompt_file.write_text(json.dumps({"id": f"one_prompt-{level}", "problem": problem, "answer": answer,
                                            "source": f"{toy.SOURCE}_{level}"}) + "\n")
-        for algorithm, updates in settings:
-            for seed in range(args.seeds):
-                name = f"{level}_{algorithm}{updates}_s{seed}"
-                workdir = out / "runs" / name
-                if workdir.exists():
-                    import shutil
-
-                    shutil.rmtree(workdir)
-                start = time.perf_counter()
-                config = run_config(model_dir, str(prompt_file), algorithm=algorithm, updates=updates,
-                                    seed=seed, args=args)
-                train.run(config, str(workdir))
-                rounds = rounds_to_target(workdir, args.target, key)
-                results.append({"level": level, "algorithm": algorithm, "updates": updates, "seed": seed,
-                                "rounds": rounds, "seconds": time.perf_counter() - start})
-                print(json.dumps(results[-1]), flush=True)
+        results += _run_level(level, prompt_file, model_dir, settings, args)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
     table = summarize(results, levels, settings, args.max_rounds, prompts)

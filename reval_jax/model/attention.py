@@ -7,7 +7,8 @@
 Query t sits at slot q_offset + t of the key sequence (0 for training; the cache index for prefill
 into a KV cache). Segment id 0 is padding; a packed row holds segments 1, 2, 3, ... and no query ever
 attends across them. A query with no allowed key (padding) gets a finite output whose value is
-implementation-defined (einsum: the mean of all values; chunked: 0); callers mask it out.
+implementation-defined (einsum: the mean of all values; chunked: 0); callers mask it out. The
+segment ids, q_offset and the packed rows' segment-length promise travel as one `SegmentMask`.
 
 Implementations (`IMPLEMENTATIONS`, chosen by name, see docs/attention.md):
   einsum   the reference: float32 scores [B, K, G, T, S], NEG_INF where not allowed, softmax.
@@ -23,6 +24,7 @@ Implementations (`IMPLEMENTATIONS`, chosen by name, see docs/attention.md):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -59,22 +61,35 @@ def allowed_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: int | Ar
     return same & (kv_segment_ids[:, None, :] != 0) & causal[None]
 
 
-def attention(
-    q: Array, k: Array, v: Array, *, q_segment_ids: Array, kv_segment_ids: Array,
-    q_offset: int | Array = 0, implementation: str = "auto", block_q: int = 512, block_kv: int = 512,
-    mesh: Mesh | None = None, max_segment_len: int = 0,
-) -> Array:
-    """q [B, T, N, H], k/v [B, S, K, H] with N = K·G; segment ids [B, T] / [B, S] int32 (0 = padding).
-    Returns [B, T, N, H] in q's dtype. `mesh` is only used by splash (a Pallas call is partitioned by
-    shard_map over the batch and head axes of sharding.RULES).
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """Who may attend to whom, as data (the module docstring's `allowed`): segment ids of the queries
+    [B, T] and of the keys [B, S] (int, 0 = padding), the key slot of query 0 (`q_offset`: 0 for
+    training, the cache index for prefill into a KV cache), and `max_segment_len` > 0, a promise
+    that no segment is longer (packed trajectories: the prompt bucket plus max_new_tokens)."""
 
-    `max_segment_len` > 0 promises that no segment is longer (packed trajectories: the prompt bucket
-    plus max_new_tokens): einsum, xla and chunked then compute only the key window each query block
+    q_segment_ids: Array  # [B, T]
+    kv_segment_ids: Array  # [B, S]
+    q_offset: int | Array = 0
+    max_segment_len: int = 0
+
+
+def attention(
+    q: Array, k: Array, v: Array, mask: SegmentMask, *, implementation: str = "auto", block_q: int = 512,
+    block_kv: int = 512, mesh: Mesh | None = None,
+) -> Array:
+    """q [B, T, N, H], k/v [B, S, K, H] with N = K·G; `mask` the segment ids [B, T] / [B, S] (0 =
+    padding), query offset and segment-length promise. Returns [B, T, N, H] in q's dtype. `mesh` is
+    only used by splash (a Pallas call is partitioned by shard_map over the batch and head axes of
+    sharding.RULES).
+
+    `mask.max_segment_len` > 0: einsum, xla and chunked compute only the key window each query block
     can reach (`banded`), exactly the same attention for a fraction of the work when segments are
     much shorter than the row. cudnn and splash ignore it (splash skips empty blocks by itself)."""
+    q_offset, max_segment_len = mask.q_offset, mask.max_segment_len
     impl = resolve(implementation, q.dtype, None if mesh is None else mesh.devices.flat[0].platform)
-    q_segment_ids = q_segment_ids.astype(jnp.int32)
-    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+    q_segment_ids = mask.q_segment_ids.astype(jnp.int32)
+    kv_segment_ids = mask.kv_segment_ids.astype(jnp.int32)
     band = banding(q.shape[1], k.shape[1], q_offset, max_segment_len, block_q)
     if band is not None and impl in ("einsum", "xla", "chunked"):
         return _banded(q, k, v, q_segment_ids, kv_segment_ids, *band, scan=impl == "chunked")

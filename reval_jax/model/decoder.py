@@ -23,6 +23,7 @@ keys/values at slot `cache.index` and attends to every valid slot at or before e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from reval_jax.model.attention import attention
+from reval_jax.model.attention import SegmentMask, attention
 from reval_jax.model.config import ModelConfig, RopeScaling
 from reval_jax.parallel.sharding import constrain
 
@@ -166,13 +167,13 @@ def _qkv(h: Array, p: dict[str, Array], cfg: ModelConfig) -> tuple[Array, Array,
 
 
 def _block(
-    x: Array, p: dict[str, Array], k_cache: Array | None, v_cache: Array | None, layer: Array, *,
+    x: Array, p: dict[str, Array], kv: tuple[Array | None, Array | None], layer: Array, *,
     cfg: ModelConfig, mesh: Mesh | None, positions: Array, attend,
 ):
     """One decoder layer on x [B, T, D]; p holds this layer's slice of LAYER_PARAMS. `attend(q, k,
     v, k_cache, v_cache, layer) -> (out [B, T, N, H], k_cache, v_cache)` is the attention of this
-    call (plain, contiguous KV cache, or the rollout engine's paged cache); the caches, when given,
-    are the stacked ones of every layer and travel through it."""
+    call (plain, contiguous KV cache, or the rollout engine's paged cache); the caches kv = (k, v),
+    when given, are the stacked ones of every layer and travel through it. Returns (x, k, v)."""
     dt = x.dtype
 
     h = rms_norm(x, p["attn_norm"].astype(dt), cfg.rms_norm_eps)
@@ -182,7 +183,7 @@ def _block(
     q = constrain(q, mesh, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, mesh, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
-    out, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, layer)  # [B, T, N, H]
+    out, k_cache, v_cache = attend(q, k, v, *kv, layer)  # [B, T, N, H]
     x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
 
@@ -195,26 +196,30 @@ def _block(
     return x, k_cache, v_cache
 
 
-def _attend(q, k, v, k_cache, v_cache, layer, *, cfg: ModelConfig, mesh: Mesh | None,
-            q_segment_ids: Array, kv_segment_ids: Array, index: Array | None, max_segment_len: int = 0):
-    """Attention without a cache, or over a contiguous `Cache`: this step's keys/values are written
-    at [layer, :, index] in place (a decode step writes its T slots, it never copies the cache) and
-    the queries attend over all S slots."""
-    T, dt = q.shape[1], q.dtype
-    if k_cache is not None:
-        at = (layer, 0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
-        v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
-    # training and prefill: the configured kernel; a short decode step: einsum, scores [B, N, T, S]
-    impl = "einsum" if k_cache is not None and T <= DECODE_EINSUM_MAX_T else cfg.attention
-    out = attention(
-        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=0 if index is None else index, implementation=impl, mesh=mesh,
-        block_q=cfg.attention_block, block_kv=cfg.attention_block, max_segment_len=max_segment_len,
-    )
-    return out, k_cache, v_cache
+@dataclasses.dataclass(frozen=True)
+class _Attend:
+    """The `attend` hook of `hidden_states`: attention without a cache, or over a contiguous `Cache`
+    (`mask.q_offset` = the cache index, where this step's keys/values are written)."""
+
+    cfg: ModelConfig
+    mesh: Mesh | None
+    mask: SegmentMask
+
+    def __call__(self, q, k, v, k_cache, v_cache, layer):
+        """This step's keys/values are written at [layer, :, index] in place (a decode step writes
+        its T slots, it never copies the cache) and the queries attend over all S slots."""
+        cfg, T, dt = self.cfg, q.shape[1], q.dtype
+        if k_cache is not None:
+            at = (layer, 0, self.mask.q_offset, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            k = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False).astype(dt)  # [B, S, K, H]
+            v = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False).astype(dt)
+        # training and prefill: the configured kernel; a short decode step: einsum, scores [B, N, T, S]
+        impl = "einsum" if k_cache is not None and T <= DECODE_EINSUM_MAX_T else cfg.attention
+        out = attention(q, k, v, self.mask, implementation=impl, mesh=self.mesh, block_q=cfg.attention_block,
+                        block_kv=cfg.attention_block)
+        return out, k_cache, v_cache
 
 
 class Decoder(nnx.Module):
@@ -267,8 +272,8 @@ class Decoder(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
             q_seg, kv_seg = mask.astype(jnp.int32), valid.astype(jnp.int32)  # [B, T], [B, S]
 
-        attend = functools.partial(_attend, cfg=cfg, mesh=mesh, q_segment_ids=q_seg,
-                                   kv_segment_ids=kv_seg, index=index, max_segment_len=max_segment_len)
+        segments = SegmentMask(q_seg, kv_seg, q_offset=0 if index is None else index, max_segment_len=max_segment_len)
+        attend = _Attend(cfg, mesh, segments)
         kv = (None, None) if cache is None else (cache.k, cache.v)
         x, (k, v) = self.run_layers(self.embed_tokens(tokens), positions, attend, kv)
         if cache is not None:
@@ -290,7 +295,7 @@ class Decoder(nnx.Module):
         def step(carry, layer):
             x, kc, vc = carry
             p, i = layer
-            return block(x, p, kc, vc, i), None
+            return block(x, p, (kc, vc), i), None
 
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)

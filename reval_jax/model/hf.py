@@ -337,7 +337,24 @@ def save_hf(
     limit = _parse_size(max_shard_size)
     out_dtype = np.dtype(jnp.dtype(dtype or model.cfg.param_dtype))
     writer = jax.process_index() == 0
+    files, total = _write_parts(model, path, limit, out_dtype, writer)
+    if writer:
+        _name_shards(path, files, total)
+        cfg_json = to_hf_config(model.cfg, torch_dtype=str(jnp.dtype(out_dtype)))
+        if tokenizer is not None:
+            special = generation_config(tokenizer, sampling)
+            cfg_json.update({k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in special})
+            (path / "generation_config.json").write_text(json.dumps(special, indent=2))
+            save_tokenizer(tokenizer, path)
+        (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
+    return path
 
+
+def _write_parts(model: Decoder, path: Path, limit: int, out_dtype: np.dtype,
+                 writer: bool) -> tuple[list[tuple[str, list[str]]], int]:
+    """The model's tensors in `out_dtype`, as temporary safetensors parts of at most `limit` bytes
+    (written by the `writer` process only; every process fetches its slices alike). Returns the
+    parts [(file, tensor names)] and the total bytes."""
     current: dict[str, np.ndarray] = {}
     size = 0
     files: list[tuple[str, list[str]]] = []
@@ -360,26 +377,22 @@ def save_hf(
         size += nbytes
         total += nbytes
     flush()
+    return files, total
 
-    if writer:
-        for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-            stale.unlink()
-        weight_map = {}
-        for n, (tmp, names) in enumerate(files):
-            final = "model.safetensors" if len(files) == 1 else f"model-{n + 1:05d}-of-{len(files):05d}.safetensors"
-            (path / tmp).rename(path / final)
-            weight_map.update({name: final for name in names})
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        cfg_json = to_hf_config(model.cfg, torch_dtype=str(jnp.dtype(out_dtype)))
-        if tokenizer is not None:
-            special = generation_config(tokenizer, sampling)
-            cfg_json.update({k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in special})
-            (path / "generation_config.json").write_text(json.dumps(special, indent=2))
-            save_tokenizer(tokenizer, path)
-        (path / "config.json").write_text(json.dumps(cfg_json, indent=2))
-    return path
+
+def _name_shards(path: Path, files: list[tuple[str, list[str]]], total: int) -> None:
+    """Replaces the directory's old weights by the parts: model.safetensors when there is one,
+    else model-0000i-of-0000n.safetensors and model.safetensors.index.json."""
+    for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        stale.unlink()
+    weight_map = {}
+    for n, (tmp, names) in enumerate(files):
+        final = "model.safetensors" if len(files) == 1 else f"model-{n + 1:05d}-of-{len(files):05d}.safetensors"
+        (path / tmp).rename(path / final)
+        weight_map.update({name: final for name in names})
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def generation_config(tokenizer, sampling: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from reval_jax.errors import UserError
 from reval_jax.objective.losses import (
+    GrpoClip,
     LossFn,
     grpo_advantages,
     grpo_loss,
@@ -207,8 +208,8 @@ def _value_options(cfg) -> dict[str, Any]:
 
 
 def _grpo_options(cfg) -> dict[str, Any]:
-    return {"aggregation": cfg.grpo_aggregation, "clip_low": cfg.clip_low, "clip_high": cfg.clip_high,
-            "dual_clip": cfg.dual_clip, "is_cap": cfg.is_cap}
+    clip = GrpoClip(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, is_cap=cfg.is_cap)
+    return {"aggregation": cfg.grpo_aggregation, "clip": clip}
 
 
 def _dapo_options(cfg) -> dict[str, Any]:

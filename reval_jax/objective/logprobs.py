@@ -21,6 +21,7 @@ before the scan.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -149,18 +150,29 @@ def _sharded_row_logprobs(h, targets, w, mesh, chunk: int, temperature: float) -
                          out_specs=P(rows, None))(h, targets, w)
 
 
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    """How `packed_stats` computes: `chunk` positions of every row per unembedding block, the
+    sampling temperature τ, and `max_segment_len` > 0, a promise that no trajectory is longer (the
+    attention then reads only the keys it can reach)."""
+
+    chunk: int = 512
+    temperature: float = 1.0
+    max_segment_len: int = 0
+
+
 def packed_stats(
-    model: Qwen2, tokens: Array, segment_ids: Array, positions: Array, response_mask: Array, s1: Array, *,
-    chunk: int = 512, temperature: float = 1.0, max_segment_len: int = 0,
+    model: Qwen2, tokens: Array, segment_ids: Array, positions: Array, response_mask: Array, s1: Array,
+    config: StatsConfig = StatsConfig(),
 ) -> tuple[Array, Array]:
     """(log π per token [R, L], V(s_1) per slot [R, M]) of `model` on packed rows (packing.Packed's
     fields of the same names; s1 [R, M] indexes each slot's last prompt token in its row).
-    `max_segment_len` > 0: no trajectory is longer (attention reads only the keys it can reach).
 
     logp[r, t] = log π(tokens[r, t] | earlier tokens of its segment), 0 where not a policy token
     (response_mask, which may have gaps: environment tokens are attended to, never targets)."""
+    chunk, temperature = config.chunk, config.temperature
     h, _ = model.hidden_states(tokens, positions=positions, mask=segment_ids > 0,
-                               segment_ids=segment_ids, max_segment_len=max_segment_len)  # [R, L, D]
+                               segment_ids=segment_ids, max_segment_len=config.max_segment_len)  # [R, L, D]
     w = model.unembed_weight()  # [D, V], gathered once for every chunk
     # position t predicts token t + 1: the pair (h[t], tokens[t + 1]) lands at t + 1. Pairs that
     # straddle two segments land on a segment's first token, a prompt token: masked below.
@@ -182,7 +194,7 @@ def packed_stats(
 def batch_stats(model: Qwen2, batch: Packed, *, chunk: int = 512, temperature: float = 1.0, max_segment_len: int = 0):
     """`packed_stats` of a Packed batch; empty slots get V = 0."""
     logp, v = packed_stats(model, batch.tokens, batch.segment_ids, batch.positions, batch.response_mask,
-                           batch.s1, chunk=chunk, temperature=temperature, max_segment_len=max_segment_len)
+                           batch.s1, StatsConfig(chunk, temperature, max_segment_len))
     return logp, jnp.where(batch.valid, v, 0.0)
 
 
@@ -194,7 +206,7 @@ def sequence_stats(
     mask = attn_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, T]
     logp, v = packed_stats(model, tokens, mask.astype(jnp.int32), positions, response_mask, s1_index[:, None],
-                           chunk=chunk, temperature=temperature)
+                           StatsConfig(chunk, temperature))
     return SequenceStats(logp=logp, v0=v[:, 0])
 
 

@@ -26,6 +26,7 @@ penalty and its dynamic-sampling filter.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.struct
@@ -168,6 +169,78 @@ def regression_loss(
 # ----------------------------------------------------------------------------- GRPO
 
 
+@dataclasses.dataclass(frozen=True)
+class GrpoClip:
+    """GRPO's clipping settings (StepConfig's clip_low, clip_high, dual_clip, is_cap): the ratio is
+    clipped to [1 − clip_low, 1 + clip_high], a negative-advantage token's loss is capped at
+    −A·dual_clip, and the truncated importance weight at is_cap."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float = 3.0
+    is_cap: float = 2.0
+
+
+@flax.struct.dataclass
+class _GrpoTokens:
+    """GRPO's per-token terms [R, L] (see `grpo_loss`)."""
+
+    log_ratio: Array  # clamp(log π_θ − log π_old, −20, 20), 0 where not a policy token
+    ratio: Array  # ρ_t
+    unclipped: Array  # −A ρ_t
+    clipped_term: Array  # −A clip(ρ_t, 1 − clip_low, 1 + clip_high)
+    clipped: Array  # the larger of the two
+    dual: Array  # −A·dual_clip
+    is_weight: Array  # min(exp(log π_old − log π_sampler), is_cap)
+    loss: Array  # ℓ_t · sg(is_weight)
+
+
+def _grpo_tokens(logp: Array, old: Array, adv: Array, mask: Array, sampler_logp: Array,
+                 clip: GrpoClip) -> _GrpoTokens:
+    log_ratio = jnp.where(mask, jnp.clip(logp - old, -20.0, 20.0), 0.0)  # [R, L]
+    ratio = jnp.exp(log_ratio)
+    loss1 = -adv * ratio
+    loss2 = -adv * jnp.clip(ratio, 1.0 - clip.clip_low, 1.0 + clip.clip_high)
+    clipped = jnp.maximum(loss1, loss2)
+    loss3 = -adv * clip.dual_clip
+    per_token = jnp.where(adv < 0, jnp.minimum(clipped, loss3), clipped)  # [R, L]
+    is_weight = jnp.minimum(jnp.exp(jnp.where(mask, old - sampler_logp, 0.0)), clip.is_cap)
+    per_token = per_token * jax.lax.stop_gradient(is_weight)
+    return _GrpoTokens(log_ratio, ratio, loss1, loss2, clipped, loss3, is_weight, per_token)
+
+
+def _grpo_aggregate(per_token: Array, mask: Array, maskf: Array, segments: Array, M: int, norm: LossNorm,
+                    aggregation: str) -> jax.Array:
+    """The per-token losses of the policy tokens (mask [R, L] bool, maskf the same in float32)
+    aggregated as `grpo_loss` states."""
+    num_sequences = jnp.maximum(norm.num_sequences, 1.0)
+    token_sum = segment_sums(jnp.where(mask, per_token, 0.0), segments, M)  # [R, M]
+    if aggregation == "token-mean":
+        return jnp.sum(token_sum) / jnp.maximum(norm.num_tokens, 1.0)
+    if aggregation == "seq-mean-token-mean":
+        seq_mean = token_sum / jnp.maximum(segment_sums(maskf, segments, M), 1.0)  # [R, M]
+        return jnp.sum(seq_mean) / num_sequences
+    return jnp.sum(token_sum) / (num_sequences * norm.max_response_length)
+
+
+def _grpo_metrics(t: _GrpoTokens, adv: Array, mask: Array, norm: LossNorm, clip: GrpoClip) -> dict[str, jax.Array]:
+    def token_mean(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0.0)) / jnp.maximum(
+            norm.num_tokens, 1.0
+        )
+
+    clip_active = t.clipped_term > t.unclipped
+    return {
+        "clip_frac": token_mean(clip_active),
+        "clip_frac_low": token_mean(clip_active & (t.ratio < 1.0 - clip.clip_low)),
+        "clip_frac_high": token_mean(clip_active & (t.ratio > 1.0 + clip.clip_high)),
+        "dual_clip_frac": token_mean((adv < 0) & (t.clipped > t.dual)),
+        "approx_kl": token_mean(-t.log_ratio),
+        "is_weight_mean": token_mean(t.is_weight),
+        "is_capped_frac": token_mean(t.is_weight >= clip.is_cap),
+    }
+
+
 def grpo_loss(
     logp: Array,
     v: Array,
@@ -176,12 +249,9 @@ def grpo_loss(
     *,
     old_logp: Array | None = None,
     aggregation: str = "token-mean",
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: float = 3.0,
-    is_cap: float = 2.0,
+    clip: GrpoClip = GrpoClip(),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO policy loss as in verl, with dual clip and truncated importance sampling.
+    """GRPO policy loss as in verl, with dual clip and truncated importance sampling (`clip`'s bounds).
 
         ρ_t   = exp(clamp(log π_θ − log π_old, −20, 20))
         ℓ_t   = max(−A ρ_t, −A clip(ρ_t, 1 − clip_low, 1 + clip_high))
@@ -209,46 +279,11 @@ def grpo_loss(
     logp = jnp.asarray(logp, jnp.float32)
     old = jax.lax.stop_gradient(logp if old_logp is None else jnp.asarray(old_logp, jnp.float32))
     segments = jnp.asarray(batch.segment_ids)
-    M = batch.valid.shape[1]
     adv = token_slots(jnp.asarray(batch.advantage, jnp.float32), segments)  # [R, L]
     adv = jax.lax.stop_gradient(adv)
-    sampler_logp = jnp.asarray(batch.sampler_logp, jnp.float32)
-
-    log_ratio = jnp.where(mask, jnp.clip(logp - old, -20.0, 20.0), 0.0)  # [R, L]
-    ratio = jnp.exp(log_ratio)
-    loss1 = -adv * ratio
-    loss2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    clipped = jnp.maximum(loss1, loss2)
-    loss3 = -adv * dual_clip
-    per_token = jnp.where(adv < 0, jnp.minimum(clipped, loss3), clipped)  # [R, L]
-    is_weight = jnp.minimum(jnp.exp(jnp.where(mask, old - sampler_logp, 0.0)), is_cap)
-    per_token = per_token * jax.lax.stop_gradient(is_weight)
-
-    num_sequences = jnp.maximum(norm.num_sequences, 1.0)
-    token_sum = segment_sums(jnp.where(mask, per_token, 0.0), segments, M)  # [R, M]
-    if aggregation == "token-mean":
-        loss = jnp.sum(token_sum) / jnp.maximum(norm.num_tokens, 1.0)
-    elif aggregation == "seq-mean-token-mean":
-        seq_mean = token_sum / jnp.maximum(segment_sums(maskf, segments, M), 1.0)  # [R, M]
-        loss = jnp.sum(seq_mean) / num_sequences
-    else:
-        loss = jnp.sum(token_sum) / (num_sequences * norm.max_response_length)
-
-    def token_mean(x: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(mask, x.astype(jnp.float32), 0.0)) / jnp.maximum(
-            norm.num_tokens, 1.0
-        )
-
-    clip_active = loss2 > loss1
-    metrics = {
-        "clip_frac": token_mean(clip_active),
-        "clip_frac_low": token_mean(clip_active & (ratio < 1.0 - clip_low)),
-        "clip_frac_high": token_mean(clip_active & (ratio > 1.0 + clip_high)),
-        "dual_clip_frac": token_mean((adv < 0) & (clipped > loss3)),
-        "approx_kl": token_mean(-log_ratio),
-        "is_weight_mean": token_mean(is_weight),
-        "is_capped_frac": token_mean(is_weight >= is_cap),
-    }
+    tokens = _grpo_tokens(logp, old, adv, mask, jnp.asarray(batch.sampler_logp, jnp.float32), clip)
+    loss = _grpo_aggregate(tokens.loss, mask, maskf, segments, batch.valid.shape[1], norm, aggregation)
+    metrics = _grpo_metrics(tokens, adv, mask, norm, clip)
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 

@@ -145,14 +145,13 @@ def copy_pages(pool: Pool, src: Array, dst: Array, *, mesh=None) -> Pool:
     return Pool(k=k, v=v)
 
 
-def _write(k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, table: Array, positions: Array,
-           valid: Array):
-    """k/v [B, T, K, H] into the pool at (layer, table[b, pos // S], :, pos % S); invalid tokens go
-    to the trash page. Local: the table's pages are the pool's."""
+def _write(k: Array, v: Array, k_pages: Array, v_pages: Array, layer: Array, rows: RowArrays):
+    """k/v [B, T, K, H] into the pool at (layer, table[b, pos // S], :, pos % S) of `rows`; invalid
+    tokens go to the trash page. Local: the table's pages are the pool's."""
     S = k_pages.shape[3]
-    page = jnp.take_along_axis(table, positions // S, axis=1)  # [B, T]
-    page = jnp.where(valid, page, TRASH)
-    slot = jnp.where(valid, positions % S, 0)
+    page = jnp.take_along_axis(rows.table, rows.positions // S, axis=1)  # [B, T]
+    page = jnp.where(rows.valid, page, TRASH)
+    slot = jnp.where(rows.valid, rows.positions % S, 0)
     k_pages = k_pages.at[layer, page, :, slot].set(k.astype(k_pages.dtype))  # indexed [B, T, K, H]
     v_pages = v_pages.at[layer, page, :, slot].set(v.astype(v_pages.dtype))
     return k_pages, v_pages
@@ -170,6 +169,21 @@ class PagedRows:
     mesh: Any = None
     replicas: int = 1
 
+    def arrays(self) -> RowArrays:
+        return RowArrays(table=self.table, positions=self.positions, valid=self.valid)
+
+
+@flax.struct.dataclass
+class RowArrays:
+    """What a device reads of its rows in a paged attention, one pytree for shard_map (every leaf
+    split by rows over the data replicas): the `PagedRows` arrays and, for decode, the step's
+    (row, page) pairs."""
+
+    table: Array  # [B, W] int32
+    positions: Array  # [B, T] int32
+    valid: Array  # [B, T] bool
+    items: Items | None = None  # decode: `DecodeRead.items`
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrefillRead(PagedRows):
@@ -178,18 +192,19 @@ class PrefillRead(PagedRows):
     block_pages: int
 
 
-def _attend_per_device(local, arrays: tuple, rest: tuple, rows: PagedRows):
-    """Runs local(q, k, v, k_pages, v_pages, layer, *rest) -> (out, k_pages, v_pages) per device:
-    `arrays` = (q [B, T, N, H], k/v [B, T, K, H], the pool, the layer), and `rest` arrays split by
-    rows, on the mesh of `rows`."""
+def _attend_per_device(local, arrays: tuple, rows: PagedRows):
+    """Runs local(q, k, v, k_pages, v_pages, layer, row_arrays) -> (out, k_pages, v_pages) per
+    device: `arrays` = (q [B, T, N, H], k/v [B, T, K, H], the pool, the layer), and `rows.arrays()`
+    split by rows, on the mesh of `rows`."""
+    rest = rows.arrays()
     if rows.mesh is None:
-        return local(*arrays, *rest)
+        return local(*arrays, rest)
     q, k = arrays[0], arrays[1]
     axes, heads = replica_axes(rows.mesh, rows.replicas), _heads(rows.mesh, q.shape[2], k.shape[2])
     act = P(axes, None, heads, None)  # q [B, T, N, H] and k/v [B, T, K, H]: rows by replica, heads by shard
     pool = P(None, axes, heads, None, None)
-    specs = (act, act, act, pool, pool, P()) + (P(axes),) * len(rest)
-    return _per_device(local, rows.mesh, specs, (act, pool, pool))(*arrays, *rest)
+    specs = (act, act, act, pool, pool, P(), P(axes))  # P(axes): every leaf of the row arrays
+    return _per_device(local, rows.mesh, specs, (act, pool, pool))(*arrays, rest)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -201,11 +216,12 @@ def paged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, l
     replica. Returns (out [B, T, N, H], k_pages, v_pages)."""
     block_pages = read.block_pages
 
-    def local(q, k, v, k_pages, v_pages, layer, table, positions, valid):
+    def local(q, k, v, k_pages, v_pages, layer, rows: RowArrays):
         B, T, N, H = q.shape
         K, S = k.shape[2], k_pages.shape[3]
         G_ = N // K  # query heads per kv head
-        k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, table, positions, valid)
+        k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, rows)
+        table, positions, valid = rows.table, rows.positions, rows.valid
         qg = q.reshape(B, T, K, G_, H)
         q_pos = jnp.where(valid, positions, -1)  # a padding query attends to nothing
         W = table.shape[1]
@@ -242,8 +258,7 @@ def paged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, l
         out = jnp.einsum("BKGTH->BTKGH", out).reshape(B, T, N, H).astype(q.dtype)
         return out, k_pages, v_pages
 
-    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), (read.table, read.positions, read.valid),
-                              read)
+    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), read)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -268,6 +283,9 @@ class DecodeRead(PagedRows):
 
     items: Items
     chunk: int
+
+    def arrays(self) -> RowArrays:
+        return RowArrays(table=self.table, positions=self.positions, valid=self.valid, items=self.items)
 
 
 def decode_items(table: Array, pos: Array, live: Array, page_size: int, chunk: int, *, mesh=None,
@@ -307,8 +325,10 @@ def ragged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, 
         raise ValueError(f"ragged_attend decodes one token per row, got {q.shape[1]}")
     chunk = read.chunk
 
-    def local(q, k, v, k_pages, v_pages, layer, table, positions, valid, row, col, page, count):
-        k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, table, positions, valid)
+    def local(q, k, v, k_pages, v_pages, layer, rows: RowArrays):
+        k_pages, v_pages = _write(k, v, k_pages, v_pages, layer, rows)
+        positions, valid = rows.positions, rows.valid
+        row, col, page, count = rows.items.row, rows.items.col, rows.items.page, rows.items.count
         b, _, n, H = q.shape
         kh, S = k_pages.shape[2], k_pages.shape[3]
         qg = q[:, 0].reshape(b, kh, n // kh, H).astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
@@ -339,6 +359,4 @@ def ragged_attend(q: Array, k: Array, v: Array, k_pages: Array, v_pages: Array, 
         out = (o / jnp.maximum(l, 1e-30)[..., None]).reshape(b, 1, n, H).astype(q.dtype)
         return out, k_pages, v_pages
 
-    items = read.items
-    rest = (read.table, read.positions, read.valid, items.row, items.col, items.page, items.count)
-    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), rest, read)
+    return _attend_per_device(local, (q, k, v, k_pages, v_pages, layer), read)

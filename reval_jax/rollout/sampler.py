@@ -16,12 +16,15 @@ dense cache of P + A slots per row, one while loop over all rows) is the referen
 tested against: the same seed gives the same tokens.
 
 Every name below is importable from here: SamplingConfig, Rollout, bucket_length, pad_prompts,
-sample_logits (sampling.py) and generate_static (static_sampler.py) as well as `generate`.
+sample_logits (sampling.py) and generate_static (static_sampler.py) as well as `generate` and its
+`Pickup` (asynchronous training's policy version and weight pickup).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,15 +41,28 @@ from reval_jax.rollout.sampling import (
 )
 from reval_jax.rollout.static_sampler import generate_static
 
-__all__ = ["Rollout", "SamplingConfig", "bucket_length", "generate", "generate_static", "pad_prompts",
+__all__ = ["Pickup", "Rollout", "SamplingConfig", "bucket_length", "generate", "generate_static", "pad_prompts",
            "sample_logits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pickup:
+    """Asynchronous training's side of a `generate` call (reval_jax.run.pipeline, `Engine.run`):
+    `version` is the policy version of the model generating; `weights` (None, or `poll() ->
+    (version, model) | None`, called before every decode call) lets newer weights in between decode
+    calls, at most `max_steps` decode steps apart (0: up to max_new_tokens), rows in flight going on
+    under them (`in_flight` "continue") or finishing under the old ones first ("finish")."""
+
+    version: int = 0
+    weights: Callable[[], tuple[int, Any] | None] | None = None
+    max_steps: int = 0
+    in_flight: str = "continue"
 
 
 def generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
     prompt_ids: Sequence[int] | None = None, engine: EngineConfig | None = None,
-    max_new_tokens: Sequence[int] | None = None, version: int = 0, weights=None, max_steps: int = 0,
-    in_flight: str = "continue",
+    max_new_tokens: Sequence[int] | None = None, pickup: Pickup = Pickup(),
 ) -> Rollout:
     """Samples `config.num_samples` responses to each prompt (a list of token ids) with the rollout
     engine (`reval_jax.rollout.engine`: continuous batching on a paged KV cache).
@@ -58,9 +74,9 @@ def generate(
     The Rollout's layout is the static sampler's: prompts left-padded to the bucket, A =
     config.max_new_tokens response columns.
 
-    Asynchronous training (reval_jax.run.pipeline): `version` is the policy version of `model`;
-    `weights`, `max_steps` and `in_flight` let newer weights in between decode calls
-    (`Engine.run`); `Rollout.version` records each token's version."""
+    Asynchronous training (reval_jax.run.pipeline): `pickup` is the policy version of `model` and
+    the newer weights that may come in between decode calls; `Rollout.version` records each token's
+    version."""
     B, N, A = len(prompts), config.num_samples, config.max_new_tokens
     P, tokens, mask, ids = padded_prompts(model.cfg.max_position_embeddings, prompts, config, prompt_ids)
     limits = np.full(B, A, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
@@ -68,8 +84,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be {B} values in 1..{A} (config.max_new_tokens)")
     if engine is None:
         engine = EngineConfig.one_slot_per_sample(B, N)
-    out = Engine(model, config, engine, prompt_bucket=P, version=version).run(
-        prompts, seed=seed, prompt_ids=ids, limits=limits, weights=weights, max_steps=max_steps, in_flight=in_flight)
+    out = Engine(model, config, engine, prompt_bucket=P, version=pickup.version).run(
+        prompts, seed=seed, prompt_ids=ids, limits=limits, weights=pickup.weights, max_steps=pickup.max_steps,
+        in_flight=pickup.in_flight)
     response = np.full((B * N, A), config.pad_id, np.int32)
     logp = np.zeros((B * N, A), np.float32)
     versions = np.full((B * N, A), -1, np.int32)

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from reval_jax.data.prompts import PromptExample, load_eval_set
+from reval_jax.data.prompts import LoadOptions, PromptExample, load_eval_set
 from reval_jax.data.rewards import RewardScorer
 from reval_jax.errors import UserError
 from reval_jax.parallel.distributed import all_gather_rows, process_share, to_host
@@ -92,15 +92,19 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
     return results
 
 
+def load_options(data: DataSettings) -> LoadOptions:
+    """The data-loading options of a run (its training prompts and its benchmarks alike)."""
+    return LoadOptions(template=data.template, max_prompt_len=data.max_prompt_len, problem_key=data.problem_key,
+                       answer_key=data.answer_key, strict=data.strict, enable_thinking=data.enable_thinking)
+
+
 def load_benchmarks(tokenizer, data: DataSettings) -> dict[str, list[PromptExample]]:
     """Each of `data.eval_files`' fixed-seed subset of `data.eval_limit` problems (0 = all), named by
     the file stem."""
     out = {}
     for path in data.eval_files:
-        examples, _ = load_eval_set(path, tokenizer, data.template, limit=data.eval_limit or None, seed=data.seed,
-                                    max_prompt_len=data.max_prompt_len, problem_key=data.problem_key,
-                                    answer_key=data.answer_key, strict=data.strict,
-                                    enable_thinking=data.enable_thinking)
+        examples, _ = load_eval_set(path, tokenizer, load_options(data), limit=data.eval_limit or None,
+                                    seed=data.seed)
         out[Path(path).stem] = examples
     return out
 

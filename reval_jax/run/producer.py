@@ -28,7 +28,7 @@ from reval_jax.data.batch import Trajectories, concatenate
 from reval_jax.objective import algorithms
 from reval_jax.parallel.distributed import process_share, to_host
 from reval_jax.rollout.engine import EngineConfig
-from reval_jax.rollout.sampler import SamplingConfig, generate
+from reval_jax.rollout.sampler import Pickup, SamplingConfig, generate
 from reval_jax.run import evaluate
 from reval_jax.run.config import Rewarding, RoundConfig
 from reval_jax.run.metrics import show_bars
@@ -86,9 +86,9 @@ class Producer:
             chunk = examples[start : start + cfg.prompts_per_call]
             rollout = generate(model, [e.prompt_ids for e in chunk], self.sampling, engine=self.engine,
                                seed=(cfg.seed * 1_000_003 + iteration) % 2**32,
-                               prompt_ids=[base_id + start + j for j in range(len(chunk))], version=version,
-                               weights=weights.newer if weights.picks_up else None, max_steps=cfg.pickup_steps,
-                               in_flight=cfg.in_flight)
+                               prompt_ids=[base_id + start + j for j in range(len(chunk))],
+                               pickup=Pickup(version=version, weights=weights.newer if weights.picks_up else None,
+                                             max_steps=cfg.pickup_steps, in_flight=cfg.in_flight))
             raw = evaluate.score_rollout(self.scorer, self.tokenizer, rollout, [e.answer for e in chunk],
                                          shared=not cfg.shares)
             batch = rollout.to_trajectories(iteration=iteration, pad_id=self.sampling.pad_id).pad_to(cfg.seq_len)

@@ -113,12 +113,10 @@ def gather_round(r: Round, rows: int, devices) -> Round:
 def load_data(s: RunSettings, tokenizer):
     """(prompt stream and its stats, benchmarks): every process reads the same batches."""
     from reval_jax.data.prompts import prompt_batches
-    from reval_jax.run.evaluate import load_benchmarks
+    from reval_jax.run.evaluate import load_benchmarks, load_options
 
     d = s.data
-    prompts, stats = prompt_batches(list(d.train_files), tokenizer, d.template, d.max_prompt_len,
-                                    d.prompts_per_iteration, d.seed, problem_key=d.problem_key,
-                                    answer_key=d.answer_key, strict=d.strict, enable_thinking=d.enable_thinking)
+    prompts, stats = prompt_batches(list(d.train_files), tokenizer, load_options(d), d.prompts_per_iteration, d.seed)
     benchmarks = load_benchmarks(tokenizer, d) if s.hooks.eval_every else {}
     return prompts, stats, benchmarks
 

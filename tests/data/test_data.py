@@ -8,6 +8,7 @@ import pytest
 from helpers import math_data_file, tiny_tokenizer
 
 from reval_jax.data.prompts import (
+    LoadOptions,
     PromptExample,
     batch_iterator,
     load_eval_set,
@@ -41,7 +42,7 @@ def take(iterator, n):
 
 def test_real_gsm8k_rows():
     tokenizer = tiny_tokenizer()
-    examples, stats = load_eval_set(GSM8K_TEST, tokenizer, "r1_distill", limit=50, seed=0)
+    examples, stats = load_eval_set(GSM8K_TEST, tokenizer, LoadOptions("r1_distill"), limit=50, seed=0)
     assert (stats.rows_read, stats.skipped_missing, stats.dropped_too_long) == (1319, 0, 0)
     assert (stats.kept, stats.skipped_by_limit) == (50, 1319 - 50)
     assert len({e.id for e in examples}) == 50
@@ -55,18 +56,18 @@ def test_real_gsm8k_rows():
             tokenizer, row["problem"], "r1_distill"
         )
     # A fixed seed fixes the subset; another seed gives another one; None keeps the file order.
-    again, _ = load_eval_set(GSM8K_TEST, tokenizer, "r1_distill", limit=50, seed=0)
+    again, _ = load_eval_set(GSM8K_TEST, tokenizer, LoadOptions("r1_distill"), limit=50, seed=0)
     assert ids(again) == ids(examples)
-    other, _ = load_eval_set(GSM8K_TEST, tokenizer, "r1_distill", limit=50, seed=1)
+    other, _ = load_eval_set(GSM8K_TEST, tokenizer, LoadOptions("r1_distill"), limit=50, seed=1)
     assert ids(other) != ids(examples)
-    everything, stats = load_eval_set(GSM8K_TEST, tokenizer, "plain", limit=None)
+    everything, stats = load_eval_set(GSM8K_TEST, tokenizer, LoadOptions("plain"), limit=None)
     assert ids(everything) == list(rows) and stats.skipped_by_limit == 0
 
 
 def test_real_files_train_pipeline():
     files = [math_data_file("aime24.jsonl"), math_data_file("amc23.jsonl")]
     iterator, stats = prompt_batches(
-        files, tiny_tokenizer(), "qwen_math", max_prompt_len=2048, prompts_per_batch=16, seed=3
+        files, tiny_tokenizer(), LoadOptions("qwen_math", max_prompt_len=2048), prompts_per_batch=16, seed=3
     )
     assert stats.files == tuple(files) and stats.rows_read == 70 and stats.kept == 70
     first_epoch = [i for _ in range(5) for i in ids(next(iterator))][:70]
@@ -115,7 +116,7 @@ def test_invalid_json_line_is_skipped_and_counted_unless_strict(tmp_path):
     assert [e.problem for e in examples] == ["a", "c"]
     assert (stats.rows_read, stats.skipped_missing, stats.kept) == (3, 1, 2)
     assert stats.invalid_lines == (f"{path}:2",)
-    _, eval_stats = load_eval_set(path, tiny_tokenizer(), "plain", limit=None)
+    _, eval_stats = load_eval_set(path, tiny_tokenizer(), LoadOptions("plain"), limit=None)
     assert eval_stats.invalid_lines == (f"{path}:2",)
     with pytest.raises(ValueError, match="some_broken.jsonl:2: not valid JSON"):
         load_examples(path, tiny_tokenizer(), "plain", None, strict=True)
@@ -196,7 +197,7 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path):
     assert (stats.rows_read, stats.dropped_too_long, stats.kept) == (5, 2, 3)
     with pytest.raises(ValueError, match="longer than max_prompt_len=3"):
         load_examples(path, tokenizer, "r1_distill", max_prompt_len=3)
-    _, eval_stats = load_eval_set(path, tokenizer, "r1_distill", limit=None, max_prompt_len=limit)
+    _, eval_stats = load_eval_set(path, tokenizer, LoadOptions("r1_distill", max_prompt_len=limit), limit=None)
     assert (eval_stats.dropped_too_long, eval_stats.kept) == (2, 3)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from models import tiny_model
 
-from reval_jax.model.attention import AUTO, allowed_mask, attention, resolve
+from reval_jax.model.attention import AUTO, SegmentMask, allowed_mask, attention, resolve
 from reval_jax.model.config import preset
 from reval_jax.model.decoder import init_cache
 
@@ -50,8 +50,8 @@ def qkv(dtype, length: int = T, seed: int = 0):
 def run(impl, q, k, v, seg, q_offset=0, kv_seg=None):
     kv_seg = seg if kv_seg is None else kv_seg
     return attention(
-        q, k, v, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(kv_seg),
-        q_offset=q_offset, implementation=impl, block_q=BLOCK, block_kv=BLOCK,
+        q, k, v, SegmentMask(jnp.asarray(seg), jnp.asarray(kv_seg), q_offset=q_offset),
+        implementation=impl, block_q=BLOCK, block_kv=BLOCK,
     )
 
 
@@ -182,7 +182,7 @@ def test_chunked_memory_stays_far_below_one_score_tensor():
 
     def temp_bytes(impl):
         def loss(q, k, v, seg):
-            out = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, implementation=impl)
+            out = attention(q, k, v, SegmentMask(seg, seg), implementation=impl)
             return jnp.sum(out * out)
 
         fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reval_jax.model.attention import attention, banded_work, banding
+from reval_jax.model.attention import SegmentMask, attention, banded_work, banding
 
 F32_TOL = 1e-5  # as tests/model/test_attention.py: never loosened
 B, N, K, H = 3, 4, 2, 8
@@ -37,8 +37,8 @@ def qkv(T: int, dtype="float32", seed: int = 0):
 
 def attend(impl, q, k, v, seg, longest=0, block=16):
     seg = jnp.asarray(seg)
-    return attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, implementation=impl,
-                     block_q=block, block_kv=block, max_segment_len=longest)
+    return attention(q, k, v, SegmentMask(seg, seg, max_segment_len=longest), implementation=impl,
+                     block_q=block, block_kv=block)
 
 
 @pytest.mark.parametrize("impl", ["einsum", "chunked", "xla"])
@@ -85,7 +85,7 @@ def test_model_log_probs_with_the_band_equal_those_without(impl):
     9, 14, 6 tokens packed in a row of 32, attention blocks of 8: the band reads 24 keys, not 32."""
     from models import tiny_model
 
-    from reval_jax.objective.logprobs import packed_stats
+    from reval_jax.objective.logprobs import StatsConfig, packed_stats
 
     lengths = (9, 14, 6)
     rng = np.random.RandomState(0)
@@ -99,10 +99,10 @@ def test_model_log_probs_with_the_band_equal_those_without(impl):
     assert banding(32, 32, 0, 14, 8) == (8, 16)
     model = tiny_model(attention=impl, attention_block=8)
     args = [jnp.asarray(x) for x in (tokens, seg, pos, seg != 0, np.array([[0, 9, 23], [0, 14, 20]]))]
-    want = packed_stats(model, *args, chunk=16)
-    got = packed_stats(model, *args, chunk=16, max_segment_len=14)
+    want = packed_stats(model, *args, StatsConfig(chunk=16))
+    got = packed_stats(model, *args, StatsConfig(chunk=16, max_segment_len=14))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=F32_TOL, rtol=0)
     # the band is really in use: a promise the 14-token sequence breaks changes its log-probs
-    broken = packed_stats(model, *args, chunk=16, max_segment_len=1)  # each block reads only itself
+    broken = packed_stats(model, *args, StatsConfig(chunk=16, max_segment_len=1))  # each block reads only itself
     assert np.abs(np.asarray(broken[0]) - np.asarray(want[0])).max() > 1e-3

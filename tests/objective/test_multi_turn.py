@@ -21,7 +21,7 @@ import reval_jax
 from reval_jax.data.batch import Trajectories
 from reval_jax.data.replay import ReplayBuffer
 from reval_jax.objective import algorithms
-from reval_jax.objective.logprobs import batch_stats, packed_stats, sequence_stats, stats_from_logits
+from reval_jax.objective.logprobs import StatsConfig, batch_stats, packed_stats, sequence_stats, stats_from_logits
 from reval_jax.objective.losses import GRPO_AGGREGATIONS, LOSSES, LossNorm
 from reval_jax.objective.packing import Budget, pack, pack_rows
 from reval_jax.objective.train_step import (
@@ -256,7 +256,7 @@ def test_environment_tokens_are_context_and_zero_gradient_through_the_packed_pat
                 return getattr(self.model, attr)
 
         return packed_stats(Shifted(nnx.merge(graphdef, params)), mb.tokens, mb.segment_ids, mb.positions,
-                            mb.response_mask, mb.s1, chunk=7)
+                            mb.response_mask, mb.s1, StatsConfig(chunk=7))
 
     eps = jnp.zeros((*mb.tokens.shape, tiny_model(seed=2).cfg.hidden_size), jnp.float32)
     (logp, v), pullback = jax.vjp(stats, eps)

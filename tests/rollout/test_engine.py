@@ -18,7 +18,7 @@ from flax import nnx
 from models import tiny_model
 from test_sampler import agreed_columns
 
-from reval_jax.model.attention import attention
+from reval_jax.model.attention import SegmentMask, attention
 from reval_jax.rollout.engine import EngineConfig, decode_chunk
 from reval_jax.rollout.pages import TRASH, DecodeRead, PrefillRead, decode_items, paged_attend, ragged_attend
 from reval_jax.rollout.sampler import SamplingConfig, generate, generate_static
@@ -228,8 +228,8 @@ def _scattered_pool(lengths, S=4, K=2, H=8, W=16, G=40, seed=1):
 def _attention_reference(q, keys, values, lengths):
     kv_seg = (np.arange(keys.shape[1])[None] < np.asarray(lengths)[:, None]).astype(np.int32)
     return attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
-                     q_segment_ids=np.ones(q.shape[:2], np.int32), kv_segment_ids=jnp.asarray(kv_seg),
-                     q_offset=keys.shape[1] - 1,  # every key slot is before the query
+                     SegmentMask(np.ones(q.shape[:2], np.int32), jnp.asarray(kv_seg),
+                                 q_offset=keys.shape[1] - 1),  # every key slot is before the query
                      implementation="einsum")
 
 

@@ -246,7 +246,7 @@ def test_a_failing_rollout_group_is_reported(data_file, tmp_path, monkeypatch):
     generate = producer.generate
 
     def failing(model, prompts, config, *, seed, **kwargs):
-        if kwargs["version"] >= 4:  # round 4's weights, pushed after iteration 2's updates
+        if kwargs["pickup"].version >= 4:  # round 4's weights, pushed after iteration 2's updates
             raise MemoryError("RESOURCE_EXHAUSTED: out of memory allocating the KV cache")
         return generate(model, prompts, config, seed=seed, **kwargs)
 
