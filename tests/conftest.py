@@ -15,11 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "reval_jax_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# XLA's backend (LLVM) optimisation off: the suite's tiny programs run in milliseconds and compile in
-# seconds, so compiling them unoptimised makes the suite ~30% faster (the HLO, its fusion, sharding and
-# collectives are the optimised ones: only the machine code is plainer). An environment variable, so
-# that the subprocess tests compile the same programs; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it back on.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The matmul precision as an environment variable too, so that the subprocess tests (the command
 # line, the SIGTERM and SIGKILL runs, the two-process run) inherit it: their programs are then the
 # programs this process compiles, and a test that compares their results bit for bit (an exact
