@@ -10,4 +10,6 @@
     python_tool.py Python tool-integrated reasoning in the sandbox: Qwen2.5-Math ```python / ```output blocks
                    ("python") and Qwen/Hermes <tool_call> JSON with <tool_response> turns ("python_hermes")
     calculator_env.py  the tiny model's calculator calls, <<7-3>> answered with =4 ("calculator")
+    rollout.py     EnvTurns: an environment's episodes driven by the rollout engine (its Turns), stepped
+                   on a worker thread while the engine decodes
 """

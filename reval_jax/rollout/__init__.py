@@ -9,7 +9,8 @@ The files follow the data, requests -> scheduler -> page table -> compiled step 
     engine.py          the engine's host loop: admit, prefill, decode, collect, preempt, repeat
                        (`Engine.run`); its EngineConfig comes from reval_jax.run.config
     scheduler.py       the host side as one object: the queue, the typed slot table and the page
-                       allocator; admit / collect / preempt, no compiling
+                       allocator; admit / collect / preempt, and multi-turn rows parked between turns
+    stops.py           stop strings as automata over token ids, advanced inside the decode loop
     page_table.py      EngineConfig, the cache geometry (slots, table width, replicas, pages), the
                        pages-needed rule, the capacity error, the per-replica free lists
     programs.py        the compiled prefill / decode steps, pure functions of (params, state), and
@@ -20,5 +21,5 @@ The files follow the data, requests -> scheduler -> page table -> compiled step 
     layout.py          the rollout layout: the policy cast and moved from the FSDP master layout onto a
                        tensor-parallel x data-replicated mesh, so the compiled decode loop gathers no weight
 
-Imports go one way: sampling <- static_sampler, page_table <- programs <- scheduler <- engine <- sampler.
+Imports go one way: sampling <- static_sampler, stops <- page_table <- programs <- scheduler <- engine <- sampler.
 """

@@ -37,8 +37,10 @@ Log-probs are log q under the distribution each token was drawn from (sampling.s
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +53,45 @@ from reval_jax.rollout.page_table import CacheGeometry, EngineConfig, decode_chu
 from reval_jax.rollout.pages import TRASH
 from reval_jax.rollout.programs import PrefillChunk, SlotRows, Slots, empty_state, prefill_shape
 from reval_jax.rollout.sampling import SamplingConfig, sample_keys
-from reval_jax.rollout.scheduler import Admission, Readback, Request, Scheduler
+from reval_jax.rollout.scheduler import Admission, Parked, Readback, Request, Scheduler
+from reval_jax.rollout.stops import StopStrings
 
-__all__ = ["Engine", "EngineConfig", "Slots", "decode_chunk", "replica_pages"]
+__all__ = ["Engine", "EngineConfig", "Pickup", "Slots", "Turns", "decode_chunk", "replica_pages"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pickup:
+    """Asynchronous training's side of a `generate` call (reval_jax.run.pipeline, `Engine.run`):
+    `version` is the policy version of the model generating; `weights` (None, or `poll() ->
+    (version, model) | None`, called before every decode call) lets newer weights in between decode
+    calls, at most `max_steps` decode steps apart (0: up to max_new_tokens), rows in flight going on
+    under them (`in_flight` "continue") or finishing under the old ones first ("finish")."""
+
+    version: int = 0
+    weights: Callable[[], tuple[int, Any] | None] | None = None
+    max_steps: int = 0
+    in_flight: str = "continue"
+
+
+NO_PICKUP = Pickup()  # generating without asynchronous training
+
+
+class Turns(Protocol):
+    """Multi-turn episodes as the engine sees them (reval_jax.env.rollout.EnvTurns is one): what
+    ends a turn besides the stop ids, and what follows each turn. Keys are (prompt row, sample)."""
+
+    stops: StopStrings | None  # stop strings (stops.py), or None for stop ids only
+
+    def submit(self, turns: list[Parked]) -> None:
+        """Turns that ended (`Parked.key`, `.tokens`: the response so far, `.turn`: this turn's
+        tokens); answered later through `ready`, in any order."""
+
+    def ready(self, wait: bool) -> list[tuple[tuple[int, int], Sequence[int] | None]]:
+        """The answers so far: (key, observation token ids to append), or (key, None) when the
+        episode has ended. `wait`: block until at least one answer when some are outstanding."""
+
+    def waiting(self) -> int:
+        """Turns submitted and not yet answered."""
 
 
 class Engine:
@@ -76,48 +114,77 @@ class Engine:
         # result, and in admissions (prefill to the first tokens' read, then dispatching the slot
         # writes, whose device time falls into the next decode_s: no sync is added to time them)
         self.stats = {"decode_calls": 0, "prefill_calls": 0, "preempted": 0, "decode_s": 0.0, "admit_s": 0.0}
+        self.stops: StopStrings | None = None  # the stop strings of the multi-turn run in progress
 
     def initial_state(self) -> tuple[programs.Pool, Slots]:
         """An empty pool and empty slots on the model's mesh: the decode loop's inputs."""
-        return empty_state(self.cfg, self.geometry, self.mesh, self.sampling.pad_id)
+        return empty_state(self.cfg, self.geometry, self.mesh, self.sampling.pad_id,
+                           self.stops.count if self.stops else 0)
 
     # --- the loop
 
     def run(self, prompts: Sequence[Sequence[int]], *, seed: int, prompt_ids: Sequence[int],
-            limits, weights=None, max_steps: int = 0, in_flight: str = "continue"):
+            limits, pickup: Pickup = NO_PICKUP, turns: Turns | None = None):
         """Every sample of every prompt to its stop token or its limit (`limits`: max_new_tokens per
         prompt [P] or per sample [P, N]). Returns, per prompt, a list of N (tokens [h] int32,
         logp [h] f32, versions [h] int32: the policy version each token was sampled under) in
         sample order.
 
-        weights: None, or `poll() -> (version, model) | None`, called before every decode call;
-          a model it returns (the same architecture and layout) replaces the current one there.
-        max_steps: decode steps per call at most (0: up to max_new_tokens).
-        in_flight: "continue" (rows in flight go on under new weights, keeping their cache) or
-          "finish" (nothing is admitted until they have finished under the old weights)."""
+        pickup (its version is the engine's own, set at construction):
+          weights: None, or `poll() -> (version, model) | None`, called before every decode call;
+            a model it returns (the same architecture and layout) replaces the current one there.
+          max_steps: decode steps per call at most (0: up to max_new_tokens).
+          in_flight: "continue" (rows in flight go on under new weights, keeping their cache) or
+            "finish" (nothing is admitted until they have finished under the old weights).
+        turns: None (one turn), or multi-turn episodes (`Turns`): each row's turn ends at a stop id,
+          one of `turns.stops` or its limit; the row's slot is freed, its pages kept, the turn
+          handed to `turns.submit`; an observation from `turns.ready` continues it in a free slot
+          (prefilling only the observation, module docstring). Each result then has a fourth array,
+          the policy mask [h] bool (False at observation tokens, whose log-probs are 0)."""
+        weights, max_steps, in_flight = pickup.weights, pickup.max_steps, pickup.in_flight
         if in_flight not in ("continue", "finish"):
             raise ValueError(f"in_flight={in_flight!r}: use 'continue' or 'finish'")
-        scheduler = self._scheduler(prompts, prompt_ids, limits)
+        self.stops = turns.stops if turns is not None else None
+        scheduler = self._scheduler(prompts, prompt_ids, limits, turns is not None)
         pool, slots = self.initial_state()
-        slots = self._write(slots, SlotRows.empty([], self.geometry, self.sampling.pad_id), slots.keys[:0],
-                            scheduler)
+        slots = self._write(slots, self._idle([]), slots.keys[:0], scheduler)
         staged = None  # new weights waiting for the rows in flight to finish (in_flight="finish")
         while True:
             staged = self._take_weights(weights, staged, in_flight, scheduler)
+            if turns is not None:  # observations continue parked rows; ended episodes finish them
+                self._answers(scheduler, turns)
             if staged is None:  # nothing is admitted while rows finish under the old weights
                 pool, slots = self._admit(scheduler, pool, slots, seed)
             if not scheduler.running():
-                break
+                if turns is None or not turns.waiting():
+                    break
+                continue  # every row waits on the environment
             pool, slots = self._decode(scheduler, pool, slots, max_steps or self.sampling.max_new_tokens)
+            if turns is not None:
+                turns.submit(scheduler.take_turns())
         return scheduler.rollouts(len(prompts), self.sampling.num_samples)
 
-    def _scheduler(self, prompts, prompt_ids, limits) -> Scheduler:
+    def _answers(self, scheduler: Scheduler, turns: Turns) -> None:
+        """The environment's answers so far (waiting for one when no row decodes and none is queued)."""
+        wait = not scheduler.slots.held.any() and not scheduler.pending
+        for key, observation in turns.ready(wait=wait and turns.waiting() > 0):
+            if observation is None or len(observation) == 0:
+                scheduler.finish_turn(key)
+            else:
+                scheduler.continue_turn(key, observation)
+
+    def _scheduler(self, prompts, prompt_ids, limits, turns: bool) -> Scheduler:
         N, ids = self.sampling.num_samples, np.asarray(prompt_ids, np.int32)
         limits = np.broadcast_to(np.asarray(limits, np.int32).reshape(len(prompts), -1), (len(prompts), N))
         requests = [Request(i, int(ids[i]), np.asarray(p, np.int32), tuple(int(x) for x in limits[i]), tuple(range(N)))
                     for i, p in enumerate(prompts)]
         return Scheduler(self.geometry, requests, stop_ids=self.sampling.stop_ids,
-                         prefill_rows=self.engine.prefill_rows, refill=self.engine.refill, pad_id=self.sampling.pad_id)
+                         prefill_rows=self.engine.prefill_rows, refill=self.engine.refill, pad_id=self.sampling.pad_id,
+                         stop_strings=self.stops, turns=turns)
+
+    def _idle(self, index) -> SlotRows:
+        """Idle rows at `index` (with their stop strings' states when there are any)."""
+        return SlotRows.empty(index, self.geometry, self.sampling.pad_id, self.stops.count if self.stops else 0)
 
     def _take_weights(self, weights, staged, in_flight: str, scheduler: Scheduler):
         """Polls for new weights and switches to them (or to those staged before) unless rows must
@@ -153,8 +220,8 @@ class Engine:
         t0 = time.perf_counter()
         chunk, call_steps = self._chunk(scheduler.slots.pos, scheduler.slots.live, steps)
         pool, slots = programs.decode(self.graphdef, self.params, pool, slots,
-                                      jnp.asarray(scheduler.refill_at(), jnp.int32),
-                                      jnp.asarray(call_steps, jnp.int32), config=self.sampling, chunk=chunk)
+                                      jnp.asarray(scheduler.refill_at(), jnp.int32), jnp.asarray(call_steps, jnp.int32),
+                                      self.stops.device if self.stops else None, config=self.sampling, chunk=chunk)
         # every process gets the whole state (to_host gathers arrays that span several hosts), so
         # every process's scheduler takes the same decisions
         read = Readback(*(np.array(to_host(x)) for x in (slots.table, slots.pos, slots.length, slots.live,
@@ -165,7 +232,7 @@ class Engine:
         self.stats["preempted"] += len(victims)
         cleared += victims
         keys = slots.keys[jnp.asarray(cleared)] if cleared else slots.keys[:0]  # an idle row's key is never used
-        return pool, self._write(slots, SlotRows.empty(cleared, self.geometry, self.sampling.pad_id), keys, scheduler)
+        return pool, self._write(slots, self._idle(cleared), keys, scheduler)
 
     def _chunk(self, pos: np.ndarray, live: np.ndarray, steps: int) -> tuple[int, int]:
         """(decode_chunk, steps) for a decode call on the rows as they enter it: the chunk from the
@@ -209,7 +276,8 @@ class Engine:
         """Prefills the admitted sequences in chunks of C; returns (pool, logits [n, V] at each one's
         last token, in batch order). A call's rows are R blocks of n' rows, replica r's in block r."""
         g = self.geometry
-        seqs = [a.request.sequence for a in batch]
+        seqs = [a.request.sequence[a.start :] for a in batch]  # a continuation's pages hold the rest
+        starts = np.asarray([a.start for a in batch], np.int32)
         per = [[i for i, a in enumerate(batch) if a.replica == r] for r in range(g.replicas)]
         n, C = prefill_shape(self.engine, g, max(map(len, per)), max(map(len, seqs)))
         at = np.zeros(len(batch), np.int64)  # each row's place among the n rows of the call
@@ -219,7 +287,7 @@ class Engine:
         table[at] = np.stack([a.table_row for a in batch])
         logits = None
         for c in range(max(-(-len(s) // C) for s in seqs)):
-            rows, final = _prefill_chunk(seqs, at, table, C, c)
+            rows, final = _prefill_chunk(seqs, starts, at, table, C, c)
             self.stats["prefill_calls"] += 1
             pool, out = programs.prefill(self.graphdef, self.params, pool, rows, block_pages=self.engine.block_pages,
                                          replicas=g.replicas)
@@ -248,18 +316,20 @@ class Engine:
         self.version, self.params = int(version), params
 
 
-def _prefill_chunk(seqs: list[np.ndarray], at: np.ndarray, table: np.ndarray, C: int, c: int):
-    """Chunk c (tokens c·C .. c·C + C − 1) of every sequence, at its row `at` of the call's table
-    [n, W]; returns (PrefillChunk, final [n] bool: the row's last chunk is this one)."""
+def _prefill_chunk(seqs: list[np.ndarray], starts: np.ndarray, at: np.ndarray, table: np.ndarray, C: int, c: int):
+    """Chunk c (tokens c·C .. c·C + C − 1) of every sequence, at positions from its `starts` on
+    (0, or the tokens a continuation's pages hold), at its row `at` of the call's table [n, W];
+    returns (PrefillChunk, final [n] bool: the row's last chunk is this one)."""
     n = table.shape[0]
     tokens, valid = np.zeros((n, C), np.int32), np.zeros((n, C), bool)
-    last, final = np.zeros(n, np.int32), np.zeros(n, bool)
+    last, final, offset = np.zeros(n, np.int32), np.zeros(n, bool), np.zeros(n, np.int32)
     for i, tok in enumerate(seqs):
         part = tok[c * C : (c + 1) * C]
         tokens[at[i], : len(part)], valid[at[i], : len(part)] = part, True
         last[at[i]] = max(len(part) - 1, 0)
         final[at[i]] = -(-len(tok) // C) - 1 == c
-    positions = np.where(valid, c * C + np.arange(C)[None], 0).astype(np.int32)
+        offset[at[i]] = starts[i]
+    positions = np.where(valid, offset[:, None] + c * C + np.arange(C)[None], 0).astype(np.int32)
     rows = PrefillChunk(table=jnp.asarray(table), tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
                         valid=jnp.asarray(valid), last_index=jnp.asarray(last))
     return rows, final

@@ -116,6 +116,9 @@ class CacheGeometry:
     def replica_slots(self, r: int) -> range:
         return range(r * self.rows, (r + 1) * self.rows)
 
+    def replica_of(self, slot: int) -> int:
+        return slot // self.rows
+
     @property
     def cached_tokens(self) -> int:
         """Tokens the pool holds, trash pages excluded."""
@@ -149,13 +152,17 @@ class PageAllocator:
         self.geometry = geometry
         self.free = [np.arange(1, geometry.pages, dtype=np.int32) for _ in range(geometry.replicas)]
 
-    def refresh(self, table: np.ndarray, held: np.ndarray) -> None:
-        """Free: the pages no slot of the replica that is live or holds results references."""
+    def refresh(self, table: np.ndarray, held: np.ndarray, kept=()) -> None:
+        """Free: the pages no slot of the replica that is live or holds results references, nor
+        any of the `kept` (replica, table row) pairs (multi-turn rows parked between two turns)."""
         g = self.geometry
         for r in range(g.replicas):
             rows = g.replica_slots(r)
             used = np.zeros(g.pages, bool)
             used[table[rows][held[rows]].ravel()] = True
+            for replica, row in kept:
+                if replica == r:
+                    used[row] = True
             used[TRASH] = True
             self.free[r] = np.flatnonzero(~used).astype(np.int32)
 

@@ -42,6 +42,7 @@ from reval_jax.rollout.pages import (
     replica_axes,
 )
 from reval_jax.rollout.sampling import SamplingConfig, sample_keys, sample_logits, sample_logits_on_mesh, step_keys
+from reval_jax.rollout.stops import StopTable, advance
 
 Array = jax.Array
 
@@ -61,6 +62,9 @@ class Slots:
     logp: Array  # [B, A] f32
     free: Array  # [R·G] int32  replica r's free pages are free[r·G : r·G + n_free[r]] (local ids)
     n_free: Array  # [R] int32
+    # [B, Q] int32: each row's state in the automaton of each of Q stop strings (stops.py), or None
+    # when turns end at stop ids only (single-turn rollouts: the programs have no such state)
+    match: Array | None = None
 
 
 ROW_FIELDS = ("table", "pos", "last", "length", "limit", "live", "tokens", "logp")  # what `write` sets per row
@@ -82,15 +86,17 @@ class SlotRows:
     logp: np.ndarray  # [n, A] f32
     prompt_id: np.ndarray  # [n] int32
     sample: np.ndarray  # [n] int32
+    match: np.ndarray | None = None  # [n, Q] int32  stop strings' automaton states (None: no stop strings)
 
     @classmethod
-    def empty(cls, index, geometry: CacheGeometry, pad_id: int) -> SlotRows:
+    def empty(cls, index, geometry: CacheGeometry, pad_id: int, stop_strings: int = 0) -> SlotRows:
         """Idle rows (not live, no pages) at `index`."""
         n, W, A = len(index), geometry.width, geometry.max_new_tokens
         return cls(index=list(index), table=np.zeros((n, W), np.int32), pos=np.zeros(n, np.int32),
                    last=np.zeros(n, np.int32), length=np.zeros(n, np.int32), limit=np.ones(n, np.int32),
                    live=np.zeros(n, bool), tokens=np.full((n, A), pad_id, np.int32),
-                   logp=np.zeros((n, A), np.float32), prompt_id=np.zeros(n, np.int32), sample=np.zeros(n, np.int32))
+                   logp=np.zeros((n, A), np.float32), prompt_id=np.zeros(n, np.int32), sample=np.zeros(n, np.int32),
+                   match=np.zeros((n, stop_strings), np.int32) if stop_strings else None)
 
     def padded(self, slots: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(index [B], ROW_FIELDS [B, ...]): padded to all B slots with index B (dropped by
@@ -99,7 +105,7 @@ class SlotRows:
         index = np.full(slots, slots, np.int32)
         index[:n] = self.index
         rows = {}
-        for k in ROW_FIELDS:
+        for k in ROW_FIELDS + (("match",) if self.match is not None else ()):
             x = getattr(self, k)
             rows[k] = np.concatenate([x, np.zeros((slots - n,) + x.shape[1:], x.dtype)])
         return index, rows
@@ -143,8 +149,9 @@ copy = jax.jit(copy_pages, donate_argnums=(0,), static_argnames=("mesh",))
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def write(slots: Slots, index, rows: dict, free, n_free) -> Slots:
-    """Overwrites slots at `index` [n] (index B = padding, dropped) with `rows` (ROW_FIELDS and
-    keys) and sets the free stacks: the host's only way to change the loop's state."""
+    """Overwrites slots at `index` [n] (index B = padding, dropped) with `rows` (ROW_FIELDS, keys,
+    and `match` with stop strings) and sets the free stacks: the host's only way to change the
+    loop's state."""
     put = lambda a, r: a.at[index].set(r, mode="drop")
     return slots.replace(**{k: put(getattr(slots, k), r) for k, r in rows.items()}, free=free, n_free=n_free)
 
@@ -164,7 +171,8 @@ def _allocate_pages(s: Slots, page_size: int) -> Slots:
     return s.replace(table=table, n_free=n_free)
 
 
-def _step(model, pool: Pool, s: Slots, config: SamplingConfig, chunk: int) -> tuple[Pool, Slots]:
+def _step(model, pool: Pool, s: Slots, config: SamplingConfig, chunk: int,
+          stops: StopTable | None = None) -> tuple[Pool, Slots]:
     """One decode step of every live slot (their pages allocated): feed `last`, draw the next token."""
     B, A = s.tokens.shape
     on_mesh = dict(mesh=model.mesh, replicas=s.n_free.shape[0])
@@ -184,15 +192,20 @@ def _step(model, pool: Pool, s: Slots, config: SamplingConfig, chunk: int) -> tu
     length = s.length + on
     stop_ids = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
     stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+    if stops is not None:  # stop strings: one automaton step per row and string
+        match, hit = advance(stops, s.match, token)
+        s, stopped = s.replace(match=jnp.where(on[:, None], match, s.match)), stopped | hit
     s = s.replace(pos=s.pos + on, last=jnp.where(on, token, s.last), length=length, tokens=tokens, logp=logps,
                   live=on & ~stopped & (length < s.limit))
     return Pool(k=k, v=v), s
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "chunk"), donate_argnames=("pool", "slots"))
-def decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, config: SamplingConfig, chunk: int):
+def decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, stops: StopTable | None = None, *,
+           config: SamplingConfig, chunk: int):
     """Decode steps of every live slot until `refill_at` of them have finished, none is live, a
-    step would need more pages than are free, or `max_steps` steps have run."""
+    step would need more pages than are free, or `max_steps` steps have run. `stops`: the stop
+    strings' automata (stops.py; `slots.match` holds the rows' states), None for stop ids only."""
     model = nnx.merge(graphdef, params)
     A, R, S = slots.tokens.shape[1], slots.n_free.shape[0], pool.page_size
     idle = jnp.sum(~slots.live)  # slots not live on entry
@@ -208,7 +221,7 @@ def decode(graphdef, params, pool: Pool, slots: Slots, refill_at, max_steps, *, 
     def body(c):
         i, pool, s = c
         s = _allocate_pages(s, S)
-        pool, s = _step(model, pool, s, config, chunk)
+        pool, s = _step(model, pool, s, config, chunk, stops)
         return i + 1, pool, s
 
     _, pool, slots = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), pool, slots))
@@ -226,9 +239,10 @@ def prefill_shape(engine: EngineConfig, geometry: CacheGeometry, most_rows: int,
     return geometry.replicas * pow2_at_least(most_rows), min(engine.prefill_chunk, max(16, pow2_at_least(longest)))
 
 
-def empty_state(cfg, geometry: CacheGeometry, mesh, pad_id: int) -> tuple[Pool, Slots]:
+def empty_state(cfg, geometry: CacheGeometry, mesh, pad_id: int, stop_strings: int = 0) -> tuple[Pool, Slots]:
     """An empty pool ([L, R·G, K, S, H] in the model's dtype: pages split over the data replicas, kv
-    heads over the mesh's `tensor` axis, like the model's) and empty slots: the decode loop's inputs."""
+    heads over the mesh's `tensor` axis, like the model's) and empty slots: the decode loop's inputs
+    (with the states of `stop_strings` stop strings' automata when there are any)."""
     g = geometry
     pool = init_pool(cfg, g.replicas * g.pages, g.page_size)
     if mesh is not None:
@@ -238,7 +252,8 @@ def empty_state(cfg, geometry: CacheGeometry, mesh, pad_id: int) -> tuple[Pool, 
     idle = SlotRows.empty(range(B), geometry, pad_id)
     slots = Slots(**{k: jnp.asarray(getattr(idle, k)) for k in ROW_FIELDS},
                   keys=sample_keys(np.uint32(0), jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.int32)),
-                  free=jnp.zeros(g.replicas * g.pages, jnp.int32), n_free=jnp.zeros(g.replicas, jnp.int32))
+                  free=jnp.zeros(g.replicas * g.pages, jnp.int32), n_free=jnp.zeros(g.replicas, jnp.int32),
+                  match=jnp.zeros((B, stop_strings), jnp.int32) if stop_strings else None)
     return pool, slots
 
 

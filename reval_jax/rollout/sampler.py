@@ -22,15 +22,13 @@ sample_logits (sampling.py) and generate_static (static_sampler.py) as well as `
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from reval_jax.model.decoder import Qwen2
-from reval_jax.rollout.engine import Engine, EngineConfig
+from reval_jax.rollout.engine import NO_PICKUP, Engine, EngineConfig, Pickup, Turns
 from reval_jax.rollout.sampling import (
     Rollout,
     SamplingConfig,
@@ -45,24 +43,10 @@ __all__ = ["Pickup", "Rollout", "SamplingConfig", "bucket_length", "generate", "
            "sample_logits"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Pickup:
-    """Asynchronous training's side of a `generate` call (reval_jax.run.pipeline, `Engine.run`):
-    `version` is the policy version of the model generating; `weights` (None, or `poll() ->
-    (version, model) | None`, called before every decode call) lets newer weights in between decode
-    calls, at most `max_steps` decode steps apart (0: up to max_new_tokens), rows in flight going on
-    under them (`in_flight` "continue") or finishing under the old ones first ("finish")."""
-
-    version: int = 0
-    weights: Callable[[], tuple[int, Any] | None] | None = None
-    max_steps: int = 0
-    in_flight: str = "continue"
-
-
 def generate(
     model: Qwen2, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, seed: int = 0,
     prompt_ids: Sequence[int] | None = None, engine: EngineConfig | None = None,
-    max_new_tokens: Sequence[int] | None = None, pickup: Pickup = Pickup(),
+    max_new_tokens: Sequence[int] | None = None, pickup: Pickup = NO_PICKUP, turns: Turns | None = None,
 ) -> Rollout:
     """Samples `config.num_samples` responses to each prompt (a list of token ids) with the rollout
     engine (`reval_jax.rollout.engine`: continuous batching on a paged KV cache).
@@ -76,7 +60,11 @@ def generate(
 
     Asynchronous training (reval_jax.run.pipeline): `pickup` is the policy version of `model` and
     the newer weights that may come in between decode calls; `Rollout.version` records each token's
-    version."""
+    version.
+
+    Multi-turn episodes (`turns`, e.g. reval_jax.env.rollout.EnvTurns): each response is the
+    episode's policy turns and observations after the prompt, and `response_mask` marks its policy
+    tokens only (observation tokens have log-prob 0)."""
     B, N, A = len(prompts), config.num_samples, config.max_new_tokens
     P, tokens, mask, ids = padded_prompts(model.cfg.max_position_embeddings, prompts, config, prompt_ids)
     limits = np.full(B, A, np.int32) if max_new_tokens is None else np.asarray(max_new_tokens, np.int32)
@@ -85,23 +73,24 @@ def generate(
     if engine is None:
         engine = EngineConfig.one_slot_per_sample(B, N)
     out = Engine(model, config, engine, prompt_bucket=P, version=pickup.version).run(
-        prompts, seed=seed, prompt_ids=ids, limits=limits, weights=pickup.weights, max_steps=pickup.max_steps,
-        in_flight=pickup.in_flight)
+        prompts, seed=seed, prompt_ids=ids, limits=limits, pickup=pickup, turns=turns)
     response = np.full((B * N, A), config.pad_id, np.int32)
     logp = np.zeros((B * N, A), np.float32)
     versions = np.full((B * N, A), -1, np.int32)
+    policy = np.zeros((B * N, A), bool)
     length = np.zeros(B * N, np.int32)
     stopped = np.zeros(B * N, bool)
     stops = set(config.stop_ids)
     for b in range(B):
-        for n, (tok, lp, ver) in enumerate(out[b]):
+        for n, (tok, lp, ver, *own) in enumerate(out[b]):  # own: the policy mask of a multi-turn episode
             r = b * N + n
             response[r, : len(tok)], logp[r, : len(tok)], length[r] = tok, lp, len(tok)
             versions[r, : len(tok)] = ver
+            policy[r, : len(tok)] = own[0] if own else True
             stopped[r] = len(tok) > 0 and int(tok[-1]) in stops
     return Rollout(
         prompt_tokens=jnp.asarray(np.repeat(tokens, N, 0)), prompt_mask=jnp.asarray(np.repeat(mask, N, 0)),
-        response_tokens=jnp.asarray(response), response_mask=jnp.asarray(np.arange(A) < length[:, None]),
+        response_tokens=jnp.asarray(response), response_mask=jnp.asarray(policy),
         response_length=jnp.asarray(length), truncated=jnp.asarray(~stopped), logp=jnp.asarray(logp),
         group_id=jnp.asarray(np.repeat(ids, N)), version=jnp.asarray(versions),
     )

@@ -72,8 +72,10 @@ class Rollout:
     prompt_tokens: Array  # [B·N, P] int32  left-padded
     prompt_mask: Array  # [B·N, P] bool
     response_tokens: Array  # [B·N, A] int32  pad_id after the stop token
-    response_mask: Array  # [B·N, A] bool  includes the stop token, nothing after it
-    response_length: Array  # [B·N] int32  = response_mask.sum(-1)
+    response_mask: Array  # [B·N, A] bool  policy tokens: includes the stop token, nothing after it
+    # [B·N] int32  tokens after the prompt: = response_mask.sum(-1) for one turn; a multi-turn
+    # episode's observation tokens are among them, not in response_mask
+    response_length: Array
     truncated: Array  # [B·N] bool  reached A tokens without a stop token
     logp: Array  # [B·N, A] f32  log q(a_h | s_h) of the sampling distribution, 0 where masked
     group_id: Array  # [B·N] int32  the prompt id of the sample
@@ -91,9 +93,10 @@ class Rollout:
         R, P = prompt.shape
         none = np.zeros_like(pmask)
         zeros = np.zeros((R,), np.float32)
+        seen = np.arange(rmask.shape[1])[None] < to_host(self.response_length)[:, None]  # observations included
         return Trajectories.from_numpy({
-            "tokens": np.concatenate([prompt, np.where(rmask, response, pad_id)], 1),  # [R, P + A]
-            "attn_mask": np.concatenate([pmask, rmask], 1),
+            "tokens": np.concatenate([prompt, np.where(seen, response, pad_id)], 1),  # [R, P + A]
+            "attn_mask": np.concatenate([pmask, seen], 1),
             "response_mask": np.concatenate([none, rmask], 1),
             "s1_index": np.full((R,), P - 1),
             "group_id": to_host(self.group_id),

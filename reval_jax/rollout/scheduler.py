@@ -14,6 +14,17 @@ A request (a prompt and its N samples) is admitted whole into one replica, the o
 pages to spare, so that its samples share its prompt's full pages; its last, partial page is
 copied per sample. A preempted sample resumes alone: its prompt and tokens so far are prefilled
 again. Each response token's policy version is kept as spans (first index, version) per slot.
+
+Multi-turn rows (`turns=True`; the environment's side is reval_jax.env.rollout): a row whose turn
+ends (a stop id, a stop string, or its limit) gives up its slot but keeps its pages, parked, until
+the environment answers (`turns_done` lists such turns). An observation continues it
+(`continue_turn`): a request whose tokens are the response so far and the observation, with the
+parked pages (`Cached`), so that only the turn's last token and the observation are prefilled,
+at their positions; the end of the episode finishes it (`finish_turn`: its result, its pages
+freed). Parked pages are given up only when memory forces it (`evict`: before a live row is
+preempted, or when nothing runs and the queue's head does not fit); such a row's continuation then
+prefills its whole sequence like a preempted one. The response's policy mask (observation tokens
+False) is kept per row and returned as a fourth array.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import numpy as np
 from reval_jax.rollout.page_table import CacheGeometry, KVCacheTooSmall, PageAllocator, pages_needed
 from reval_jax.rollout.pages import TRASH
 from reval_jax.rollout.programs import SlotRows
+from reval_jax.rollout.stops import StopStrings
 
 
 @dataclasses.dataclass
@@ -40,6 +52,9 @@ class Request:
     tokens: np.ndarray | None = None  # resume: response tokens so far [h]
     logp: np.ndarray | None = None
     versions: np.ndarray | None = None  # resume: the policy version of each of those tokens [h]
+    policy: np.ndarray | None = None  # resume: [h] bool, False at observation tokens (None: all policy)
+    turn_start: int = 0  # resume: the response index at which the current turn began
+    cached: Cached | None = None  # a continuation's parked pages (None: prefill the whole sequence)
 
     @property
     def resume(self) -> bool:
@@ -52,6 +67,35 @@ class Request:
 
 
 @dataclasses.dataclass
+class Cached:
+    """A parked row's pages: its replica, its page table, and how many of its sequence's tokens
+    they hold (positions 0 .. pos - 1)."""
+
+    replica: int
+    table_row: np.ndarray  # [W] int32
+    pos: int
+
+
+@dataclasses.dataclass
+class Parked:
+    """A row whose turn ended, waiting for the environment (and then in the queue) with its pages."""
+
+    key: tuple[int, int]  # (prompt row, sample)
+    tokens: np.ndarray  # [h] the response so far
+    logp: np.ndarray
+    versions: np.ndarray
+    policy: np.ndarray  # [h] bool
+    turn_start: int  # the response index at which the turn that ended began
+    cached: Cached | None  # None once evicted
+    request: Request | None = None  # its continuation, once the environment answered
+
+    @property
+    def turn(self) -> np.ndarray:
+        """The tokens of the turn that ended."""
+        return self.tokens[self.turn_start :]
+
+
+@dataclasses.dataclass
 class Admission:
     """One request's place: its replica, the prompt's pages and the slots its samples take."""
 
@@ -60,6 +104,7 @@ class Admission:
     table_row: np.ndarray  # [W] int32  the sequence's pages (sample 0's; the others copy the partial one)
     copies: np.ndarray  # int32  a page per further sample for its copy of the partial page (new requests)
     slots: list[int]
+    start: int = 0  # the sequence's tokens already in its pages (a continuation's): prefill from there
 
 
 @dataclasses.dataclass
@@ -74,12 +119,20 @@ class SlotTable:
     admitted: np.ndarray  # [B] int64  admission order (preemption takes the newest)
     owner: list[tuple[int, int] | None]  # (prompt row, sample) of each held slot
     spans: list[list[tuple[int, int]]]  # (first response index, policy version) of each slot's tokens
+    policy: list[np.ndarray | None]  # the policy mask of each slot's tokens before its admission (None: [])
+    turn_start: np.ndarray  # [B] int32  the response index at which each slot's current turn began
 
     @classmethod
     def empty(cls, slots: int, width: int) -> SlotTable:
         return cls(table=np.zeros((slots, width), np.int32), pos=np.zeros(slots, np.int32),
                    length=np.zeros(slots, np.int32), live=np.zeros(slots, bool), held=np.zeros(slots, bool),
-                   admitted=np.zeros(slots, np.int64), owner=[None] * slots, spans=[[] for _ in range(slots)])
+                   admitted=np.zeros(slots, np.int64), owner=[None] * slots, spans=[[] for _ in range(slots)],
+                   policy=[None] * slots, turn_start=np.zeros(slots, np.int32))
+
+    def mask(self, b: int, h: int) -> np.ndarray:
+        """[h] bool: slot b's policy mask (the tokens it sampled since its admission are policy tokens)."""
+        before = self.policy[b] if self.policy[b] is not None else np.zeros(0, bool)
+        return np.concatenate([before, np.ones(h - len(before), bool)])
 
     def release(self, b: int) -> None:
         self.owner[b], self.held[b], self.live[b] = None, False, False
@@ -97,21 +150,25 @@ class Readback:
     logp: np.ndarray  # [B, A] f32
 
 
-Result = tuple[np.ndarray, np.ndarray, np.ndarray]  # (tokens [h] int32, logp [h] f32, versions [h] int32)
+# (tokens [h] int32, logp [h] f32, versions [h] int32), and with turns the policy mask [h] bool
+Result = tuple[np.ndarray, ...]
 
 
 class Scheduler:
     """Admit / collect / preempt over a slot table and per-replica free pages, for one call's prompts."""
 
     def __init__(self, geometry: CacheGeometry, requests: list[Request], *, stop_ids=(), prefill_rows: int = 16,
-                 refill: float = 0.25, pad_id: int = 0):
+                 refill: float = 0.25, pad_id: int = 0, stop_strings: StopStrings | None = None, turns: bool = False):
         self.geometry, self.stop, self.pad_id = geometry, set(stop_ids), pad_id
         self.prefill_rows, self.refill = prefill_rows, refill
+        self.stop_strings, self.turns = stop_strings, turns
         self.pending = deque(requests)
         self.requests = {r.index: r for r in requests}  # as submitted: a preempted sample resumes from its own
         self.slots = SlotTable.empty(geometry.slots, geometry.width)
         self.pages = PageAllocator(geometry)
         self.results: dict[tuple[int, int], Result] = {}
+        self.parked: dict[tuple[int, int], Parked] = {}  # multi-turn rows between two turns, by (row, sample)
+        self.turns_done: list[Parked] = []  # turns ended since the engine last took them
         self.clock = 0  # admissions so far
 
     # --- admission
@@ -126,27 +183,45 @@ class Scheduler:
         batch = []
         while self.pending and len(batch) < self.prefill_rows:
             req = self.pending[0]
-            full, partial = divmod(len(req.sequence), g.page_size)
-            copies = (len(req.samples) - 1) if partial and not req.resume else 0
-            need = full + (partial > 0) + copies
-            # a resumed row also keeps a page for its own next step: preempted for want of one, it
-            # would otherwise be admitted and preempted again without a step (a livelock)
-            own = len(req.samples) if req.resume else 0
+            need, own = self._pages_to_admit(req)
             spare = [self.pages.count(r) - headroom[r] for r in range(g.replicas)]
             fits = [r for r in range(g.replicas) if len(open_slots[r]) >= len(req.samples)
-                    and spare[r] - need >= own]
+                    and spare[r] - need >= own and (req.cached is None or req.cached.replica == r)]
             if not fits:
+                if not batch and not self.slots.live.any() and self.evict():  # nothing runs: parked pages go
+                    continue
                 break
             r = max(fits, key=lambda r: spare[r])
             self.pending.popleft()
-            pages = self.pages.take(r, need)
-            row = np.zeros(g.width, np.int32)
-            row[: full + (partial > 0)] = pages[: full + (partial > 0)]
-            n = len(req.samples)
-            batch.append(Admission(req, r, row, pages[full + (partial > 0):], open_slots[r][:n]))
-            open_slots[r] = open_slots[r][n:]
-            headroom[r] += n
+            batch.append(self._place(req, r, self.pages.take(r, need), open_slots[r][: len(req.samples)]))
+            open_slots[r] = open_slots[r][len(req.samples):]
+            headroom[r] += len(req.samples)
         return batch
+
+    def _pages_to_admit(self, req: Request) -> tuple[int, int]:
+        """(pages to take, pages to leave free besides) for admitting `req`: its sequence's pages (a
+        continuation's beyond its parked ones) and a copy of the partial prompt page per further
+        sample; a resumed row also keeps a page for its own next step: preempted for want of one,
+        it would otherwise be admitted and preempted again without a step (a livelock)."""
+        full, partial = divmod(len(req.sequence), self.geometry.page_size)
+        copies = (len(req.samples) - 1) if partial and not req.resume else 0
+        have = int(np.count_nonzero(req.cached.table_row != TRASH)) if req.cached is not None else 0
+        return max(0, full + (partial > 0) - have) + copies, (len(req.samples) if req.resume else 0)
+
+    def _place(self, req: Request, r: int, pages: np.ndarray, slots: list[int]) -> Admission:
+        """The admission of `req` into replica r's `slots`, on `pages` (taken for it)."""
+        if req.cached is not None:  # a continuation: its parked pages, and more for the observation
+            row = req.cached.table_row.copy()
+            have = int(np.count_nonzero(row != TRASH))
+            row[have : have + len(pages)] = pages
+            del self.parked[(req.index, req.samples[0])]
+            return Admission(req, r, row, pages[:0], slots, start=req.cached.pos)
+        full, partial = divmod(len(req.sequence), self.geometry.page_size)
+        row = np.zeros(self.geometry.width, np.int32)
+        row[: full + (partial > 0)] = pages[: full + (partial > 0)]
+        if req.resume and (req.index, req.samples[0]) in self.parked:  # an evicted continuation
+            del self.parked[(req.index, req.samples[0])]
+        return Admission(req, r, row, pages[full + (partial > 0):], slots)
 
     def page_copies(self, batch: list[Admission]) -> tuple[list[list[int]], list[list[int]]]:
         """(src, dst) per replica: each further sample of a new request copies its prompt's
@@ -165,7 +240,7 @@ class Scheduler:
         n of batch[i] when new. Returns the rows to write on device."""
         g, t = self.geometry, self.slots
         index = [b for a in batch for b in a.slots]
-        rows = SlotRows.empty(index, g, self.pad_id)
+        rows = SlotRows.empty(index, g, self.pad_id, self.stop_strings.count if self.stop_strings else 0)
         k = 0
         for i, a in enumerate(batch):
             req, full = a.request, len(a.request.sequence) // g.page_size
@@ -180,6 +255,7 @@ class Scheduler:
                 self._fill(rows, k, req, row, toks, lps, j)
                 t.table[b], t.live[b], t.length[b], t.pos[b] = row, rows.live[k], len(toks), len(req.sequence)
                 t.owner[b], t.held[b], t.admitted[b] = (req.index, n), True, self.clock
+                t.policy[b], t.turn_start[b] = req.policy, req.turn_start
                 t.spans[b] = _spans(req.versions) if req.resume else []
                 if not t.spans[b] or t.spans[b][-1][1] != version:
                     t.spans[b].append((len(toks) if req.resume else 0, version))
@@ -192,7 +268,12 @@ class Scheduler:
         n = len(toks)
         rows.table[k], rows.pos[k], rows.last[k], rows.length[k] = row, len(req.sequence), toks[-1], n
         rows.limit[k] = req.limits[j]
-        rows.live[k] = not (int(toks[-1]) in self.stop or n >= req.limits[j])
+        turn = toks[req.turn_start :]  # the current turn's tokens so far (none: a continuation's turn begins)
+        stopped = len(turn) > 0 and int(turn[-1]) in self.stop
+        if self.stop_strings is not None:
+            rows.match[k], hit = self.stop_strings.state(turn)
+            stopped = stopped or hit
+        rows.live[k] = not (stopped or n >= req.limits[j])
         rows.tokens[k, :n], rows.logp[k, :n] = toks, lps
         rows.prompt_id[k], rows.sample[k] = req.prompt_id, req.samples[j]
 
@@ -206,10 +287,17 @@ class Scheduler:
         done = [b for b in range(self.geometry.slots) if t.held[b] and not read.live[b]]
         for b in done:
             h = t.length[b]
-            self.results[t.owner[b]] = (read.tokens[b, :h].copy(), read.logp[b, :h].copy(), _expand(t.spans[b], h))
+            result = (read.tokens[b, :h].copy(), read.logp[b, :h].copy(), _expand(t.spans[b], h))
+            if self.turns:  # the turn has ended: parked with its pages until the environment answers
+                park = Parked(t.owner[b], *result, t.mask(b, h), int(t.turn_start[b]),
+                              Cached(self.geometry.replica_of(b), read.table[b].copy(), int(read.pos[b])))
+                self.parked[park.key] = park
+                self.turns_done.append(park)
+            else:
+                self.results[t.owner[b]] = result
             t.owner[b], t.held[b] = None, False
         t.live = read.live.copy()
-        self.pages.refresh(t.table, t.held)
+        self._refresh()
         return done
 
     def preempt(self, read: Readback) -> list[int]:
@@ -221,6 +309,8 @@ class Scheduler:
         victims = []
         for r in range(g.replicas):
             rr = g.replica_slots(r)
+            while need[rr].sum() > self.pages.count(r) and self.evict(r):  # parked pages go first
+                pass
             while need[rr].sum() > self.pages.count(r) and t.live[rr].sum() > 1:
                 b = max((b for b in rr if t.live[b]), key=lambda b: t.admitted[b])
                 self.pending.appendleft(self._resumption(b, read))
@@ -228,7 +318,7 @@ class Scheduler:
                 need[b] = False
                 t.table[b] = TRASH
                 victims.append(b)
-                self.pages.refresh(t.table, t.held)
+                self._refresh()
             if need[rr].sum() > self.pages.count(r):
                 raise KVCacheTooSmall(g, f"one sequence of {int(t.pos[t.live].max())} tokens")
         return victims
@@ -239,7 +329,55 @@ class Scheduler:
         first = self.requests[row]
         return Request(row, first.prompt_id, first.prompt, (first.limits[first.samples.index(n)],), (n,),
                        tokens=read.tokens[b, :h].copy(), logp=read.logp[b, :h].copy(),
-                       versions=_expand(self.slots.spans[b], h))
+                       versions=_expand(self.slots.spans[b], h), policy=self.slots.mask(b, h),
+                       turn_start=int(self.slots.turn_start[b]))
+
+    # --- between two turns (multi-turn rows)
+
+    def take_turns(self) -> list[Parked]:
+        """The turns that ended since the last call (their rows parked, waiting for the environment)."""
+        out, self.turns_done = self.turns_done, []
+        return out
+
+    def continue_turn(self, key: tuple[int, int], observation) -> None:
+        """Queues parked row `key`'s next turn after `observation` (token ids, >= 1): its tokens so
+        far and the observation's, on its parked pages (when not evicted), ahead of new prompts."""
+        park, obs = self.parked[key], np.asarray(observation, np.int32)
+        first = self.requests[key[0]]
+        limit = first.limits[first.samples.index(key[1])]
+        if len(obs) == 0 or len(park.tokens) + len(obs) >= limit:
+            raise ValueError(f"an observation of {len(obs)} tokens after {len(park.tokens)} leaves no room "
+                             f"for a policy token within {limit}: end the episode instead")
+        tokens = np.concatenate([park.tokens, obs])
+        park.request = Request(key[0], first.prompt_id, first.prompt, (limit,), (key[1],), tokens=tokens,
+                               logp=np.concatenate([park.logp, np.zeros(len(obs), np.float32)]),
+                               versions=np.concatenate([park.versions, np.full(len(obs), park.versions[-1])]),
+                               policy=np.concatenate([park.policy, np.zeros(len(obs), bool)]),
+                               turn_start=len(tokens), cached=park.cached)
+        self.pending.appendleft(park.request)
+
+    def finish_turn(self, key: tuple[int, int]) -> None:
+        """Parked row `key`'s episode has ended: its result (tokens, logp, versions, policy mask); its pages freed."""
+        park = self.parked.pop(key)
+        self.results[key] = (park.tokens, park.logp, park.versions, park.policy)
+        self._refresh()
+
+    def evict(self, replica: int | None = None) -> bool:
+        """Frees the pages of the parked row (of `replica`, or any) parked first; its continuation
+        will prefill its whole sequence. False when no parked row holds pages."""
+        for park in self.parked.values():  # in the order they were parked
+            if park.cached is not None and replica in (None, park.cached.replica):
+                park.cached = None
+                if park.request is not None:
+                    park.request.cached = None
+                self._refresh()
+                return True
+        return False
+
+    def _refresh(self) -> None:
+        """Free pages: those neither a held slot nor a parked row references."""
+        kept = [p.cached for p in self.parked.values() if p.cached is not None]
+        self.pages.refresh(self.slots.table, self.slots.held, [(c.replica, c.table_row) for c in kept])
 
     # --- the loop's state
 

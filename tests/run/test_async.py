@@ -19,7 +19,7 @@ from flax import nnx
 from helpers import InlineScorer, metric_records, reference_run, tiny_config
 from models import tiny_model
 
-from reval_jax.rollout.engine import Engine, EngineConfig
+from reval_jax.rollout.engine import Engine, EngineConfig, Pickup
 from reval_jax.rollout.sampler import SamplingConfig, generate_static
 from reval_jax.run import pipeline, producer, train
 from reval_jax.run.config import PipelineConfig, pipeline_config
@@ -290,8 +290,8 @@ def test_pushed_weights_reach_the_rows_in_flight(in_flight):
         return (7, new) if len(polls) == 2 else None
 
     engine = Engine(old, UNIFORM, EngineConfig(slots=6, page_size=4, prefill_rows=2), prompt_bucket=64, version=3)
-    out = engine.run(PROMPTS, seed=5, prompt_ids=list(range(6)), limits=[12] * 6, weights=poll, max_steps=4,
-                     in_flight=in_flight)
+    out = engine.run(PROMPTS, seed=5, prompt_ids=list(range(6)), limits=[12] * 6,
+                     pickup=Pickup(weights=poll, max_steps=4, in_flight=in_flight))
     ref = jax.tree.map(np.asarray, generate_static(old, PROMPTS, UNIFORM, seed=5))
     first = {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)}  # prompts 0 and 1 fill the 6 slots
     switch = 5 if in_flight == "continue" else 12

@@ -1,0 +1,81 @@
+"""An environment's episodes driven by the rollout engine: the engine's `Turns` for an `Environment`.
+
+    turns = EnvTurns(env, examples, tokenizer, vocab_size=cfg.vocab_size)
+    rollout = generate(model, prompts, sampling, seed=..., prompt_ids=ids, turns=turns)
+    turns.episodes[(row, sample)]   # the State each episode ended in: reward, turns, tool calls ...
+
+The engine ends a row's turn at a stop id or one of the environment's stop strings (their automata:
+reval_jax.rollout.stops, built once from the tokenizer's token texts) and hands the turn over; here
+each round of ended turns is decoded (``decode_turn``, as a response is decoded for scoring) and
+stepped (``Environment.step_many``: the round's tool calls together) on a worker thread, while the
+engine decodes the other rows. An observation goes back to the engine, which appends it (its token
+ids, tokenized once by the environment) and continues the row; the end of an episode finishes it.
+
+The episode's token budget is the engine's: ``EnvConfig.max_tokens`` must be the rows' limit
+(``sampling.max_new_tokens``), so that an observation the environment accepts always leaves the row
+room for a policy token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+from collections.abc import Sequence
+
+from reval_jax.env.base import Environment, Example, State, decode_turn
+from reval_jax.rollout.scheduler import Parked
+from reval_jax.rollout.stops import StopStrings, stop_strings, token_texts
+
+Key = tuple[int, int]  # (prompt row, sample)
+
+
+class EnvTurns:
+    """`reval_jax.rollout.engine.Turns` over `env`: episode (row, sample) of prompt row `row` is
+    `examples[row]`'s. Its stop strings' automata are built here, once per tokenizer (`stops`)."""
+
+    def __init__(self, env: Environment, examples: Sequence[Example], tokenizer, *, vocab_size: int,
+                 stops: StopStrings | None = None):
+        self.env, self.examples, self.tokenizer = env, list(examples), tokenizer
+        self.spec = env.stops()
+        if stops is None and self.spec.strings:
+            stops = stop_strings(self.spec.strings, token_texts(tokenizer, vocab_size))
+        self.stops = stops
+        self.states: dict[Key, State] = {}
+        self.episodes: dict[Key, State] = {}  # the episodes that ended, in their final state
+        self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="env")
+        self._futures: list[futures.Future] = []
+        self._waiting = 0
+
+    def submit(self, turns: list[Parked]) -> None:
+        if not turns:
+            return
+        keys = [t.key for t in turns]
+        states = [self.states.get(k) or self.env.reset(self.examples[k[0]]) for k in keys]
+        tokens = [[int(x) for x in t.turn] for t in turns]
+        texts = [decode_turn(self.tokenizer, toks, self.spec) for toks in tokens]
+        self._futures.append(self._pool.submit(lambda: (keys, self.env.step_many(states, tokens, texts))))
+        self._waiting += len(turns)
+
+    def ready(self, wait: bool) -> list[tuple[Key, tuple[int, ...] | None]]:
+        if wait and self._futures:
+            futures.wait(self._futures, return_when=futures.FIRST_COMPLETED)
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        answers = []
+        for f in done:
+            keys, steps = f.result()  # an environment's exception is a bug: it surfaces here
+            self._waiting -= len(keys)
+            for key, step in zip(keys, steps, strict=True):
+                if step.done:
+                    self.states.pop(key, None)
+                    self.episodes[key] = step.state
+                    answers.append((key, None))
+                else:
+                    self.states[key] = step.state
+                    answers.append((key, step.observation))
+        return answers
+
+    def waiting(self) -> int:
+        return self._waiting
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
