@@ -12,6 +12,17 @@ SHARED = "../shared/data/math"  # the project's math data, relative to the repos
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # multi-turn, tool-using episodes (reval_jax/env, docs/multi_turn.md): the policy's turns and the environment's
+    # observations share the response budget sampling.max_new_tokens; the losses see the policy's tokens only
+    c.env = ml_collections.ConfigDict()
+    c.env.name = "single_turn"  # single_turn (one answer, scored by reward.name) | calculator | python |
+    #                             python_hermes | "module:Class" (reval_jax.env.base.ENVIRONMENTS)
+    c.env.max_turns = 1  # policy turns per episode; a turn that still calls a tool at the last ends it, reward 0
+    c.env.max_output_chars = 1024  # a tool's output is cut to this many characters in its observation
+    c.env.sandbox_workers = 4  # Python tools: calls that run at once, each in its own sandboxed process
+    c.env.sandbox_timeout_s = 10.0  # Python tools: wall clock per call (CPU time is limited alike)
+    c.env.sandbox_memory_mb = 512  # Python tools: address space per call
+
     c.seed = 0  # seeds data order, sampling and replay; same seed + same config = same run
     c.algorithm = "reval"  # reval | tbrm | regression | grpo | rloo | dapo (docs/algorithms.md): one flag apart
     c.algorithm_defaults = True  # apply what an algorithm implies (its record's defaults, objective/algorithms.py)

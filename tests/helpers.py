@@ -181,3 +181,31 @@ def reference_run(tmp_path_factory, data_file, **overrides):
         train.run(tiny_config(data_file, **overrides), str(workdir), scorer=InlineScorer())
         _REFERENCE_RUNS[key] = workdir
     return _REFERENCE_RUNS[key]
+
+
+def _letter_env():
+    import string
+
+    from reval_jax.env.base import Environment, Stops, ToolCall, ToolResult
+
+    class LetterEnv(Environment):
+        """A test environment for the random tiny model: a turn ends at any lowercase letter (a stop
+        string of one character, frequent in random text) and that letter "calls" a tool answered
+        with "=1"; a turn that ends otherwise (a stop id, the budget) ends the episode."""
+
+        def stops(self):
+            return Stops(super().stops().token_ids, tuple(string.ascii_lowercase))
+
+        def parse(self, turn_tokens, turn_text):
+            return [ToolCall("echo", turn_text[-1])] if turn_text and turn_text[-1].islower() else []
+
+        def run_tools(self, calls):
+            return [ToolResult("1") for _ in calls]
+
+        def observation_text(self, turn_tokens, turn_text, results):
+            return "=1"
+
+    return LetterEnv
+
+
+LetterEnv = _letter_env()  # "helpers:LetterEnv" in a run config's env.name

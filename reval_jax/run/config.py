@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from reval_jax.env.base import EnvConfig, resolve_environment
+from reval_jax.env.sandbox import SandboxConfig
 from reval_jax.errors import UserError
 from reval_jax.objective import algorithms
 from reval_jax.objective.losses import REWARD_TRANSFORMS
@@ -361,6 +364,35 @@ def reward_settings(config) -> RewardSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnvSettings:
+    """The environment of multi-turn episodes (reval_jax.env); name "single_turn": none, one turn."""
+
+    name: str
+    config: EnvConfig
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.name != "single_turn"
+
+
+def env_settings(config, processes: int = 1) -> EnvSettings:
+    e = config.env
+    if e.max_turns < 1:
+        _bad("env.max_turns", f"{e.max_turns} must be >= 1")
+    if e.max_output_chars < 1:
+        _bad("env.max_output_chars", f"{e.max_output_chars} must be >= 1")
+    if min(e.sandbox_workers, e.sandbox_timeout_s, e.sandbox_memory_mb) <= 0:
+        _bad("env.sandbox_workers", "env.sandbox_workers, sandbox_timeout_s and sandbox_memory_mb must be > 0")
+    resolve_environment(e.name)  # an unknown name or a bad "module:Class" path: one line naming it
+    if e.name != "single_turn" and processes > 1:
+        _bad("env.name", f"multi-turn episodes ({e.name!r}) run in one process so far; use one process per run")
+    sandbox = SandboxConfig(timeout_s=float(e.sandbox_timeout_s), cpu_s=max(1, math.ceil(e.sandbox_timeout_s)),
+                            memory_mb=int(e.sandbox_memory_mb), workers=int(e.sandbox_workers))
+    return EnvSettings(e.name, EnvConfig(max_turns=e.max_turns, max_tokens=config.sampling.max_new_tokens,
+                                         max_output_chars=e.max_output_chars, sandbox=sandbox))
+
+
+@dataclasses.dataclass(frozen=True)
 class ReplaySettings:
     """The replay buffer (reval_jax.data.replay) and how the K updates of a round draw from it."""
 
@@ -446,6 +478,7 @@ class RunSettings:
     mesh: tuple[int, ...]
     data: DataSettings
     reward: RewardSettings
+    env: EnvSettings
     replay: ReplaySettings
     step: StepConfig
     optimizer: OptimizerConfig
@@ -471,6 +504,7 @@ def run_settings(config, devices: int, processes: int = 1) -> RunSettings:
         algorithm=config.algorithm, model=model_settings(config), mesh=tuple(config.mesh),
         data=data_settings(config),
         reward=reward_settings(config),
+        env=env_settings(config, processes),
         replay=ReplaySettings(config.replay.capacity, seq_len, config.seed, config.replay.prioritized,
                               config.replay.alpha, config.replay.beta_is),
         step=step, optimizer=optimizer_config(config), pipeline=pipe, engine=engine_config(config),

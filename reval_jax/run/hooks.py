@@ -17,7 +17,8 @@ from reval_jax.run.config import HookSchedule
 from reval_jax.run.trainer import Hook, Trainer
 
 TRAIN_ECHO = ("accuracy", "loss", "delta_abs_max", "kl_mean", "grad_norm", "response_length",
-              "generate_s", "update_s", "staleness_max")
+              "generate_s", "update_s", "staleness_max",
+              "env_turns_mean", "env_tool_calls", "env_tool_errors", "env_tool_s")  # the env's: multi-turn runs only
 
 
 def progress_line(iteration: int, total: int, durations: list[float]) -> str:

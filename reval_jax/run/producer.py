@@ -1,6 +1,6 @@
 """The round producer: round i's prompts -> the rollout engine -> rewards -> scored Trajectories.
 
-    producer = Producer(cfg, sampling, engine, prompts, scorer, tokenizer, rewarding)
+    producer = Producer(cfg, sampling, engine, prompts, scorer, tokenizer, rewarding, env)
     round = producer.produce(i, weights)     # weights: reval_jax.run.pipeline.RolloutWeights
 
 The pipeline (reval_jax/run/pipeline.py) decides when and under which weights a round is made; the
@@ -13,6 +13,11 @@ dropped and more prompts are generated (the next batches of the prompt stream, a
 prompts_per_iteration groups; a round still short after that is topped up with the earliest dropped
 groups (`algorithms.select_groups`). The round's metrics then count the calls and the groups kept
 and short (generation_calls, groups_kept, groups_short).
+
+Multi-turn episodes (`env`, reval_jax.env): the engine runs each sample as an episode of the
+environment (reval_jax.env.rollout.EnvTurns); its reward is the one the environment ended it with
+(the policy's text scored by the same verifier), and the round's metrics add the episodes' figures
+(`episode_metrics`: env_turns_mean, env_tool_calls, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from reval_jax.data.batch import Trajectories, concatenate
+from reval_jax.env.base import Environment, State
+from reval_jax.env.rollout import EnvTurns
 from reval_jax.objective import algorithms
 from reval_jax.parallel.distributed import process_share, to_host
 from reval_jax.rollout.engine import EngineConfig
@@ -57,15 +64,21 @@ class Producer:
     batch, the same on every process."""
 
     def __init__(self, cfg: RoundConfig, sampling: SamplingConfig, engine: EngineConfig | None,
-                 prompts: Iterator, scorer, tokenizer, rewarding: Rewarding):
+                 prompts: Iterator, scorer, tokenizer, rewarding: Rewarding, env: Environment | None = None):
         self.cfg, self.sampling, self.engine = cfg, sampling, engine
         self.prompts, self.scorer, self.tokenizer, self.rewarding = prompts, scorer, tokenizer, rewarding
+        self.env = env  # multi-turn episodes (None: one turn, scored by `scorer`)
+        self._stops = None  # the environment's stop strings' automata, built once
+        self._episodes: list[State] = []  # the round's ended episodes (multi-turn)
 
     def produce(self, iteration: int, weights: RolloutWeights) -> Round:
         t0 = time.perf_counter()
+        self._episodes = []
         scored, info = self.sample(iteration, 0, weights), {}
         if self.rewarding.filter_groups is not None:
             scored, info = self._fill(iteration, scored, weights)
+        if self.env is not None:
+            info = {**info, **episode_metrics(self._episodes)}
         batch = self._rewarded(scored)
         return Round(iteration, batch, scored.truncated, time.perf_counter() - t0, local=self.cfg.shares, info=info)
 
@@ -84,18 +97,37 @@ class Producer:
                           disable=not show_bars(cfg.progress) or len(examples) <= cfg.prompts_per_call,
                           leave=False):
             chunk = examples[start : start + cfg.prompts_per_call]
+            turns = self._turns(chunk, model.cfg.vocab_size)
             rollout = generate(model, [e.prompt_ids for e in chunk], self.sampling, engine=self.engine,
                                seed=(cfg.seed * 1_000_003 + iteration) % 2**32,
                                prompt_ids=[base_id + start + j for j in range(len(chunk))],
                                pickup=Pickup(version=version, weights=weights.newer if weights.picks_up else None,
-                                             max_steps=cfg.pickup_steps, in_flight=cfg.in_flight))
-            raw = evaluate.score_rollout(self.scorer, self.tokenizer, rollout, [e.answer for e in chunk],
-                                         shared=not cfg.shares)
+                                             max_steps=cfg.pickup_steps, in_flight=cfg.in_flight), turns=turns)
+            if turns is None:
+                raw = evaluate.score_rollout(self.scorer, self.tokenizer, rollout, [e.answer for e in chunk],
+                                             shared=not cfg.shares)
+            else:  # each episode's reward, as its environment gave it at the end
+                raw = self._episode_rewards(turns, len(chunk))
             batch = rollout.to_trajectories(iteration=iteration, pad_id=self.sampling.pad_id).pad_to(cfg.seq_len)
             parts.append(Scored(batch, raw, to_host(rollout.truncated)))
             if weights.picks_up:  # the next call starts under the newest weights taken so far
                 version, model = weights.current()
         return Scored.concatenate(parts)
+
+    def _turns(self, chunk, vocab_size: int) -> EnvTurns | None:
+        """The engine's turns for a call's prompts (None: one turn)."""
+        if self.env is None:
+            return None
+        turns = EnvTurns(self.env, chunk, self.tokenizer, vocab_size=vocab_size, stops=self._stops)
+        self._stops = turns.stops
+        return turns
+
+    def _episode_rewards(self, turns: EnvTurns, prompts: int) -> np.ndarray:
+        turns.close()
+        N = self.sampling.num_samples
+        episodes = [turns.episodes[(j, n)] for j in range(prompts) for n in range(N)]
+        self._episodes += episodes
+        return np.asarray([e.reward for e in episodes], np.float32)
 
     def _rewarded(self, scored: Scored) -> Trajectories:
         """The round's training rewards (the algorithm's: shaped, then transformed within each group)."""
@@ -120,3 +152,17 @@ class Producer:
 
     def _keep(self, scored: Scored) -> np.ndarray:
         return np.asarray(self.rewarding.filter_groups(scored.raw, np.asarray(scored.batch.group_id)), bool)
+
+
+def episode_metrics(episodes: list[State]) -> dict[str, float]:
+    """A round's multi-turn figures: turns and observation tokens per episode, tool calls, errors,
+    timeouts and seconds (summed over the round), episodes ended by max_turns or the token budget."""
+    if not episodes:
+        return {}
+    mean = lambda f: float(np.mean([f(e) for e in episodes]))
+    total = lambda f: float(np.sum([f(e) for e in episodes]))
+    return {"env_turns_mean": mean(lambda e: e.turns),
+            "env_observation_tokens_mean": mean(lambda e: e.observation_tokens),
+            "env_tool_calls": total(lambda e: e.tool_calls), "env_tool_errors": total(lambda e: e.tool_errors),
+            "env_tool_timeouts": total(lambda e: e.tool_timeouts), "env_tool_s": total(lambda e: e.tool_seconds),
+            "env_truncated_rate": mean(lambda e: float(e.truncated))}

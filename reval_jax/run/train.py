@@ -214,6 +214,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, scorer=None) -> dict
         return _run(config, s, path, json_config, stack, scorer)
 
 
+def _environment(s: RunSettings, tokenizer, scorer, stack: contextlib.ExitStack):
+    """The environment of multi-turn episodes (closed with the run), or None for one turn."""
+    if not s.env.multi_turn:
+        return None
+    from reval_jax.env.base import get_environment
+
+    return stack.enter_context(get_environment(s.env.name, s.env.config, tokenizer, scorer))
+
+
 def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contextlib.ExitStack,
          scorer) -> dict[str, float]:
     from reval_jax.data.rewards import RewardScorer
@@ -233,7 +242,8 @@ def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contex
     evaluation = Evaluation(model.tokenizer, benchmarks, run_config.eval_settings(config, stops), scorer, s.progress)
     ckpt = Checkpointer(workdir / "checkpoints", keep=s.hooks.checkpoint_keep, async_save=s.hooks.async_save)
     stack.callback(ckpt.close)
-    producer = Producer(s.rounds, sampling, s.engine, prompts, scorer, model.tokenizer, s.rewarding)
+    producer = Producer(s.rounds, sampling, s.engine, prompts, scorer, model.tokenizer, s.rewarding,
+                        _environment(s, model.tokenizer, scorer, stack))
     clock, rows = Clock(), s.rounds.prompts_per_round * sampling.num_samples
     pipe = stack.enter_context(make_pipeline(
         s.pipeline, s.loop.updates_per_round, s.loop.num_iterations, producer,

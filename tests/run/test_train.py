@@ -59,6 +59,24 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
 
 
 @pytest.mark.e2e
+def test_multi_turn_episodes_train_and_report_their_turns(data_file, tmp_path):
+    """An environment by "module:Class" (helpers.LetterEnv: a lowercase letter ends a turn and is
+    answered "=1"): episodes of several turns train (their policy masks are not contiguous) and
+    every round reports the episodes' figures."""
+    config = tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3})
+    train.run(config, str(tmp_path), scorer=InlineScorer())
+    trains = [r for r in read(tmp_path) if r["kind"] == "train"]
+    assert [r["iteration"] for r in trains] == [1, 2, 3]
+    env = ("env_turns_mean", "env_observation_tokens_mean", "env_tool_calls", "env_tool_errors",
+           "env_tool_timeouts", "env_tool_s", "env_truncated_rate")
+    for r in trains:
+        assert all(np.isfinite(r[k]) for k in TRAIN_FIELDS | set(env)), r
+        assert 1 <= r["env_turns_mean"] <= 3 and r["env_tool_errors"] == 0
+    assert max(r["env_turns_mean"] for r in trains) > 1 and sum(r["env_tool_calls"] for r in trains) > 0
+    assert all(r["env_observation_tokens_mean"] == pytest.approx(2 * (r["env_turns_mean"] - 1), abs=1) for r in trains)
+
+
+@pytest.mark.e2e
 def test_runs_sharded_on_8_devices(data_file, tmp_path):
     config = tiny_config(data_file, mesh=(2, 2, 2), num_iterations=2)
     config.eval.every = 0
