@@ -10,6 +10,9 @@ each round of ended turns is decoded (``decode_turn``, as a response is decoded 
 stepped (``Environment.step_many``: the round's tool calls together) on a worker thread, while the
 engine decodes the other rows. An observation goes back to the engine, which appends it (its token
 ids, tokenized once by the environment) and continues the row; the end of an episode finishes it.
+With one turn per episode (``max_turns`` 1: the single-turn task) every turn ends its episode: the
+engine frees the row at once and the scoring runs on beside the decoding of the other rows, so that
+a round's scores are ready soon after its last row (``close`` waits for them).
 
 The episode's token budget is the engine's: ``EnvConfig.max_tokens`` must be the rows' limit
 (``sampling.max_new_tokens``), so that an observation the environment accepts always leaves the row
@@ -41,8 +44,12 @@ class EnvTurns:
         self.stops = stops
         self.states: dict[Key, State] = {}
         self.episodes: dict[Key, State] = {}  # the episodes that ended, in their final state
+        # one turn per episode: every turn ends its episode, so the engine is told at once (the row's
+        # pages are freed) and the scoring runs on beside the decoding; `close` waits for it
+        self.one_turn = env.config.max_turns == 1
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="env")
         self._futures: list[futures.Future] = []
+        self._ended: list[Key] = []  # one turn: turns submitted, not yet reported ended
         self._waiting = 0
 
     def submit(self, turns: list[Parked]) -> None:
@@ -53,29 +60,48 @@ class EnvTurns:
         tokens = [[int(x) for x in t.turn] for t in turns]
         texts = [decode_turn(self.tokenizer, toks, self.spec) for toks in tokens]
         self._futures.append(self._pool.submit(lambda: (keys, self.env.step_many(states, tokens, texts))))
-        self._waiting += len(turns)
+        if self.one_turn:
+            self._ended += keys
+        else:
+            self._waiting += len(turns)
 
     def ready(self, wait: bool) -> list[tuple[Key, tuple[int, ...] | None]]:
+        if self.one_turn:
+            self._take(f for f in self._futures if f.done())
+            answers, self._ended = [(k, None) for k in self._ended], []
+            return answers
         if wait and self._futures:
             futures.wait(self._futures, return_when=futures.FIRST_COMPLETED)
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
         answers = []
+        for key, step in self._take(f for f in self._futures if f.done()):
+            if step.done:
+                answers.append((key, None))
+            else:
+                answers.append((key, step.observation))
+        self._waiting -= len(answers)
+        return answers
+
+    def _take(self, done) -> list:
+        """The (key, step) pairs of finished environment calls, their states kept."""
+        done = list(done)
+        self._futures = [f for f in self._futures if f not in done]
+        out = []
         for f in done:
             keys, steps = f.result()  # an environment's exception is a bug: it surfaces here
-            self._waiting -= len(keys)
             for key, step in zip(keys, steps, strict=True):
                 if step.done:
                     self.states.pop(key, None)
                     self.episodes[key] = step.state
-                    answers.append((key, None))
                 else:
                     self.states[key] = step.state
-                    answers.append((key, step.observation))
-        return answers
+                out.append((key, step))
+        return out
 
     def waiting(self) -> int:
         return self._waiting
 
     def close(self) -> None:
+        """Waits for the environment calls still running (one turn: the last scores) and frees the thread."""
+        futures.wait(self._futures)
+        self._take(self._futures)
         self._pool.shutdown(wait=True)

@@ -17,7 +17,11 @@ and short (generation_calls, groups_kept, groups_short).
 Multi-turn episodes (`env`, reval_jax.env): the engine runs each sample as an episode of the
 environment (reval_jax.env.rollout.EnvTurns); its reward is the one the environment ended it with
 (the policy's text scored by the same verifier), and the round's metrics add the episodes' figures
-(`episode_metrics`: env_turns_mean, env_tool_calls, ...).
+(`episode_metrics`: env_turns_mean, env_tool_calls, ...). The single-turn task runs through the
+same path as one-turn episodes (`SingleTurn`): each row is scored as soon as the engine finishes it,
+on a thread beside the decoding, so that scoring is off the critical path but for the last rows
+(docs/host_round.md); only where several processes share the scoring of one rollout is it scored
+after generation (`evaluate.score_rollout`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import dataclasses
 import time
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from reval_jax.data.batch import Trajectories, concatenate
-from reval_jax.env.base import Environment, State
+from reval_jax.env.base import EnvConfig, Environment, SingleTurn, State
 from reval_jax.env.rollout import EnvTurns
 from reval_jax.objective import algorithms
 from reval_jax.parallel.distributed import process_share, to_host
@@ -77,7 +82,7 @@ class Producer:
         scored, info = self.sample(iteration, 0, weights), {}
         if self.rewarding.filter_groups is not None:
             scored, info = self._fill(iteration, scored, weights)
-        if self.env is not None:
+        if self.env is not None:  # multi-turn figures (one-turn episodes have none to report)
             info = {**info, **episode_metrics(self._episodes)}
         batch = self._rewarded(scored)
         return Round(iteration, batch, scored.truncated, time.perf_counter() - t0, local=self.cfg.shares, info=info)
@@ -115,10 +120,17 @@ class Producer:
         return Scored.concatenate(parts)
 
     def _turns(self, chunk, vocab_size: int) -> EnvTurns | None:
-        """The engine's turns for a call's prompts (None: one turn)."""
-        if self.env is None:
-            return None
-        turns = EnvTurns(self.env, chunk, self.tokenizer, vocab_size=vocab_size, stops=self._stops)
+        """The engine's turns for a call's prompts: the environment's episodes; one turn (the
+        single-turn task) where this process scores its own rows, so that scoring runs beside the
+        decoding (rows are scored as they finish); None where processes share the scoring of one
+        rollout (evaluate.score_rollout gathers their shares: a collective, after generation)."""
+        env = self.env
+        if env is None:
+            if not self.cfg.shares and jax.process_count() > 1:
+                return None
+            env = SingleTurn(EnvConfig(max_turns=1, max_tokens=self.sampling.max_new_tokens), self.tokenizer,
+                             self.scorer)
+        turns = EnvTurns(env, chunk, self.tokenizer, vocab_size=vocab_size, stops=self._stops)
         self._stops = turns.stops
         return turns
 

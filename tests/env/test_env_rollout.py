@@ -55,3 +55,32 @@ def test_calculator_episodes_through_env_turns():
     assert (a.turns, a.tool_calls, a.observation_tokens) == (2, 1, 2)
     assert a.policy_text == "<<7-3>> so \\boxed{4}"
     turns.close()
+
+
+def test_one_turn_episodes_are_todays_rollout_scored_as_rows_finish():
+    """The single-turn task through EnvTurns (what the trainer runs where a process scores its own
+    rows): the same tokens, log-probs and masks as generating without turns (the same programs: no
+    stop strings), and each episode's reward is evaluate.score_rollout's for its row."""
+    import jax
+    from models import tiny_model
+
+    from reval_jax.env.base import SingleTurn
+    from reval_jax.rollout.engine import EngineConfig
+    from reval_jax.rollout.sampler import SamplingConfig, generate
+    from reval_jax.run.evaluate import score_rollout
+
+    tok = tiny_tokenizer()
+    rng = np.random.RandomState(1)
+    prompts = [list(rng.randint(300, 330, n)) for n in (5, 9, 3, 12)]
+    examples = [Example(str(i), "", answer) for i, answer in enumerate(["3", "7", "1", "2"])]
+    config = SamplingConfig(max_new_tokens=16, num_samples=3, stop_ids=(tok.eos_token_id,), buckets=(16,))
+    engine = EngineConfig(slots=4, page_size=4, prefill_rows=2)  # rows finish and free slots at different calls
+    scorer = LocalScorer("math", "plain")
+    turns = EnvTurns(SingleTurn(EnvConfig(max_turns=1, max_tokens=16), tok, scorer), examples, tok, vocab_size=128)
+    got = jax.tree.map(np.asarray, generate(tiny_model(), prompts, config, seed=2, engine=engine, turns=turns))
+    turns.close()
+    want = jax.tree.map(np.asarray, generate(tiny_model(), prompts, config, seed=2, engine=engine))
+    for name in ("response_tokens", "response_mask", "response_length", "logp", "truncated", "version"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    rewards = [turns.episodes[(b, n)].reward for b in range(len(prompts)) for n in range(3)]
+    np.testing.assert_array_equal(rewards, score_rollout(scorer, tok, want, [e.answer for e in examples], shared=False))
