@@ -19,6 +19,10 @@ round; draw 1,024 from the buffer and pack them; `LossNorm.for_batch`), write th
 `ReplayBuffer.state_dict()`, with a one-scalar stand-in for the train state, then the background write).
 Device work (sampling, forward, backward) is not timed. The JSON holds seconds per stage, the peak
 RSS of this process and of the scorer's workers, and the checkpoint's size and times.
+
+Then the same round is scored as the trainer scores it where a process scores its own rows: row by
+row as the engine finishes them, beside the decoding (`streamed_scoring`; the device stood in by
+`--generation_s` of sleep), reporting the tail that stays on the critical path.
 """
 
 from __future__ import annotations
@@ -203,9 +207,12 @@ def host_round(shape: Shape, scorer: RewardScorer, tokenizer, args, workdir: Pat
     iteration, t = c.replay.capacity // (args.prompts * args.samples), Timer()
     with t("detokenize"):
         decode_responses(tokenizer, rollout)
-    with t("score"):  # decode + math-verify in the workers: evaluate.score_rollout as the producer calls it
+    with t("score"):  # decode + math-verify in the workers: evaluate.score_rollout, after generation
         raw = score_rollout(scorer, tokenizer, rollout, golds, shared=True)
     t.stages["score"] -= t.stages["detokenize"]  # the decode inside score_rollout, counted once
+    streamed = streamed_scoring(shape, scorer, tokenizer, rollout, golds, args) if args.generation_s > 0 else None
+    if streamed is not None:  # a timeout scores 0: an answer near the limit may fall either side
+        streamed["rewards_differ"] = int(np.sum(streamed.pop("raw") != raw))
     with t("trajectories"):
         batch = rollout.to_trajectories(iteration=iteration, pad_id=0).pad_to(seq_len)
     with t("rewards"):  # Producer._rewarded
@@ -241,7 +248,45 @@ def host_round(shape: Shape, scorer: RewardScorer, tokenizer, args, workdir: Pat
             "mean_response_tokens": float(np.asarray(rollout.response_length).mean()),
             "checkpoint": checkpoint(buffer, Checkpointer(workdir / "checkpoints", keep=3), iteration),
             "buffer_bytes": int(sum(a.nbytes for a in buffer.state_dict().values())),
-            "verifier": dataclasses.asdict(scorer.stats)}
+            "verifier": dataclasses.asdict(scorer.stats), "streamed": streamed}
+
+
+def streamed_scoring(shape: Shape, scorer: RewardScorer, tokenizer, rollout, golds, args) -> dict:
+    """Scoring as the trainer runs it where a process scores its own rows (run/producer.py): each row
+    handed to EnvTurns(SingleTurn) as the engine finishes it, scored on a thread while the device
+    decodes the rest. The device is stood in by sleeping: the round's `--generation_s` (the paper's
+    36.8 s per round at 7B) spread over decode calls of `--call_s`, rows finishing in the order and
+    at the times of their lengths (tokens come at a constant rate; the longest rows end last).
+    Returns the tail (from the last row's finish to the last score: what stays on the critical path),
+    the host seconds spent in this thread meanwhile, and the rewards (to compare with score_rollout's)."""
+    from reval_jax.env.base import EnvConfig, SingleTurn
+    from reval_jax.env.rollout import EnvTurns
+    from reval_jax.rollout.scheduler import Parked
+
+    samples = args.samples
+    lengths = np.asarray(rollout.response_length)
+    order = np.argsort(lengths, kind="stable")
+    finish = args.generation_s * np.cumsum(lengths[order]) / lengths.sum()  # when each row ends
+    examples = [types.SimpleNamespace(id=str(b), problem="", answer=g) for b, g in enumerate(golds)]
+    env = SingleTurn(EnvConfig(max_turns=1, max_tokens=shape.cap), tokenizer, scorer)
+    turns = EnvTurns(env, examples, tokenizer, vocab_size=len(tokenizer))
+    tokens = np.asarray(rollout.response_tokens)
+    start, host, sent, call = time.perf_counter(), 0.0, 0, 1
+    while sent < len(order):
+        time.sleep(max(0.0, start + call * args.call_s - time.perf_counter()))  # the device's decode call
+        t0 = time.perf_counter()
+        due = int(np.searchsorted(finish, call * args.call_s, side="right"))
+        turns.submit([Parked((int(i) // samples, int(i) % samples), tokens[i, : lengths[i]], None, None, None, 0, None)
+                      for i in order[sent:due]])
+        turns.ready(wait=False)
+        sent, call = due, call + 1
+        host += time.perf_counter() - t0
+    last = time.perf_counter()
+    turns.close()
+    tail = time.perf_counter() - last
+    raw = np.asarray([turns.episodes[(i // samples, i % samples)].reward for i in range(len(lengths))], np.float32)
+    return {"generation_s": args.generation_s, "call_s": args.call_s, "tail_s": tail, "host_s_in_loop": host,
+            "wall_s": time.perf_counter() - start, "raw": raw}
 
 
 def round_record(batch, raw, rollout, buffer) -> dict[str, float]:
@@ -327,6 +372,11 @@ def show(result: dict) -> str:
                  f"({result['buffer_bytes'] / 1e6:.0f} MB in memory); state_dict {ck['state_dict_s']:.2f} s, "
                  f"save call {ck['save_call_s']:.2f} s, background write {ck['background_write_s']:.2f} s")
     lines.append(f"  verifier: {result['verifier']}")
+    if result.get("streamed"):
+        st = result["streamed"]
+        lines.append(f"  scored as rows finish (device stood in by {st['generation_s']:g} s of decode calls of "
+                     f"{st['call_s']:g} s): tail after the last row {st['tail_s']:.2f} s, host work in the loop "
+                     f"{st['host_s_in_loop']:.2f} s, rewards unlike score_rollout's: {st['rewards_differ']}")
     return "\n".join(lines)
 
 
@@ -339,6 +389,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="verifier processes (0: config.reward.num_workers)")
     parser.add_argument("--timeout", type=float, default=0.0, help="per-answer seconds (0: config.reward.timeout_s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generation_s", type=float, default=36.8,
+                        help="the round's device time for streamed scoring (0: skip it; the paper's 7B: 36.8 s)")
+    parser.add_argument("--call_s", type=float, default=0.5, help="streamed scoring: seconds per decode call")
     parser.add_argument("--tmp", default=None, help="where the checkpoint is written (default: the system's temp)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
