@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.env.sandbox_workers = 4  # Python tools: calls that run at once, each in its own sandboxed process
     c.env.sandbox_timeout_s = 10.0  # Python tools: wall clock per call (CPU time is limited alike)
     c.env.sandbox_memory_mb = 512  # Python tools: address space per call
+    c.env.sandbox_site_packages = False  # Python tools: let the code import the interpreter's site-packages (sympy)
 
     c.seed = 0  # seeds data order, sampling and replay; same seed + same config = same run
     c.algorithm = "reval"  # reval | tbrm | regression | grpo | rloo | dapo (docs/algorithms.md): one flag apart
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.problem_key = "problem"  # column holding the problem text
     c.data.answer_key = "answer"  # column holding the ground-truth answer (a number is used as its string)
     c.data.strict = False  # True: a JSONL line that is not valid JSON is an error (else skipped and counted)
-    c.data.template = "qwen_math"  # prompt template: r1_distill | qwen_math | plain
+    c.data.template = "qwen_math"  # prompt template: r1_distill | qwen_math | qwen_math_tir | plain
     c.data.enable_thinking = config_dict.placeholder(bool)  # Qwen3 chat template: None = default, False = no thinking
     c.data.max_prompt_len = 1024  # prompts longer than this (in tokens) are dropped and counted
     c.data.prompts_per_iteration = 128  # prompts per generation round (global, all processes)

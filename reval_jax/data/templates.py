@@ -6,6 +6,13 @@ Templates are chosen by name (ALGORITHMS.md, "Prompt templates", paper App. F):
   within \\boxed{}.``; the assistant turn opens with ``<think>\\n``.
 - ``qwen_math``: system ``Please reason step by step, and put your final answer within \\boxed{}.``
   plus the same user text.
+- ``qwen_math_tir``: Qwen2.5-Math-Instruct's tool-integrated reasoning (TIR) system prompt
+  (``TIR_SYSTEM``: ``Please integrate natural language reasoning with programs to solve the problem
+  above, and put your final answer within \\boxed{}.``, from the Qwen2.5-Math README's TIR example)
+  plus ``qwen_math``'s user text, for episodes of the ``python`` environment (``reval_jax.env.python_tool``:
+  the model writes ```python blocks, the sandbox's output is appended as ```output blocks). Qwen's
+  README passes the problem alone as the user turn; the suffix is kept here so that the user turn is
+  ``qwen_math``'s, the paper's (App. F), and the two templates differ by their system prompt only.
 - ``plain``: one user turn holding the problem only (toy tasks).
 
 Every template goes through the tokenizer's own chat template, so the special tokens of the model
@@ -24,6 +31,10 @@ from reval_jax.errors import UserError
 
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# Qwen2.5-Math-Instruct's TIR system prompt; reval_jax.env.python_tool's format expects it (this module
+# owns it: env imports data, never the other way round).
+TIR_SYSTEM = ("Please integrate natural language reasoning with programs to solve the problem above, "
+              "and put your final answer within \\boxed{}.")
 THINK_TAG = "<think>"
 THINK_OPEN = THINK_TAG + "\n"  # how r1_distill's assistant turn opens
 THINK_CLOSE = "</think>"
@@ -56,6 +67,14 @@ def _qwen_math(problem: str) -> tuple[list[dict[str, str]], str]:
     return messages, ""
 
 
+def _qwen_math_tir(problem: str) -> tuple[list[dict[str, str]], str]:
+    messages = [
+        {"role": "system", "content": TIR_SYSTEM},
+        {"role": "user", "content": problem + R1_SUFFIX},
+    ]
+    return messages, ""
+
+
 def _plain(problem: str) -> tuple[list[dict[str, str]], str]:
     return [{"role": "user", "content": problem}], ""
 
@@ -64,6 +83,7 @@ def _plain(problem: str) -> tuple[list[dict[str, str]], str]:
 TEMPLATES = {
     "r1_distill": _r1_distill,
     "qwen_math": _qwen_math,
+    "qwen_math_tir": _qwen_math_tir,
     "plain": _plain,
 }
 

@@ -15,10 +15,11 @@ When the turn ends with ``````` without opening the output block, the observatio
 block, ``"\\n```output\\n{output}\\n```\\n"``, as in Qwen's ``math_eval.py``. ``{output}`` is the
 program's stdout, and when it failed, a last line saying why (the exception's line of the traceback,
 or the time / memory limit), cut to ``EnvConfig.max_output_chars`` (Qwen shows stdout or else the
-error report). Qwen's evaluation allows 4 calls (``max_func_call``): ``EnvConfig.max_turns`` of 5.
-Its system prompt ("Please integrate natural language reasoning with programs to solve the problem
-above, and put your final answer within \\boxed{}.") is ``TIR_SYSTEM`` here (prompt templates:
-``reval_jax.data.templates``).
+error report). Qwen's ``math_eval.py`` runs at most 4 generations (``max_func_call``), so the
+model reads at most 3 outputs: ``EnvConfig.max_turns`` of 4 (configs/qwen7b_tool.py). Its system
+prompt ("Please integrate natural language reasoning with programs to solve the problem above, and
+put your final answer within \\boxed{}.") is ``TIR_SYSTEM`` of ``reval_jax.data.templates`` (the
+``qwen_math_tir`` template).
 
 ``python_hermes`` (``HermesPythonTool``): the Qwen/Hermes function-calling format of Qwen2.5 and Qwen3
 chat models. Where it comes from: the ``chat_template`` of ``Qwen/Qwen2.5-7B-Instruct``'s
@@ -47,11 +48,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from reval_jax.data.templates import TIR_SYSTEM  # noqa: F401  (here before it moved: importable from here too)
 from reval_jax.env.base import EnvConfig, Environment, Scorer, Stops, ToolCall, ToolResult, cut
 from reval_jax.env.sandbox import Result, Sandbox
 
-TIR_SYSTEM = ("Please integrate natural language reasoning with programs to solve the problem above, "
-              "and put your final answer within \\boxed{}.")
 OUTPUT_OPEN = "```output"
 IM_END = "<|im_end|>"
 ASSISTANT_OPEN = "<|im_start|>assistant\n"

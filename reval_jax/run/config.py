@@ -387,7 +387,8 @@ def env_settings(config, processes: int = 1) -> EnvSettings:
     if e.name != "single_turn" and processes > 1:
         _bad("env.name", f"multi-turn episodes ({e.name!r}) run in one process so far; use one process per run")
     sandbox = SandboxConfig(timeout_s=float(e.sandbox_timeout_s), cpu_s=max(1, math.ceil(e.sandbox_timeout_s)),
-                            memory_mb=int(e.sandbox_memory_mb), workers=int(e.sandbox_workers))
+                            memory_mb=int(e.sandbox_memory_mb), workers=int(e.sandbox_workers),
+                            site_packages=bool(e.sandbox_site_packages))
     return EnvSettings(e.name, EnvConfig(max_turns=e.max_turns, max_tokens=config.sampling.max_new_tokens,
                                          max_output_chars=e.max_output_chars, sandbox=sandbox))
 

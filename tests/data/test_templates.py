@@ -47,6 +47,73 @@ def test_plain_prompt_text():
     assert text == f"<|im_start|>user\n{PROBLEM}<|im_end|>\n<|im_start|>assistant\n"
 
 
+TIR_SYSTEM = ("Please integrate natural language reasoning with programs to solve the problem above, "
+              "and put your final answer within \\boxed{}.")
+# Qwen2.5-Math-Instruct's chat template without tools, reduced to what decides the prompt: the system turn
+# given, else its own default one (the CoT system prompt); then ChatML turns and the generation prompt.
+QWEN25_MATH_LIKE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nPlease reason step by step, and put your final answer within "
+    "\\\\boxed{}.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' or not loop.first %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_qwen_math_tir_prompt_text():
+    """Qwen's TIR system prompt (the python environment's, one constant) and qwen_math's user text,
+    through the ChatML test tokenizer and through a local Qwen2.5-Math-Instruct-style chat template
+    whose default system turn the template's own replaces."""
+    from reval_jax.env import python_tool
+
+    assert TIR_SYSTEM == python_tool.TIR_SYSTEM
+    expected = (
+        f"<|im_start|>system\n{TIR_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert apply_template(tiny_tokenizer(), PROBLEM, "qwen_math_tir") == expected
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = QWEN25_MATH_LIKE_TEMPLATE
+    assert apply_template(tokenizer, PROBLEM, "qwen_math_tir") == expected
+    assert apply_template(tokenizer, PROBLEM, "plain").startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    ids = encode_prompt(tokenizer, PROBLEM, "qwen_math_tir")
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>") and tokenizer.decode(ids) == expected
+
+
+# A TIR episode's policy text (observations excluded: reval_jax.env.base scores only the policy's turns):
+# a ```python block whose turn stopped at the ```output opener it wrote, then the answer.
+TIR_POLICY_TEXT = ("We add the fractions with Python.\n```python\nfrom fractions import Fraction\n"
+                   "print(Fraction(1, 2) + 1)\n```\n```output"
+                   "The sum is $\\frac{3}{2}$, so the answer is \\boxed{\\frac{3}{2}}.")
+
+
+def test_math_reward_takes_the_tir_template():
+    from reval_jax.data.rewards import final_answer_text, math_reward
+
+    assert final_answer_text(TIR_POLICY_TEXT, "qwen_math_tir") == TIR_POLICY_TEXT  # no thinking block to cut
+    assert math_reward(TIR_POLICY_TEXT, "\\frac{3}{2}", "qwen_math_tir") == 1.0
+    assert math_reward(TIR_POLICY_TEXT, "1.5", "qwen_math_tir") == 1.0
+    assert math_reward(TIR_POLICY_TEXT.replace("\\boxed", ""), "1.5", "qwen_math_tir") == 0.0
+    assert math_reward("<think>\\boxed{1.5}", "1.5", "qwen_math_tir") == 0.0  # a thinking block never closed
+
+
+@pytest.mark.multiprocess  # starts a verifier worker process
+def test_reward_scorer_accepts_the_tir_template():
+    """The trainer's scorer gets data.template (run.config.reward_settings): it accepts the TIR name and
+    its worker scores with it; an unknown name is refused in the trainer's process, listing the names."""
+    from reval_jax.data.rewards import RewardScorer
+
+    with RewardScorer("math", template="qwen_math_tir", num_workers=1, timeout_s=30.0) as scorer:
+        assert scorer.score([(TIR_POLICY_TEXT, "\\frac{3}{2}"), (TIR_POLICY_TEXT, "2")]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="qwen_math_tir"):
+        RewardScorer("math", template="qwen_math_trir", num_workers=1)
+
+
 def test_r1_think_not_doubled_when_chat_template_opens_it():
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = R1_LIKE_TEMPLATE

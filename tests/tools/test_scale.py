@@ -188,6 +188,42 @@ def test_model_shapes_need_a_preset_or_a_model_directory():
     assert scale_programs.model_config(config).num_layers == 28
 
 
+def _flat(config) -> dict:
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def test_the_tir_recipe_is_qwen7b_as_python_tool_episodes():
+    """configs/qwen7b_tool.py (docs/scale.md, "Multi-turn TIR recipe") loads and its typed settings build
+    (no weights, nothing compiled): qwen7b.py's run on the same math data, as episodes of the python
+    environment under the TIR template, whose token budget is the rows' response budget; prompt bucket and
+    response budget fill the model's context. Only the fields the recipe means to change differ."""
+    from configs import qwen7b, qwen7b_tool
+    from reval_jax.run import config as run_config
+    from reval_jax.tools import scale_programs
+
+    config, single = qwen7b_tool.get_config(), qwen7b.get_config()
+    changed = {k for k, v in _flat(config).items() if _flat(single).get(k, object()) != v}
+    assert changed == {"model.path", "data.template", "env.name", "env.max_turns", "env.max_output_chars",
+                       "env.sandbox_site_packages", "env.sandbox_workers", "rollout.cache_tokens", "eval.every"}
+    assert run_config.apply_algorithm_defaults(config) == []  # reval: nothing implied beyond the config
+    s = run_config.run_settings(config, devices=8)
+    assert s.env.multi_turn and s.env.name == "python"
+    env = s.env.config
+    assert (env.max_turns, env.max_output_chars, env.sandbox.workers, env.sandbox.site_packages) == (4, 400, 32, True)
+    assert env.max_tokens == config.sampling.max_new_tokens == 3072  # the episode's budget is the row's
+    assert s.data.template == s.reward.template == "qwen_math_tir"
+    assert s.data.train_files == run_config.data_settings(single).train_files
+    assert s.engine.cache_tokens == 2 * single.rollout.cache_tokens and s.engine.slots == 256
+    setup = scale_programs.make_setup(config, jax.devices()[:8])
+    assert setup.bucket + setup.max_new_tokens == setup.seq_len == setup.cfg.max_position_embeddings == 4096
+
+
 def test_trip_count_from_the_condition_and_the_initial_value():
     """No known_trip_count (as on TPU): i from 2 while i < 7 runs 5 times."""
     text = """HloModule m
