@@ -48,7 +48,4 @@ def get_config():
     # 786,432 tokens x 28 layers x 4 kv heads x 128 x 2 (k, v) x 2 bytes = 45 GB of bfloat16, 5.6 GB per
     # device on TP4 x DP2 (docs/scale.md, "Multi-turn TIR recipe")
     c.rollout.cache_tokens = 2 * 256 * 1536
-    # Evaluation samples one turn, without the tool, so far (docs/multi_turn.md, "Not supported yet"): a TIR
-    # model's avg@k without its interpreter would mislead. Evaluate checkpoints with a single-turn config.
-    c.eval.every = 0
     return c

@@ -17,6 +17,7 @@ shown on a terminal only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ import numpy as np
 
 from reval_jax.data.prompts import LoadOptions, PromptExample, load_eval_set
 from reval_jax.data.rewards import RewardScorer
+from reval_jax.env.base import Environment, get_environment
+from reval_jax.env.rollout import EnvTurns, episode_metrics
 from reval_jax.errors import UserError
 from reval_jax.parallel.distributed import all_gather_rows, process_share, to_host
 from reval_jax.rollout.sampler import Rollout, SamplingConfig, generate
@@ -63,8 +66,10 @@ def score_rollout(scorer: RewardScorer, tokenizer, rollout: Rollout, answers: Se
 
 
 def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
-             scorer: RewardScorer, *, progress: bool = False) -> dict[str, float]:
-    """avg@k, mean response length and truncation rate per benchmark, and the average avg@k."""
+             scorer: RewardScorer, *, progress: bool = False, env: Environment | None = None) -> dict[str, float]:
+    """avg@k, mean response length and truncation rate per benchmark, and the average avg@k. With an
+    environment (multi-turn episodes, `env`), each sample is an episode scored as the environment
+    ends it, and the episodes' figures (turns, tool calls, ...) are reported per benchmark too."""
     from tqdm import tqdm
 
     config = SamplingConfig(max_new_tokens=settings.max_new_tokens, num_samples=settings.k,
@@ -72,24 +77,51 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[PromptExample]], setti
                             buckets=settings.buckets)
     results: dict[str, float] = {}
     key = f"avg@{settings.k}"
-    # scores are gathered on the model's own devices (not a rollout group's, in a two-group run)
-    devices = None if model.mesh is None else list(model.mesh.devices.flat)
+    scoring = _Scoring(scorer, tokenizer, env, model)
     for name, examples in benchmarks.items():
-        correct, lengths, truncated = [], [], []
+        correct, lengths, truncated, episodes = [], [], [], []
         chunks = range(0, len(examples), settings.prompts_per_call)
         for start in tqdm(chunks, desc=f"eval {name}", disable=not show_bars(progress), leave=False):
             batch = examples[start : start + settings.prompts_per_call]
+            turns = scoring.turns(batch)
             rollout = generate(model, [e.prompt_ids for e in batch], config, seed=settings.seed, engine=settings.engine,
-                               prompt_ids=list(range(start, start + len(batch))))
-            correct.append(score_rollout(scorer, tokenizer, rollout, [e.answer for e in batch], devices=devices))
+                               prompt_ids=list(range(start, start + len(batch))), turns=turns)
+            correct.append(scoring.score(rollout, batch, turns, episodes))
             lengths.append(to_host(rollout.response_length))
             truncated.append(to_host(rollout.truncated))
         results[f"{name}/{key}"] = float(np.mean(np.concatenate(correct)))
         results[f"{name}/response_length"] = float(np.mean(np.concatenate(lengths)))
         results[f"{name}/truncation_rate"] = float(np.mean(np.concatenate(truncated)))
+        results.update({f"{name}/{k}": v for k, v in episode_metrics(episodes).items()})
     if benchmarks:
         results[key] = float(np.mean([results[f"{n}/{key}"] for n in benchmarks]))
     return results
+
+
+class _Scoring:
+    """How an evaluation scores a rollout: `score_rollout` (one turn), or its episodes' rewards."""
+
+    def __init__(self, scorer, tokenizer, env, model):
+        self.scorer, self.tokenizer, self.env, self.vocab = scorer, tokenizer, env, model.cfg.vocab_size
+        # scores are gathered on the model's own devices (not a rollout group's, in a two-group run)
+        self.devices = None if model.mesh is None else list(model.mesh.devices.flat)
+        self.stops = None  # the environment's stop strings' automata, built once
+
+    def turns(self, batch) -> EnvTurns | None:
+        if self.env is None:
+            return None
+        turns = EnvTurns(self.env, batch, self.tokenizer, vocab_size=self.vocab, stops=self.stops)
+        self.stops = turns.stops
+        return turns
+
+    def score(self, rollout, batch, turns: EnvTurns | None, episodes: list) -> np.ndarray:
+        if turns is None:
+            return score_rollout(self.scorer, self.tokenizer, rollout, [e.answer for e in batch], devices=self.devices)
+        turns.close()
+        k = len(turns.episodes) // len(batch)
+        ended = [turns.episodes[(j, n)] for j in range(len(batch)) for n in range(k)]
+        episodes += ended
+        return np.asarray([e.reward for e in ended], np.float32)
 
 
 def load_options(data: DataSettings) -> LoadOptions:
@@ -113,12 +145,13 @@ class Evaluation:
     """`evaluate` with its benchmarks, settings and scorer bound: `evaluation(model) -> results`."""
 
     def __init__(self, tokenizer, benchmarks: dict[str, list[PromptExample]], settings: EvalSettings,
-                 scorer: RewardScorer, progress: bool = False):
+                 scorer: RewardScorer, progress: bool = False, env: Environment | None = None):
         self.tokenizer, self.benchmarks, self.settings = tokenizer, benchmarks, settings
-        self.scorer, self.progress = scorer, progress
+        self.scorer, self.progress, self.env = scorer, progress, env
 
     def __call__(self, model) -> dict[str, float]:
-        return evaluate(model, self.tokenizer, self.benchmarks, self.settings, self.scorer, progress=self.progress)
+        return evaluate(model, self.tokenizer, self.benchmarks, self.settings, self.scorer, progress=self.progress,
+                        env=self.env)
 
 
 def main(argv):
@@ -148,8 +181,11 @@ def main(argv):
     benchmarks = load_benchmarks(tokenizer, run_config.data_settings(config))
     r = run_config.reward_settings(config)
     settings = run_config.eval_settings(config, stop_token_ids(tokenizer))
-    with RewardScorer(r.name, template=r.template, num_workers=r.num_workers, timeout_s=r.timeout_s) as scorer:
-        results = evaluate(model, tokenizer, benchmarks, settings, scorer, progress=config.progress)
+    e = run_config.env_settings(config)
+    with (RewardScorer(r.name, template=r.template, num_workers=r.num_workers, timeout_s=r.timeout_s) as scorer,
+          contextlib.ExitStack() as stack):
+        env = stack.enter_context(get_environment(e.name, e.config, tokenizer, scorer)) if e.multi_turn else None
+        results = evaluate(model, tokenizer, benchmarks, settings, scorer, progress=config.progress, env=env)
     text = json.dumps(results, indent=2)
     print(text)
     if FLAGS.out:

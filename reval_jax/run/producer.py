@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from reval_jax.data.batch import Trajectories, concatenate
 from reval_jax.env.base import EnvConfig, Environment, SingleTurn, State
-from reval_jax.env.rollout import EnvTurns
+from reval_jax.env.rollout import EnvTurns, episode_metrics
 from reval_jax.objective import algorithms
 from reval_jax.parallel.distributed import process_share, to_host
 from reval_jax.rollout.engine import EngineConfig
@@ -165,16 +165,3 @@ class Producer:
     def _keep(self, scored: Scored) -> np.ndarray:
         return np.asarray(self.rewarding.filter_groups(scored.raw, np.asarray(scored.batch.group_id)), bool)
 
-
-def episode_metrics(episodes: list[State]) -> dict[str, float]:
-    """A round's multi-turn figures: turns and observation tokens per episode, tool calls, errors,
-    timeouts and seconds (summed over the round), episodes ended by max_turns or the token budget."""
-    if not episodes:
-        return {}
-    mean = lambda f: float(np.mean([f(e) for e in episodes]))
-    total = lambda f: float(np.sum([f(e) for e in episodes]))
-    return {"env_turns_mean": mean(lambda e: e.turns),
-            "env_observation_tokens_mean": mean(lambda e: e.observation_tokens),
-            "env_tool_calls": total(lambda e: e.tool_calls), "env_tool_errors": total(lambda e: e.tool_errors),
-            "env_tool_timeouts": total(lambda e: e.tool_timeouts), "env_tool_s": total(lambda e: e.tool_seconds),
-            "env_truncated_rate": mean(lambda e: float(e.truncated))}

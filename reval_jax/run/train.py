@@ -239,7 +239,8 @@ def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contex
     if scorer is None:
         scorer = stack.enter_context(RewardScorer(s.reward.name, template=s.reward.template,
                                                   num_workers=s.reward.num_workers, timeout_s=s.reward.timeout_s))
-    evaluation = Evaluation(model.tokenizer, benchmarks, run_config.eval_settings(config, stops), scorer, s.progress)
+    evaluation = Evaluation(model.tokenizer, benchmarks, run_config.eval_settings(config, stops), scorer, s.progress,
+                            _environment(s, model.tokenizer, scorer, stack))  # its own: it may run beside rounds
     ckpt = Checkpointer(workdir / "checkpoints", keep=s.hooks.checkpoint_keep, async_save=s.hooks.async_save)
     stack.callback(ckpt.close)
     producer = Producer(s.rounds, sampling, s.engine, prompts, scorer, model.tokenizer, s.rewarding,

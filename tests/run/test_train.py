@@ -61,10 +61,13 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
 @pytest.mark.e2e
 def test_multi_turn_episodes_train_and_report_their_turns(data_file, tmp_path):
     """An environment by "module:Class" (helpers.LetterEnv: a lowercase letter ends a turn and is
-    answered "=1"): episodes of several turns train (their policy masks are not contiguous) and
-    every round reports the episodes' figures."""
-    config = tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3})
+    answered "=1"): episodes of several turns train (their policy masks are not contiguous), every
+    round reports the episodes' figures, and the evaluation samples episodes of the environment too."""
+    config = tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3, "eval.every": 3})
     train.run(config, str(tmp_path), scorer=InlineScorer())
+    evals = [r for r in read(tmp_path) if r["kind"] == "eval"]  # evaluated as episodes of the environment too
+    assert [r["iteration"] for r in evals] == [0, 3]
+    assert all(1 <= r["arith/env_turns_mean"] <= 3 and 0 <= r["avg@2"] <= 1 for r in evals), evals
     trains = [r for r in read(tmp_path) if r["kind"] == "train"]
     assert [r["iteration"] for r in trains] == [1, 2, 3]
     env = ("env_turns_mean", "env_observation_tokens_mean", "env_tool_calls", "env_tool_errors",

@@ -210,7 +210,7 @@ def test_the_tir_recipe_is_qwen7b_as_python_tool_episodes():
     config, single = qwen7b_tool.get_config(), qwen7b.get_config()
     changed = {k for k, v in _flat(config).items() if _flat(single).get(k, object()) != v}
     assert changed == {"model.path", "data.template", "env.name", "env.max_turns", "env.max_output_chars",
-                       "env.sandbox_site_packages", "env.sandbox_workers", "rollout.cache_tokens", "eval.every"}
+                       "env.sandbox_site_packages", "env.sandbox_workers", "rollout.cache_tokens"}
     assert run_config.apply_algorithm_defaults(config) == []  # reval: nothing implied beyond the config
     s = run_config.run_settings(config, devices=8)
     assert s.env.multi_turn and s.env.name == "python"
