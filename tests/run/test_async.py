@@ -324,3 +324,16 @@ def test_rollout_versions_reach_the_trajectories():
     traj = r.to_trajectories()
     v, mask = np.asarray(traj.sampler_version), np.asarray(traj.response_mask)
     assert mask.any() and (v[mask] == 0).all() and (v[~mask] == -1).all()
+
+
+@pytest.mark.e2e
+def test_multi_turn_episodes_run_ahead_in_async_mode(data_file, tmp_path):
+    """Multi-turn episodes (helpers.LetterEnv) generated one update ahead: the rounds carry their
+    policy masks through the pipeline (checkpointed rounds included) and train at staleness 1."""
+    config = tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3,
+                                       "pipeline.mode": "async", "pipeline.max_staleness": 1})
+    run(config, tmp_path)
+    records = trains(tmp_path)
+    assert [r["staleness_max"] for r in records] == [0, 1, 1]
+    assert all(np.isfinite(r["loss"]) and 1 <= r["env_turns_mean"] <= 3 for r in records)
+    assert max(r["env_turns_mean"] for r in records) > 1

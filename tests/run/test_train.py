@@ -10,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-from helpers import HANG_S, REPO_ROOT, InlineScorer, reference_run, tiny_config
+from helpers import HANG_S, REPO_ROOT, InlineScorer, metric_records, reference_run, tiny_config
 
 from reval_jax.errors import UserError
 from reval_jax.run import config as run_config
@@ -62,7 +63,8 @@ def test_each_algorithm_runs_and_writes_finite_metrics(algorithm, data_file, tmp
 def test_multi_turn_episodes_train_and_report_their_turns(data_file, tmp_path):
     """An environment by "module:Class" (helpers.LetterEnv: a lowercase letter ends a turn and is
     answered "=1"): episodes of several turns train (their policy masks are not contiguous), every
-    round reports the episodes' figures, and the evaluation samples episodes of the environment too."""
+    round reports the episodes' figures, the evaluation samples episodes of the environment too, and a
+    run stopped and resumed is the same run."""
     config = tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3, "eval.every": 3})
     train.run(config, str(tmp_path), scorer=InlineScorer())
     evals = [r for r in read(tmp_path) if r["kind"] == "eval"]  # evaluated as episodes of the environment too
@@ -77,6 +79,19 @@ def test_multi_turn_episodes_train_and_report_their_turns(data_file, tmp_path):
         assert 1 <= r["env_turns_mean"] <= 3 and r["env_tool_errors"] == 0
     assert max(r["env_turns_mean"] for r in trains) > 1 and sum(r["env_tool_calls"] for r in trains) > 0
     assert all(r["env_observation_tokens_mean"] == pytest.approx(2 * (r["env_turns_mean"] - 1), abs=1) for r in trains)
+    # stopped after 2 iterations and resumed: the same training, bit for bit (episodes are keyed like
+    # samples); the first start also evaluates at its last iteration, so only the train records compare
+    from test_checkpoint import final_params
+
+    resumed = tmp_path / "resumed"
+    train.run(tiny_config(data_file, **{"env.name": "helpers:LetterEnv", "env.max_turns": 3, "eval.every": 3,
+                                        "num_iterations": 2}), str(resumed), scorer=InlineScorer())
+    train.run(config, str(resumed), scorer=InlineScorer())
+    only_train = lambda w: [r for r in metric_records(w) if r["kind"] == "train"]
+    assert only_train(resumed) == only_train(tmp_path)
+    for x, y in zip(jax.tree.leaves(final_params(resumed, config)), jax.tree.leaves(final_params(tmp_path, config)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.e2e
