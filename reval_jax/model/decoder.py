@@ -19,6 +19,9 @@ Attention is `reval_jax.model.attention.attention` with `ModelConfig.attention` 
 Decoding: `init_cache` preallocates a `Cache`; calling the model with `cache=` writes the new
 keys/values at slot `cache.index` and attends to every valid slot at or before each query's own slot
 (prefill through the configured kernel, short decode steps through einsum over the cache).
+Low-rank adapters (`reval_jax.model.lora`, docs/lora.md) hook in at two places: `layer_params`
+adds a model's adapter arrays to the per-layer dict, and `_project` adds the rank-r path to a
+projection that has one; a model without adapters computes exactly as it would without the hooks.
 """
 
 from __future__ import annotations
@@ -79,6 +82,32 @@ def dims(cfg: ModelConfig) -> dict[str, int]:
         "L": cfg.num_layers, "D": cfg.hidden_size, "N": cfg.num_heads, "K": cfg.num_kv_heads,
         "H": cfg.head_dim, "F": cfg.intermediate_size, "V": cfg.vocab_size,
     }
+
+
+def lora_keys(name: str) -> tuple[str, str]:
+    """The per-layer dict keys of the low-rank adapter of projection `name`: (A, B)."""
+    return f"{name}.lora_a", f"{name}.lora_b"
+
+
+LORA_SCALE = "lora.scale"  # the per-layer dict key of the adapter scale s (a scalar per layer)
+
+
+def _project(eq: str, x: Array, p: dict[str, Array], name: str) -> Array:
+    """x times the projection `name` of p by the einsum `eq` ("<x>,<w>-><y>", w's input dims
+    first), in x's dtype. With a low-rank adapter on `name` (`lora_keys`; model/lora.py), plus
+    (s·(x·A))·B: A [in..., R] and B [R, out...], so the rank-R path is two thin einsums and the
+    merged weight W + s·A·B is never formed; s = 0 (adapter off) adds exact zeros."""
+    dt = x.dtype
+    y = jnp.einsum(eq, x, p[name].astype(dt))
+    a_key, b_key = lora_keys(name)
+    if a_key not in p:
+        return y
+    lhs, ys = eq.split("->")
+    xs, ws = lhs.split(",")
+    w_in = "".join(c for c in ws if c in xs)
+    w_out, rows = ws[len(w_in):], "".join(c for c in xs if c not in ws)
+    xa = jnp.einsum(f"{xs},{w_in}R->{rows}R", x, p[a_key].astype(dt)) * p[LORA_SCALE].astype(dt)
+    return y + jnp.einsum(f"{rows}R,R{w_out}->{ys}", xa, p[b_key].astype(dt))
 
 
 def _init(kind: str, rng: nnx.Rngs, shape: tuple[int, ...], dtype) -> Array:
@@ -155,9 +184,9 @@ def _qkv(h: Array, p: dict[str, Array], cfg: ModelConfig) -> tuple[Array, Array,
     with `qk_norm` (Qwen3) q and k are then RMS-normalised over H, head by head, as in
     transformers' Qwen3Attention (norm of the projection, then RoPE)."""
     dt = h.dtype
-    q = jnp.einsum("BTD,DNH->BTNH", h, p["q_proj"].astype(dt))
-    k = jnp.einsum("BTD,DKH->BTKH", h, p["k_proj"].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", h, p["v_proj"].astype(dt))
+    q = _project("BTD,DNH->BTNH", h, p, "q_proj")
+    k = _project("BTD,DKH->BTKH", h, p, "k_proj")
+    v = _project("BTD,DKH->BTKH", h, p, "v_proj")
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     if cfg.qk_norm:  # weights [H], broadcast over B, T and the heads
@@ -184,14 +213,14 @@ def _block(
     k = constrain(k, mesh, ("act_batch", "act_length", "act_kv_heads", None))
     v = constrain(v, mesh, ("act_batch", "act_length", "act_kv_heads", None))
     out, k_cache, v_cache = attend(q, k, v, *kv, layer)  # [B, T, N, H]
-    x = x + jnp.einsum("BTNH,NHD->BTD", out, p["o_proj"].astype(dt))
+    x = x + _project("BTNH,NHD->BTD", out, p, "o_proj")
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
 
     h = rms_norm(x, p["mlp_norm"].astype(dt), cfg.rms_norm_eps)
-    gate = jnp.einsum("BTD,DF->BTF", h, p["gate_proj"].astype(dt))
-    up = jnp.einsum("BTD,DF->BTF", h, p["up_proj"].astype(dt))
+    gate = _project("BTD,DF->BTF", h, p, "gate_proj")
+    up = _project("BTD,DF->BTF", h, p, "up_proj")
     hidden = constrain(jax.nn.silu(gate) * up, mesh, ("act_batch", "act_length", "act_mlp"))
-    x = x + jnp.einsum("BTF,FD->BTD", hidden, p["down_proj"].astype(dt))
+    x = x + _project("BTF,FD->BTD", hidden, p, "down_proj")
     x = constrain(x, mesh, ("act_batch", "act_length", "act_embed"))
     return x, k_cache, v_cache
 
@@ -241,7 +270,11 @@ class Decoder(nnx.Module):
             self.lm_head = nnx.Param(_init("normal", rngs, (d["D"], d["V"]), pdt), axes=("embed", "vocab"))
 
     def layer_params(self) -> dict[str, Array]:
-        return {name: getattr(self, name)[...] for name in layer_param_names(self.cfg)}
+        """The stacked arrays `run_layers` scans over: LAYER_PARAMS, plus the adapters' arrays
+        (`lora_keys`, LORA_SCALE) on a model that `lora.add_adapters` gave an `adapters` module."""
+        p = {name: getattr(self, name)[...] for name in layer_param_names(self.cfg)}
+        adapters = getattr(self, "adapters", None)
+        return p if adapters is None else {**p, **adapters.layer_params()}
 
     def hidden_states(
         self, tokens: Array, *, positions: Array | None = None, mask: Array | None = None,
