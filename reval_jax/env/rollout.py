@@ -110,14 +110,16 @@ class EnvTurns:
 
 
 def episode_metrics(episodes: list[State]) -> dict[str, float]:
-    """A round's multi-turn figures: turns and observation tokens per episode, tool calls, errors,
-    timeouts and seconds (summed over the round), episodes ended by max_turns or the token budget."""
+    """A round's multi-turn figures: turns and observation tokens per episode, the fraction of
+    episodes that call a tool at least once, tool calls, errors, timeouts and seconds (summed over
+    the round), episodes ended by max_turns or the token budget."""
     if not episodes:
         return {}
     mean = lambda f: float(np.mean([f(e) for e in episodes]))
     total = lambda f: float(np.sum([f(e) for e in episodes]))
     return {"env_turns_mean": mean(lambda e: e.turns),
             "env_observation_tokens_mean": mean(lambda e: e.observation_tokens),
+            "env_tool_use_rate": mean(lambda e: float(e.tool_calls > 0)),
             "env_tool_calls": total(lambda e: e.tool_calls), "env_tool_errors": total(lambda e: e.tool_errors),
             "env_tool_timeouts": total(lambda e: e.tool_timeouts), "env_tool_s": total(lambda e: e.tool_seconds),
             "env_truncated_rate": mean(lambda e: float(e.truncated))}

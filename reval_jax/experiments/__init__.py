@@ -2,4 +2,5 @@
 
     toy.py         tiny_arith: the embedded default model (pre-trained on arithmetic chains) and its task
     one_prompt.py  the paper's one-prompt experiment (Figure 3), with reval_jax's own training run
+    toy_tool.py    tiny_tool: tiny_arith taught to call the calculator sometimes (the multi-turn demo's model)
 """

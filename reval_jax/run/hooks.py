@@ -31,7 +31,8 @@ def progress_line(iteration: int, total: int, durations: list[float]) -> str:
 
 
 def _due(iteration: int, every: int, total: int) -> bool:
-    return iteration % every == 0 or iteration == total
+    """Whether a hook acting every `every` iterations (0: only at the last) acts at `iteration`."""
+    return (every > 0 and iteration % every == 0) or iteration == total
 
 
 class MetricsHook(Hook):

@@ -72,12 +72,13 @@ def test_multi_turn_episodes_train_and_report_their_turns(data_file, tmp_path):
     assert all(1 <= r["arith/env_turns_mean"] <= 3 and 0 <= r["avg@2"] <= 1 for r in evals), evals
     trains = [r for r in read(tmp_path) if r["kind"] == "train"]
     assert [r["iteration"] for r in trains] == [1, 2, 3]
-    env = ("env_turns_mean", "env_observation_tokens_mean", "env_tool_calls", "env_tool_errors",
+    env = ("env_turns_mean", "env_observation_tokens_mean", "env_tool_use_rate", "env_tool_calls", "env_tool_errors",
            "env_tool_timeouts", "env_tool_s", "env_truncated_rate")
     for r in trains:
         assert all(np.isfinite(r[k]) for k in TRAIN_FIELDS | set(env)), r
         assert 1 <= r["env_turns_mean"] <= 3 and r["env_tool_errors"] == 0
     assert max(r["env_turns_mean"] for r in trains) > 1 and sum(r["env_tool_calls"] for r in trains) > 0
+    assert all((r["env_tool_use_rate"] > 0) == (r["env_tool_calls"] > 0) for r in trains)
     assert all(r["env_observation_tokens_mean"] == pytest.approx(2 * (r["env_turns_mean"] - 1), abs=1) for r in trains)
     # stopped after 2 iterations and resumed: the same training, bit for bit (episodes are keyed like
     # samples); the first start also evaluates at its last iteration, so only the train records compare

@@ -190,3 +190,11 @@ def test_non_finite_updates_in_a_row_stop_the_run():
         make(log, skip_from=2).train(1)  # round 1's updates apply, round 2's both skip
     # the skipped update leaves the weights as they were; the second one raises before handing them on
     assert [e for e in log if e[0] == "weights"] == [("weights", 1, 0), ("weights", 2, 0), ("weights", 2, 0)]
+
+
+def test_hooks_every_0_act_at_the_last_iteration_only():
+    """`checkpoint.every = 0` (or log / eval every 0): the hook acts at the run's last iteration only."""
+    from reval_jax.run.hooks import _due
+
+    assert [i for i in range(1, 7) if _due(i, 0, 6)] == [6]
+    assert [i for i in range(1, 7) if _due(i, 4, 6)] == [4, 6]
