@@ -309,8 +309,9 @@ class Scheduler:
         victims = []
         for r in range(g.replicas):
             rr = g.replica_slots(r)
-            while need[rr].sum() > self.pages.count(r) and self.evict(r):  # parked pages go first
-                pass
+            while need[rr].sum() > self.pages.count(r):  # parked pages go first
+                if not self.evict(r):
+                    break
             while need[rr].sum() > self.pages.count(r) and t.live[rr].sum() > 1:
                 b = max((b for b in rr if t.live[b]), key=lambda b: t.admitted[b])
                 self.pending.appendleft(self._resumption(b, read))

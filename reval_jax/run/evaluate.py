@@ -105,14 +105,11 @@ class _Scoring:
         self.scorer, self.tokenizer, self.env, self.vocab = scorer, tokenizer, env, model.cfg.vocab_size
         # scores are gathered on the model's own devices (not a rollout group's, in a two-group run)
         self.devices = None if model.mesh is None else list(model.mesh.devices.flat)
-        self.stops = None  # the environment's stop strings' automata, built once
 
     def turns(self, batch) -> EnvTurns | None:
         if self.env is None:
             return None
-        turns = EnvTurns(self.env, batch, self.tokenizer, vocab_size=self.vocab, stops=self.stops)
-        self.stops = turns.stops
-        return turns
+        return EnvTurns(self.env, batch, self.tokenizer, vocab_size=self.vocab)
 
     def score(self, rollout, batch, turns: EnvTurns | None, episodes: list) -> np.ndarray:
         if turns is None:

@@ -73,7 +73,6 @@ class Producer:
         self.cfg, self.sampling, self.engine = cfg, sampling, engine
         self.prompts, self.scorer, self.tokenizer, self.rewarding = prompts, scorer, tokenizer, rewarding
         self.env = env  # multi-turn episodes (None: one turn, scored by `scorer`)
-        self._stops = None  # the environment's stop strings' automata, built once
         self._episodes: list[State] = []  # the round's ended episodes (multi-turn)
 
     def produce(self, iteration: int, weights: RolloutWeights) -> Round:
@@ -130,9 +129,7 @@ class Producer:
                 return None
             env = SingleTurn(EnvConfig(max_turns=1, max_tokens=self.sampling.max_new_tokens), self.tokenizer,
                              self.scorer)
-        turns = EnvTurns(env, chunk, self.tokenizer, vocab_size=vocab_size, stops=self._stops)
-        self._stops = turns.stops
-        return turns
+        return EnvTurns(env, chunk, self.tokenizer, vocab_size=vocab_size)
 
     def _episode_rewards(self, turns: EnvTurns, prompts: int) -> np.ndarray:
         turns.close()
