@@ -331,7 +331,11 @@ def save_hf(
     With a tokenizer, `eos_token_id` (config.json and generation_config.json) is the list of the
     ids the project's sampler stops at (`templates.stop_token_ids`: <|im_end|>, <|endoftext|>, ...),
     so `transformers` `generate()` stops where reval_jax's sampler stops; `sampling`
-    ({temperature, top_p, top_k}, e.g. the run's config.sampling) sets generate()'s defaults."""
+    ({temperature, top_p, top_k}, e.g. the run's config.sampling) sets generate()'s defaults.
+    A model with LoRA adapters is refused: export `peft.merged_model(model)` (and `peft.save_peft`)."""
+    if getattr(model, "adapters", None) is not None:
+        raise UserError("save_hf: the model has LoRA adapters: export merged_model(model) (and save_peft for "
+                        "the adapter); see reval_jax.model.peft")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
