@@ -43,6 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN, else chunked) | chunked | cudnn | splash | xla | einsum
     c.model.ref_dtype = ""  # reference-policy storage dtype; "" = same as param_dtype
 
+    # low-rank adapters (docs/lora.md): the base frozen, only A and B (rank r) trained; the reference policy is the
+    # base with the adapter off (no copy, no optimizer state for the base) and a reference reset is a merge
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r; 0 = full fine-tuning (no adapters)
+    c.lora.alpha = 0.0  # the adapter path is scaled by alpha / rank (PEFT's convention); 0 = 2 * rank (scale 2)
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # which ones
+    c.lora.base_dtype = ""  # storage dtype of the frozen base: "" = model.param_dtype; "bfloat16" halves it
+
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor) device mesh; one -1 takes the remaining devices
 
     c.data = ml_collections.ConfigDict()

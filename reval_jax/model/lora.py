@@ -23,6 +23,7 @@ adapters shard like their base weight (sharding.RULES) and the rank axis is repl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.struct
@@ -235,3 +236,74 @@ def merge(model: Decoder) -> MergeStats:
         w.set_value(constrain(new, model.mesh, w.get_metadata()["axes"]))
         b.set_value(jnp.zeros_like(b[...]))
     return MergeStats(update=update, rounding=rounding)
+
+
+# ----------------------------------------------------------------------------- a LoRA run's state
+
+
+ADAPTERS = "adapters"  # the key of the adapters in a model state (Decoder.adapters)
+
+
+def is_adapted(state: nnx.State) -> bool:
+    """Whether a model state (or a tree of its shardings / shapes) holds adapters."""
+    return ADAPTERS in state
+
+
+def split_trainable(state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(what a run trains, the rest) of a model state: (A and B, the base and s) with adapters,
+    (everything, nothing) without. `join` puts them back together."""
+    if not is_adapted(state):
+        return state, nnx.State({})
+    return nnx.split_state(state, LoraParam, ...)
+
+
+def join(*parts: nnx.State) -> nnx.State:
+    """The model state made of disjoint parts (`split_trainable`'s, `split_base`'s); a single
+    non-empty part is returned as it is."""
+    parts = [p for p in parts if len(p)]
+    return parts[0] if len(parts) == 1 else nnx.merge_state(*parts)
+
+
+def split_base(state: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the frozen base, the adapters with their scale) of an adapted model state."""
+    return nnx.split_state(state, BASE, ...)
+
+
+def reference_state(state: nnx.State) -> nnx.State:
+    """The reference policy of a LoRA run: the same state with the adapter off (s = 0)."""
+    return with_adapter_scale(state, 0.0)
+
+
+def _merged(w: Array, a: Array, b: Array, scale: Array, dtype) -> Array:
+    def one(wab):
+        w_l, a_l, b_l = wab
+        delta = scale * jnp.tensordot(a_l.astype(jnp.float32), b_l.astype(jnp.float32), axes=1,
+                                      precision=jax.lax.Precision.HIGHEST)
+        return (w_l.astype(jnp.float32) + delta).astype(dtype)
+
+    return jax.lax.map(one, (w, a, b))
+
+
+@functools.cache
+def merged_weight_fn(sharding, dtype):
+    """jit of W, A, B, scale -> W + scale·A·B in `dtype` on `sharding` (W's, or None: XLA's choice),
+    for stacked W [L, in..., out...], one layer at a time in float32 at the highest precision as
+    `merge_weight` computes it: what the sampler's copy of an adapted policy holds (no adapter
+    arithmetic in the decode loop)."""
+    return jax.jit(functools.partial(_merged, dtype=dtype), out_shardings=sharding)
+
+
+def merged_leaves(state: nnx.State, dtype) -> dict[str, callable]:
+    """{target name: thunk giving W + s·A·B in `dtype`} of an adapted model state, with s the
+    state's own scale (α/r for the policy): computed when called, one target at a time, so that a
+    caller moving weights holds one merged target at once."""
+    adapters = state[ADAPTERS]
+    scale = adapters["scale"].get_value()
+    out = {}
+    for key in adapters:
+        if key.endswith("_a"):
+            name = key[:-2]
+            w = state[name].get_value()
+            fn = merged_weight_fn(getattr(w, "sharding", None), jnp.dtype(dtype))
+            out[name] = functools.partial(fn, w, adapters[key].get_value(), adapters[f"{name}_b"].get_value(), scale)
+    return out

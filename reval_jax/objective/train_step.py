@@ -48,6 +48,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from reval_jax.errors import UserError
+from reval_jax.model import lora
 from reval_jax.objective import algorithms
 from reval_jax.objective.logprobs import batch_stats
 from reval_jax.objective.losses import LossNorm
@@ -112,9 +114,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
-    params: nnx.State  # policy, float32 master weights
-    opt_state: Any
-    ref_params: nnx.State  # reference policy, same sharding (optionally bfloat16)
+    params: nnx.State  # policy, float32 master weights (with LoRA: the frozen base, A, B and s)
+    opt_state: Any  # of the trained parameters: all of them, or A and B only with LoRA
+    ref_params: nnx.State  # reference policy, same sharding (optionally bfloat16); with LoRA empty (`reference`)
     ref_version: Array  # [] int32, bumped at every reference reset
     step: Array  # [] int32, updates applied
     skipped: Array  # [] int32, updates skipped for a non-finite gradient (total)
@@ -130,15 +132,21 @@ def _cast(tree, dtype):
 def init_state(
     params: nnx.State, optimizer: optax.GradientTransformation, *, ref_dtype: str | None = None
 ) -> TrainState:
-    """A fresh train state; the reference starts equal to the policy (version 0)."""
+    """A fresh train state; the reference starts equal to the policy (version 0). With adapters
+    (reval_jax.model.lora) the optimizer takes A and B only and no reference copy is kept: the
+    reference is the policy's own state with the adapter off (`reference`)."""
     # distinct buffers everywhere: the train step donates the whole state
-    ref = (
-        jax.tree.map(jnp.copy, params) if ref_dtype is None else _cast(params, jnp.dtype(ref_dtype))
-    )
+    if lora.is_adapted(params):
+        if ref_dtype is not None:
+            raise UserError("model.ref_dtype does not apply to a LoRA run: its reference is the base itself "
+                            "(no copy); store the base in bfloat16 with --config.lora.base_dtype=bfloat16")
+        ref = nnx.State({})
+    else:
+        ref = jax.tree.map(jnp.copy, params) if ref_dtype is None else _cast(params, jnp.dtype(ref_dtype))
     zero = lambda: jnp.zeros((), jnp.int32)
     return TrainState(
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(lora.split_trainable(params)[0]),
         ref_params=ref,
         ref_version=zero(),
         step=zero(),
@@ -147,11 +155,30 @@ def init_state(
     )
 
 
+def reference(state: TrainState) -> nnx.State:
+    """The reference policy's parameters: the stored copy, or with LoRA the policy's state with the
+    adapter off (the same arrays but s; the same compiled forward computes both)."""
+    return lora.reference_state(state.params) if lora.is_adapted(state.params) else state.ref_params
+
+
 def reset_reference(state: TrainState) -> TrainState:
-    """π_ref ← π_θ (in the reference's dtype); the version bump marks buffered terms stale."""
+    """π_ref ← π_θ (in the reference's dtype); the version bump marks buffered terms stale. (A LoRA
+    run resets by a merge instead: `merge_reset`, `Updater.reset`.)"""
     # a copy even when the dtypes match: the train step donates params and reference separately
     ref = jax.tree.map(lambda p, r: jnp.array(p, dtype=r.dtype, copy=True), state.params, state.ref_params)
     return state.replace(ref_params=ref, ref_version=state.ref_version + 1)
+
+
+def merge_reset(graphdef, optimizer: optax.GradientTransformation, state: TrainState):
+    """The reference reset of a LoRA run, π_ref ← π_θ as a merge (ALGORITHMS.md, "Low-rank adapters"):
+    W ← W + (α/r)·A·B in W's dtype, B ← 0, the adapters' optimizer state restarted, the version
+    bumped. Afterwards policy and reference (s = 0) are the same function, bit for bit through one
+    program. Pure (jit it); returns (state, lora.MergeStats)."""
+    model = nnx.merge(graphdef, state.params)
+    stats = lora.merge(model)
+    params = nnx.state(model)
+    opt_state = optimizer.init(lora.split_trainable(params)[0])
+    return state.replace(params=params, opt_state=opt_state, ref_version=state.ref_version + 1), stats
 
 
 def state_sharding(
@@ -165,13 +192,13 @@ def state_sharding(
         optimizer,
         lambda _, sh: sh,
         state.opt_state,
-        params,
+        lora.split_trainable(params)[0],
         transform_non_params=lambda _: replicated,
     )
     return TrainState(
         params=params,
         opt_state=opt,
-        ref_params=params,
+        ref_params=nnx.State({}) if lora.is_adapted(state.params) else params,
         ref_version=replicated,
         step=replicated,
         skipped=replicated,
@@ -213,7 +240,8 @@ def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packe
     exact calibration above), else at the differentiated pass's own forward values; either way the
     gradient is J^T ∂L/∂(logp, v) with J the Jacobian of the differentiated pass."""
     loss_fn = cfg.algorithm.loss_fn(cfg)
-    (logp, v), pullback = jax.vjp(lambda p: _stats(graphdef, p, mb, cfg), params)
+    trained, frozen = lora.split_trainable(params)  # with LoRA the gradient is A's and B's only
+    (logp, v), pullback = jax.vjp(lambda t: _stats(graphdef, lora.join(t, frozen), mb, cfg), trained)
     if values is not None:
         logp, v = values
     (value, metrics), cotangents = jax.value_and_grad(
@@ -245,13 +273,14 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
     optimizer untouched, counted — when the loss, the gradient norm or the resulting parameters or
     optimizer state are not finite. Returns (new state, {grad_norm, skipped})."""
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trained, frozen = lora.split_trainable(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+    params = optax.apply_updates(trained, updates)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss) & _all_finite(params) & _all_finite(opt_state)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = (~finite).astype(jnp.int32)
     new_state = state.replace(
-        params=keep(params, state.params),
+        params=lora.join(keep(params, trained), frozen),
         opt_state=keep(opt_state, state.opt_state),
         step=state.step + 1 - skipped,
         skipped=state.skipped + skipped,
@@ -299,32 +328,37 @@ class Updater:
         self.mesh, self.cfg = mesh, cfg
         self.exact = cfg.exact_reference and cfg.uses_reference
         self.dtype = compute_dtype(graphdef, state.params)
+        self.lora = lora.is_adapted(state.params)
         accumulate = functools.partial(self._accumulate, graphdef, cfg)
         apply = functools.partial(apply_gradients, optimizer)
         forward = functools.partial(reference_stats, graphdef, cfg=cfg)
         cast = functools.partial(_cast, dtype=self.dtype)
+        reset = functools.partial(merge_reset, graphdef, optimizer)
         if mesh is None:
             self._zeros = jax.jit(_zeros)
             self._cast_fn = jax.jit(cast)
             self.micro_step = jax.jit(accumulate, donate_argnums=(0,))
             self.apply_step = jax.jit(apply, donate_argnums=(0,))
             self.forward = jax.jit(forward)
+            self.reset_step = jax.jit(reset, donate_argnums=(0,))
             return
         s_sh = state_sharding(state, optimizer, mesh)
+        g_sh = lora.split_trainable(s_sh.params)[0]  # the gradients': the trained parameters' layout
         b_sh, replicated = packed_sharding(mesh), NamedSharding(mesh, PartitionSpec())
         norm_sh = LossNorm(replicated, replicated, replicated)
-        self._zeros = jax.jit(_zeros, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
+        self._zeros = jax.jit(_zeros, in_shardings=(g_sh,), out_shardings=g_sh)
         self._cast_fn = jax.jit(cast, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
 
         def accumulate_in_layout(*args):  # the accumulator keeps the parameters' layout
             grads, value, metrics = accumulate(*args)
-            return jax.lax.with_sharding_constraint(grads, s_sh.params), value, metrics
+            return jax.lax.with_sharding_constraint(grads, g_sh), value, metrics
 
         self.micro_step = jax.jit(accumulate_in_layout, donate_argnums=(0,),
-                                      in_shardings=(s_sh.params, s_sh.params, b_sh, norm_sh, b_sh))
-        self.apply_step = jax.jit(apply, in_shardings=(s_sh, s_sh.params, replicated),
+                                      in_shardings=(g_sh, s_sh.params, b_sh, norm_sh, b_sh))
+        self.apply_step = jax.jit(apply, in_shardings=(s_sh, g_sh, replicated),
                                  out_shardings=(s_sh, replicated), donate_argnums=(0,))
         self.forward = jax.jit(forward, in_shardings=(s_sh.params, b_sh), out_shardings=(b_sh, b_sh))
+        self.reset_step = jax.jit(reset, in_shardings=(s_sh,), out_shardings=(s_sh, replicated), donate_argnums=(0,))
 
     @staticmethod
     def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm, values):
@@ -335,8 +369,12 @@ class Updater:
         """`params` in the compute dtype (the same arrays when they already are): what the forward
         program and the micro-step take, so the policy and a reference of the compute dtype go
         through the same compiled forward."""
-        if all(x.dtype == self.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)):
+        floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if all(x.dtype == self.dtype for x in floating):
             return params
+        if any(x.dtype == self.dtype for x in floating):  # e.g. a bfloat16 LoRA base: cast the adapters only
+            return jax.tree.map(lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                params)
         return self._cast_fn(params)
 
     def put(self, mb: Packed) -> Packed:
@@ -351,9 +389,9 @@ class Updater:
         `exact_reference` the micro-batches' stored reference terms are not read: both sides of δ
         are computed here by the forward program."""
         start = time.perf_counter()
-        grads = self._zeros(state.params)
+        grads = self._zeros(lora.split_trainable(state.params)[0])
         params = self.computing(state.params)
-        ref = self.computing(state.ref_params) if self.exact else None
+        ref = (lora.reference_state(params) if self.lora else self.computing(state.ref_params)) if self.exact else None
         loss, metrics = 0.0, []
         for mb in micro:
             mb, values = self.put(mb), None
@@ -372,6 +410,14 @@ class Updater:
                     tokens_processed=float(layout.tokens_processed),
                     padding_fraction=1.0 - real / max(layout.tokens_processed, 1))
         return state, host
+
+    def reset(self, state: TrainState) -> tuple[TrainState, dict[str, float]]:
+        """π_ref ← π_θ: a copy of the policy (`reset_reference`), or with LoRA a merge (`merge_reset`,
+        its MergeStats as metrics: lora/merge_update, lora/merge_rounding and per target)."""
+        if not self.lora:
+            return reset_reference(state), {}
+        state, stats = self.reset_step(state)
+        return state, stats.metrics()
 
     def reference(self, ref_params: nnx.State, micro: Sequence[Packed]):
         """Reference terms of every micro-batch: lists of host logp [R, L] and v [R, M]."""

@@ -2,6 +2,9 @@
 
 A checkpoint at iteration i holds everything the rest of the run depends on:
   state   TrainState: policy, optimizer, reference parameters and version, update/skip counters
+          (a LoRA run: the adapters A, B, s and their optimizer state; no reference copy exists)
+  base    a LoRA run's frozen base, only once a merge (a reference reset) has changed it: before the
+          first merge the base is the model the run starts from, which the restore loads anyway
   buffer  the replay buffer (trajectories, priorities, use counts, its RNG state)
   meta    JSON: iteration, the grain data-iterator state, reward-verifier counters, the config,
           and `checksums`: one fingerprint per array leaf of state and buffer (see `fingerprints`)
@@ -41,7 +44,25 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from reval_jax.model import lora
+
 CHECKSUM_FORMAT = 1
+
+
+def _split_state(state) -> tuple[Any, Any]:
+    """(the `state` item, the `base` item or None): a LoRA run's frozen base is saved apart."""
+    params = getattr(state, "params", None)
+    if params is None or not lora.is_adapted(params):
+        return state, None
+    base, rest = lora.split_base(params)
+    return state.replace(params=rest), base
+
+
+@dataclasses.dataclass
+class _Items:
+    state: Any
+    buffer: Any
+    meta: Any
 
 
 @dataclasses.dataclass
@@ -273,6 +294,9 @@ class Checkpointer:
         CheckpointError naming the step and the directory; the earlier complete checkpoints are left
         as they are."""
         self.wait()  # surfaces an error of the previous async save, naming its step
+        state, base = _split_state(state)
+        if base is not None and int(state.ref_version) == 0:
+            base = None  # no merge yet: the base is the model the run starts from
         state_sums, finite = fingerprints(state)
         if not finite:
             log(f"not saving checkpoint {iteration}: the parameters or optimizer state are not finite; "
@@ -282,16 +306,13 @@ class Checkpointer:
         meta = {**meta, "iteration": iteration}
         meta["checksums"] = {"format": CHECKSUM_FORMAT, "meta": _meta_checksum(meta),
                              "state": state_sums, "buffer": buffer_sums}
+        items = {"state": ocp.args.StandardSave(state), "buffer": ocp.args.StandardSave(buffer)}
+        if base is not None:
+            meta["checksums"]["base"] = fingerprints(base)[0]
+            items["base"] = ocp.args.StandardSave(base)
         try:
             self.writing = iteration
-            written = self.manager.save(
-                iteration,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    buffer=ocp.args.StandardSave(buffer),
-                    meta=ocp.args.JsonSave(meta),
-                ),
-            )
+            written = self.manager.save(iteration, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(self._save_failed(iteration, e)) from e
         if not written:  # Orbax writes no step that is not newer than the newest on disk
@@ -340,9 +361,15 @@ class Checkpointer:
 
     def restore(self, step: int, state_like, buffer_like: dict[str, np.ndarray] | None = None):
         """Step `step` onto the shardings of `state_like`, verified against its checksums. Raises
-        (CorruptCheckpoint on a checksum mismatch) if it is not usable; returns the Orbax result
-        and whether checksums were verified (False: a checkpoint older than checksums)."""
-        items = {"state": ocp.args.StandardRestore(_abstract(state_like)), "meta": ocp.args.JsonRestore()}
+        (CorruptCheckpoint on a checksum mismatch) if it is not usable; returns the restored items
+        (.state, .buffer, .meta) and whether checksums were verified (False: a checkpoint older than
+        checksums). A LoRA state's base comes from the step when a merge had changed it, else it is
+        `state_like`'s (which must then hold the base's arrays: the model the run starts from)."""
+        like, like_base = _split_state(state_like)
+        has_base = like_base is not None and (self.directory / str(step) / "base").exists()
+        items = {"state": ocp.args.StandardRestore(_abstract(like)), "meta": ocp.args.JsonRestore()}
+        if has_base:
+            items["base"] = ocp.args.StandardRestore(_abstract(like_base))
         with _settling_event_loops():
             if buffer_like is not None:
                 # the buffer item as it was saved (its keys, shapes and dtypes are in the checksums):
@@ -352,12 +379,18 @@ class Checkpointer:
                 saved = _saved_numpy_tree(meta.get("checksums", {}).get("buffer"))
                 items["buffer"] = ocp.args.StandardRestore(_abstract(buffer_like if saved is None else saved))
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        trees = {"state": out.state, **({"buffer": out.buffer} if buffer_like is not None else {})}
+        trees = {"state": out.state, **({"buffer": out.buffer} if buffer_like is not None else {}),
+                 **({"base": out.base} if has_base else {})}
         bad = verify(dict(out.meta), **trees)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise CorruptCheckpoint(f"values do not match the checksums saved with them: {shown}")
-        return out, bad is not None
+        state = out.state
+        if like_base is not None:
+            if not has_base and int(state.ref_version) > 0:
+                raise CorruptCheckpoint(f"the merged base of reference version {int(state.ref_version)} is missing")
+            state = state.replace(params=lora.join(out.base if has_base else like_base, state.params))
+        return _Items(state, out.buffer if buffer_like is not None else None, out.meta), bad is not None
 
     def restore_latest(self, state_like, buffer_like: dict[str, np.ndarray], log=print) -> Restored | None:
         """The newest checkpoint that loads and matches its checksums, onto the shardings of

@@ -21,11 +21,13 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from reval_jax.env.base import EnvConfig, resolve_environment
 from reval_jax.env.sandbox import SandboxConfig
 from reval_jax.errors import UserError
+from reval_jax.model.lora import LoraConfig
 from reval_jax.objective import algorithms
 from reval_jax.objective.losses import REWARD_TRANSFORMS
 from reval_jax.objective.packing import Budget
@@ -101,6 +103,7 @@ def check_config(config) -> None:
         _bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
     _check_files(config)
     _check_eval(config)
+    lora_settings(config)
     for field in ("num_iterations", "data.prompts_per_iteration", "sampling.num_samples",
                   "sampling.max_new_tokens", "replay.capacity", "replay.updates_per_iteration"):
         if _get(config, field) < 1:
@@ -317,12 +320,36 @@ class ModelSettings:
     remat: str = "full"
     attention: str = "auto"
     ref_dtype: str | None = None  # None: the reference is stored like the parameters
+    lora: LoraConfig | None = None  # adapters on the loaded model (config.lora); None: full fine-tuning
+    seed: int = 0  # of the adapters' initialisation
 
 
 def model_settings(config) -> ModelSettings:
     m = config.model
     return ModelSettings(path=m.path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                         attention=m.get("attention", "auto"), ref_dtype=m.ref_dtype or None)
+                         attention=m.get("attention", "auto"), ref_dtype=m.ref_dtype or None,
+                         lora=lora_settings(config), seed=config.seed)
+
+
+def lora_settings(config) -> LoraConfig | None:
+    """`config.lora` as a LoraConfig (None for rank 0: full fine-tuning), checked: a rank >= 0, the
+    reference stored by the run only without adapters, and a scale alpha / rank that the compute
+    dtype holds exactly (the forward multiplies by the scale in the compute dtype, a merge by the
+    exact one: they must agree for calibrated initialisation to stay exact across resets)."""
+    lo = config.get("lora")
+    if lo is None or lo.rank == 0:
+        return None
+    if lo.rank < 0:
+        _bad("lora.rank", f"{lo.rank} must be >= 0 (0 = full fine-tuning, no adapters)")
+    if config.model.ref_dtype:
+        _bad("model.ref_dtype", f"{config.model.ref_dtype!r} does not apply with lora.rank > 0: the reference "
+             "of a LoRA run is the base itself (no copy); set it to '' (store the base with lora.base_dtype)")
+    alpha = float(lo.alpha) or 2.0 * lo.rank
+    scale = alpha / lo.rank
+    if float(jnp.asarray(scale, jnp.dtype(config.model.dtype))) != scale:
+        _bad("lora.alpha", f"{alpha:g} gives a scale alpha / rank = {scale:g} that {config.model.dtype} does not "
+             f"hold exactly; choose alpha = rank times a power of two (e.g. {2 * lo.rank} for scale 2)")
+    return LoraConfig(rank=int(lo.rank), alpha=alpha, targets=tuple(lo.targets), base_dtype=lo.base_dtype or None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,16 @@ The run's `config.json` (in the workdir above `checkpoints/`) supplies the model
 tokenizer (`model.path`); `--config` overrides it. `generation_config.json` carries the run's stop
 tokens and sampling settings, so `generate()` in transformers stops where the run's sampler stops. The result loads with
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and with `reval_jax.load_hf(DIR)`.
+
+A LoRA run (config.lora.rank > 0; docs/lora.md) exports the policy twice: DIR is the merged model
+(W + (α/r)·A·B, a plain HF model as above) and DIR/adapter a PEFT adapter (adapter_config.json,
+adapter_model.safetensors) for the base it belongs on: the run's `model.path` while no reference
+reset has merged into it, else DIR/base, the merged base, written too (HF, without the adapter).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -32,12 +38,24 @@ def workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
 def export(checkpoint: str, out: str, *, config=None, dtype: str | None = None,
            max_shard_size: str = "5GB") -> Path:
     from reval_jax.model.hf import save_hf
+    from reval_jax.model.lora import lora_config
+    from reval_jax.model.peft import base_model, merged_model, save_peft
     from reval_jax.run.policy import load_checkpoint_policy, make_run_mesh
 
     config = config or workdir_config(checkpoint)
-    model, tokenizer = load_checkpoint_policy(checkpoint, config, make_run_mesh(config))
+    info: dict = {}
+    model, tokenizer = load_checkpoint_policy(checkpoint, config, make_run_mesh(config), info=info)
     sampling = {k: config.sampling[k] for k in ("temperature", "top_p", "top_k") if k in config.sampling}
-    return save_hf(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size, sampling=sampling)
+    save = functools.partial(save_hf, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
+                             sampling=sampling)
+    if lora_config(model) is None:
+        return save(model, path=out)
+    path = save(merged_model(model), path=out)
+    base = str(Path(config.model.path).absolute())
+    if info["ref_version"] > 0:  # merges changed the base: the adapter goes on the merged one
+        base = str(save(base_model(model), path=path / "base").absolute())
+    save_peft(model, path / "adapter", base_model_name_or_path=base, dtype=dtype)
+    return path
 
 
 def main(argv):

@@ -57,6 +57,7 @@ import jax
 import numpy as np
 
 from reval_jax.data.batch import FIELD_DTYPES, Trajectories
+from reval_jax.rollout.layout import Pending
 from reval_jax.run.config import PipelineConfig
 
 PUSHES_WAITING = 2  # weight copies waiting for the rollout group (round pickup) before the trainer waits
@@ -279,6 +280,15 @@ class RolloutFailed(RuntimeError):
     """The rollout thread of a two-group run raised; the message names the round."""
 
 
+def _built(entry: tuple[int, object] | None) -> tuple[int, object] | None:
+    """A pushed (version, model), the model built first when the push is its builder (a LoRA push:
+    rollout.layout.AdapterPush, merged on the rollout devices when taken; JAX dispatches the merge
+    asynchronously, so building under the pipeline's lock does not hold it for the computation)."""
+    if entry is None or not isinstance(entry[1], Pending):
+        return entry
+    return entry[0], entry[1].build()
+
+
 class Mailbox:
     """Weights the trainer pushed to the rollout group (two groups) and the ones it generates with.
 
@@ -306,6 +316,7 @@ class Mailbox:
             self.pushed.clear()
         while (self.in_use is None or self.in_use[0] < needed) and self.pushed:
             self.in_use = self.pushed.popleft()
+        self.in_use = _built(self.in_use)
         return self.in_use
 
     def current(self) -> tuple[int, object]:
@@ -317,7 +328,7 @@ class Mailbox:
         with self.cv:
             if not self.pushed or self.pushed[-1][0] <= self.in_use[0]:
                 return None
-            self.in_use = self.pushed.pop()
+            self.in_use = _built(self.pushed.pop())
             self.pushed.clear()
             self.cv.notify_all()
             return self.in_use

@@ -100,6 +100,17 @@ def build_model(config, s: RunSettings) -> tuple[Model, object]:
     return Model(graphdef, tokenizer, mesh, train_devices, rollout_layout, eval_layout, updater), state
 
 
+def snapshot(model: Model, s: RunSettings):
+    """The rollout side's copy of the policy, made from the train state: the rollout layout's, or for
+    a LoRA run on a rollout group of its own the adapters only, merged there (AdapterPush)."""
+    if s.pipeline.two_groups and s.model.lora is not None:
+        from reval_jax.rollout.layout import AdapterPush
+
+        push = AdapterPush(model.rollout_layout, model.graphdef)
+        return lambda state: push(state.params, int(state.ref_version))
+    return lambda state: model.rollout_layout(model.graphdef, state.params)
+
+
 def gather_round(r: Round, rows: int, devices) -> Round:
     """Every process's share of round r (prompt-major rows) put together, on the training devices."""
     from reval_jax.data.batch import Trajectories
@@ -248,7 +259,7 @@ def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contex
     clock, rows = Clock(), s.rounds.prompts_per_round * sampling.num_samples
     pipe = stack.enter_context(make_pipeline(
         s.pipeline, s.loop.updates_per_round, s.loop.num_iterations, producer,
-        lambda state: model.rollout_layout(model.graphdef, state.params), clock,
+        snapshot(model, s), clock,
         gather=lambda r: gather_round(r, rows, model.train_devices)))
     learner = Learner(model.updater, run_config.packing_budget(config, model.mesh), s.step.max_response_length,
                       s.advantages)

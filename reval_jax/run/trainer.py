@@ -24,7 +24,7 @@ from reval_jax.data.batch import Trajectories
 from reval_jax.data.replay import ReplayBuffer
 from reval_jax.objective.losses import LossNorm
 from reval_jax.objective.packing import Budget, pack
-from reval_jax.objective.train_step import reset_reference
+from reval_jax.objective.train_step import reference
 from reval_jax.run.config import Advantages, LoopConfig
 from reval_jax.run.pipeline import Clock, Pipeline, Round
 
@@ -53,7 +53,7 @@ class Learner:
     def fill_reference(self, batch: Trajectories, state) -> Trajectories:
         """Reference terms under the state's reference, packed by the token budget like the update."""
         micro, layout = pack(batch, self.budget)
-        logps, vs = self.updater.reference(state.ref_params, micro)
+        logps, vs = self.updater.reference(reference(state), micro)
         return batch.replace(ref_logp=layout.unpack_tokens(logps), ref_v=layout.gather(vs).astype(np.float32),
                              ref_version=np.full(batch.batch_size, int(state.ref_version), np.int32))
 
@@ -62,6 +62,10 @@ class Learner:
         micro, layout = pack(batch, self.budget, weights=weights, advantages=self.advantages(batch))
         norm = LossNorm.for_batch(batch, self.max_response_length)
         return self.updater.update(state, micro, layout, norm)
+
+    def reset(self, state):
+        """(state with π_ref ← π_θ, metrics of the reset: a LoRA merge's lora/merge_* or none)."""
+        return self.updater.reset(state)
 
 
 class Hook:
@@ -84,6 +88,7 @@ class Hook:
 class Update:
     metrics: dict[str, float]  # the scalars of one update
     staleness: np.ndarray  # [B] of its batch
+    reset: dict[str, float] = dataclasses.field(default_factory=dict)  # a reset after it: a LoRA merge's figures
 
 
 class Trainer:
@@ -150,12 +155,13 @@ class Trainer:
         if (skipped := int(self.state.skipped_in_a_row)) >= cfg.max_skipped_in_a_row:
             raise Diverged(f"stopping at iteration {iteration}: {skipped} updates in a row had a non-finite loss or "
                            f"gradient (config.max_skipped_in_a_row={cfg.max_skipped_in_a_row}).")
+        reset: dict[str, float] = {}
         if cfg.reset_every and int(self.state.step) % cfg.reset_every == 0 and not m["skipped"]:
-            self.state = reset_reference(self.state)
+            self.state, reset = self.learner.reset(self.state)
             if cfg.flush_on_reset:
                 buffer.flush()
         self.pipeline.update_params(self.state)  # async: rounds whose weights have come are generated / pushed
-        return Update({k: v for k, v in m.items() if np.ndim(v) == 0}, staleness)
+        return Update({k: v for k, v in m.items() if np.ndim(v) == 0}, staleness, reset)
 
     def _recompute(self, stale: Trajectories) -> tuple[np.ndarray, np.ndarray]:
         """Reference terms of buffer entries stored under an older reference, under the current one."""
@@ -171,6 +177,8 @@ class Trainer:
         update_staleness = np.concatenate([u.staleness for u in updates])
         stats = self.reward_stats()
         last = {k: float(np.mean([u.metrics[k] for u in updates])) for k in updates[0].metrics}
+        for u in updates:  # the largest change any merge of the round made (LoRA)
+            last.update({k: max(v, last.get(k, v)) for k, v in u.reset.items()})
         last.update(
             reward_mean=float(np.mean(reward)), accuracy=float(np.mean(raw)),
             response_length=float(np.mean(lengths)), truncation_rate=float(np.mean(rnd.truncated)),

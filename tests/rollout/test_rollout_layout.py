@@ -91,6 +91,79 @@ def test_to_rollout_is_the_cast_master_in_the_rollout_layout():
     assert chunking(e.shape, e.sharding, got["embed"][0].sharding, jnp.bfloat16, 1) is None
 
 
+def test_an_adapted_policy_samples_from_its_merged_weights():
+    """LoRA (issue #28): the rollout copy of an adapted policy holds W + (α/r)·A·B in the rollout dtype
+    and layout for every adapted target, the base elsewhere, and no adapters (no adapter arithmetic in
+    the decode loop); moved whole or one layer at a time alike; the master is untouched."""
+    from reval_jax.model import lora
+
+    train_mesh = make_mesh((1, 8, 1))
+    model = reval_jax.create_model(tiny_model(0, **SHAPES).cfg, seed=0, mesh=train_mesh)  # adapters go in place
+    targets = ("q_proj", "o_proj", "down_proj")
+    lora.add_adapters(model, lora.LoraConfig(rank=2, alpha=4.0, targets=targets), seed=1)
+    for name in targets:  # B = 0 at init: make the adapters matter
+        b = getattr(model.adapters, f"{name}_b")
+        b.set_value(jax.device_put(jax.random.normal(jax.random.key(2), b[...].shape), b[...].sharding))
+    graphdef, master = nnx.split(model)
+    mesh = rollout_mesh(train_mesh, 4)
+    rollout = to_rollout(graphdef, master, mesh, "float32")
+    chunked = to_rollout(graphdef, master, mesh, "float32", chunk_bytes=1)
+    assert getattr(rollout, "adapters", None) is None and not lora.is_adapted(nnx.state(rollout))
+    host = jax.tree.map(np.asarray, master)
+    got, small = leaves(nnx.state(rollout)), leaves(nnx.state(chunked))
+    for name, (x, axes) in got.items():
+        want = host[name].get_value().astype(np.float64)
+        if name in targets:
+            a, b = (host["adapters"][f"{name}_{k}"].get_value().astype(np.float64) for k in "ab")
+            delta = 2.0 * np.stack([np.tensordot(a[i], b[i], axes=1) for i in range(a.shape[0])])
+            assert np.abs(delta).max() > 0.1
+            want = want + delta
+        np.testing.assert_allclose(np.asarray(x), want, rtol=1e-6, atol=1e-6, err_msg=name)
+        assert x.sharding.spec == logical_to_spec(axes, x.shape, mesh, ROLLOUT_RULES)
+        np.testing.assert_array_equal(np.asarray(small[name][0]), np.asarray(x), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(master["q_proj"].get_value()), host["q_proj"].get_value())
+
+
+def test_an_adapter_push_builds_the_merged_copy_on_the_rollout_group():
+    """LoRA on two device groups: a push moves A, B and s (the base once per reference version) to the
+    rollout devices and builds there, when taken, exactly the copy `to_rollout` makes where the master
+    lives; a push made before a merge still builds its own policy after the merge moved the new base."""
+    from reval_jax.model import lora
+    from reval_jax.rollout.layout import AdapterPush, RolloutLayout, push_bytes
+
+    devices = jax.devices()
+    train_mesh = make_mesh((1, 4, 1), devices=devices[4:])
+    model = reval_jax.create_model(tiny_model(0, **SHAPES).cfg, seed=0, mesh=train_mesh)
+    targets = ("q_proj", "v_proj", "down_proj")
+    lora.add_adapters(model, lora.LoraConfig(rank=2, alpha=4.0, targets=targets, base_dtype="bfloat16"), seed=1)
+
+    def randomize(key):
+        for name in targets:
+            b = getattr(model.adapters, f"{name}_b")
+            b.set_value(jax.device_put(jax.random.normal(jax.random.key(key), b[...].shape), b[...].sharding))
+
+    layout = RolloutLayout(rollout_mesh(devices[:4], 2), "bfloat16")
+    push = AdapterPush(layout, nnx.graphdef(model))
+    randomize(2)
+    before = nnx.state(model)
+    pending = push(before, 0)
+    expected = jax.tree.map(np.asarray, nnx.state(to_rollout(nnx.graphdef(model), before, layout.mesh, "bfloat16")))
+    lora.merge(model)  # a reference reset, then more training
+    randomize(3)
+    after = nnx.state(model)
+    later = push(after, 1)
+    expected_after = nnx.state(to_rollout(nnx.graphdef(model), after, layout.mesh, "bfloat16"))
+    for built, want in ((pending.build(), expected), (later.build(), expected_after)):
+        assert getattr(built, "adapters", None) is None and built.mesh is layout.mesh
+        got = nnx.state(built)
+        for (path, x), (_, y) in zip(nnx.to_flat_state(got), nnx.to_flat_state(want), strict=True):
+            x, y = x.get_value(), y.get_value()
+            assert x.dtype == jnp.bfloat16 and set(x.sharding.device_set) <= set(devices[:4]), path
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+    sizes = push_bytes(before, "bfloat16")
+    assert sizes["adapters"] < sizes["merged"] / 4 and sizes["base"] == sizes["merged"]
+
+
 def test_same_dtype_and_layout_is_not_copied():
     """A one-device float32 run sampling in float32 (configs/tiny.py) reads the master itself."""
     graphdef, master, train_mesh = fsdp_master((1, 1, 1))

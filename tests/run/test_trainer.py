@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from reval_jax.data.batch import FIELD_DTYPES, TOKEN_FIELDS, Trajectories
-from reval_jax.objective.train_step import init_state
+from reval_jax.objective.train_step import init_state, reset_reference
 from reval_jax.run.config import LoopConfig
 from reval_jax.run.pipeline import Clock, Round
 from reval_jax.run.trainer import Diverged, Hook, Trainer
@@ -65,6 +65,9 @@ class FakeLearner:
         else:
             state = state.replace(step=state.step + 1, skipped_in_a_row=jnp.zeros((), jnp.int32))
         return state, {"loss": 1.0, "skipped": skip, "abs_delta": np.ones(B)}
+
+    def reset(self, state):
+        return reset_reference(state), {}
 
 
 @dataclasses.dataclass
