@@ -229,6 +229,7 @@ def check(config, devices, programs=PROGRAMS, dump_hlo: str = "", mean_tokens: i
         "mean_tokens": s.mean_tokens, "prompts_per_call": s.prompts_per_call,
         "bucket": s.bucket, "max_new_tokens": s.max_new_tokens, "remat": s.cfg.remat,
         "param_dtype": s.cfg.param_dtype, "dtype": s.cfg.dtype, "jax": jax.__version__,
+        "lora": _lora_setup(s),
         "held_against": {"device": budget.name, "memory": budget.memory, "source": budget.source},
     }
     results = []
@@ -256,6 +257,29 @@ def _count(n: float) -> str:
     return f"{n:g}"
 
 
+def _lora_setup(s) -> dict | None:
+    """The adapters of a LoRA config: rank, targets, trained parameters, the base's dtype."""
+    import jax
+
+    from reval_jax.model.lora import split_base, split_trainable
+    from reval_jax.run.config import lora_settings
+
+    lora = lora_settings(s.config)
+    if lora is None:
+        return None
+    trained = sum(a.size for a in jax.tree.leaves(split_trainable(s.params)[0]))
+    base_dtype = str(jax.tree.leaves(split_base(s.params)[0])[0].dtype)
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "trained_params": int(trained),
+            "base_dtype": base_dtype}
+
+
+def _lora_words(lora: dict | None) -> str:
+    if not lora:
+        return ""
+    return (f"; LoRA rank {lora['rank']} on {len(lora['targets'])} projections, "
+            f"{_count(lora['trained_params'])} trained, {lora['base_dtype']} base")
+
+
 def format_report(report: dict) -> str:
     """A plain-text table: memory and collectives per device, FLOPs summed over devices."""
     s = report["setup"]
@@ -266,7 +290,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"mesh {s['mesh']} on {on} {s['platform']}{kind}  "
         f"{_count(s['model_params'])} params ({s['param_dtype']} weights, {s['dtype']} compute, "
-        f"remat {s['remat']})  update [{s['update_batch']}, {s['seq_len']}] in {s['micro_batches']} "
+        f"remat {s['remat']}{_lora_words(s.get('lora'))})  "
+        f"update [{s['update_batch']}, {s['seq_len']}] in {s['micro_batches']} "
         f"micro-batch(es); sampler {s['prompts_per_call']} prompts x bucket {s['bucket']} + "
         f"{s['max_new_tokens']} on the rollout mesh {s['rollout_mesh']} in {s['rollout_dtype']}  (jax {s['jax']})",
         "",

@@ -69,12 +69,19 @@ def make_setup(config, devices, mean_tokens: int = 0) -> Setup:
     from flax import nnx
 
     from reval_jax.model.decoder import Decoder
+    from reval_jax.model.lora import add_adapters
     from reval_jax.parallel.sharding import make_mesh, state_shardings
     from reval_jax.run import config as run_config
 
     cfg = model_config(config)
     mesh = make_mesh(tuple(config.mesh), devices=devices)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh)))
+    adapters = run_config.lora_settings(config)
+
+    def build():
+        model = Decoder(cfg, rngs=nnx.Rngs(0), mesh=mesh)
+        return model if adapters is None else add_adapters(model, adapters)  # a LoRA run's policy
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, state_shardings(abstract, mesh),
@@ -207,7 +214,13 @@ def _computing(updater, params):
     if all(a.dtype == updater.dtype for a in floats):
         return params
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, updater.dtype, sharding=a.sharding)
-                        if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+                        if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != updater.dtype else a, params)
+
+
+def _reference(updater, state, params):
+    """The reference in the compute dtype as the update holds it: a copy, or with LoRA the policy's own
+    arrays (`params`, the compute copy; only the scale s differs)."""
+    return params if updater.lora else _computing(updater, state.ref_params)
 
 
 def _state_parts(state) -> dict:
@@ -224,9 +237,12 @@ def _update_live(updater, state) -> tuple[dict, Any, Any]:
     import jax
     import jax.numpy as jnp
 
-    grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state.params)
+    from reval_jax.model.lora import split_trainable
+
+    grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding),
+                         split_trainable(state.params)[0])  # with LoRA: A's and B's only
     params = _computing(updater, state.params)
-    ref = _computing(updater, state.ref_params) if updater.exact else None
+    ref = _reference(updater, state, params) if updater.exact else None
     live = {**_state_parts(state), "gradient accumulator": grads, "policy in compute dtype": params,
             "reference in compute dtype": ref}
     return live, params, ref
@@ -290,7 +306,7 @@ def build_reference(s: Setup) -> Program:
     else:
         n = micro_batches_for(s, s.config.data.prompts_per_iteration * s.num_samples)
         when = f"{n} micro-batch(es) per round; more when stale buffer draws are recomputed"
-        ref = _computing(updater, state.ref_params)
+        ref = _reference(updater, state, _computing(updater, state.params))
         resident = (Residency({**_state_parts(state), "reference in compute dtype": ref}, (ref, mb),
                               "Updater.reference on a round's rollouts"),)
     return Program(
@@ -306,12 +322,24 @@ def _rollout_resident(s: Setup, args: tuple) -> tuple:
     turns); with two device groups, the weight pushes waiting for the rollout group instead."""
     import jax
 
+    from reval_jax.model.lora import is_adapted, split_base
+    from reval_jax.parallel.sharding import state_shardings
+    from reval_jax.rollout.layout import ROLLOUT_RULES
     from reval_jax.run.pipeline import PUSHES_WAITING
     from reval_jax.tools.scale_memory import Residency
 
     p = s.config.pipeline
     if p.mode == "async" and p.rollout_devices:
         waiting = 1 if p.pickup == "step" else PUSHES_WAITING
+        if is_adapted(s.params):  # LoRA: adapter pushes (rollout.layout.AdapterPush) and the base they go on
+            base, adapters = split_base(s.params)
+            on_rollout = lambda tree: jax.tree.map(  # noqa: E731
+                lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree,
+                state_shardings(tree, s.rollout_mesh, ROLLOUT_RULES))
+            live = {"the base on the rollout group": on_rollout(base),
+                    "adapter pushes waiting": [on_rollout(adapters) for _ in range(waiting)]}
+            return (Residency(live, args, f"two device groups, LoRA: the base (master dtype) and {waiting} "
+                                          "adapter pushes may wait (not the train state)"),)
         copies = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                s.rollout_params) for _ in range(waiting)]
         return (Residency({"weight pushes waiting": copies}, args,

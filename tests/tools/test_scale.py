@@ -264,13 +264,17 @@ def _real_state(config, devices):
     from flax import nnx
 
     from reval_jax.model.decoder import Decoder
+    from reval_jax.model.lora import add_adapters
     from reval_jax.objective.train_step import init_state, make_optimizer, state_sharding
     from reval_jax.parallel.sharding import make_mesh
-    from reval_jax.run.config import model_settings, optimizer_config
+    from reval_jax.run.config import lora_settings, model_settings, optimizer_config
     from reval_jax.tools.scale_programs import model_config
 
     mesh = make_mesh(tuple(config.mesh), devices=devices)
-    _, params = nnx.split(Decoder(model_config(config), rngs=nnx.Rngs(0), mesh=mesh))
+    model = Decoder(model_config(config), rngs=nnx.Rngs(0), mesh=mesh)
+    if (adapters := lora_settings(config)) is not None:
+        add_adapters(model, adapters)
+    _, params = nnx.split(model)
     optimizer = make_optimizer(optimizer_config(config))
     state = init_state(params, optimizer, ref_dtype=model_settings(config).ref_dtype)
     return jax.device_put(state, state_sharding(state, optimizer, mesh))
@@ -308,6 +312,34 @@ def test_resident_state_is_the_train_states_bytes_per_device(ref_dtype):
     assert (ref_copy > 0) == (not ref_dtype)
     assert scale_memory.worst_residency(micro.resident)["bytes"] == max(per_device) + ref_copy
     assert scale_memory.worst_residency(apply.resident)["bytes"] == 0  # the state and gradients are its arguments
+
+
+def test_a_lora_config_compiles_adapter_gradients_and_keeps_no_reference_copy():
+    """config.lora: the update's resident state is the real LoRA state's bytes (a bfloat16 base, A and
+    B, their Adam moments; no reference copy), the gradient accumulator is the adapters' size, and
+    the reference's side of δ is the policy's own compute copy (the same arrays, only s differs)."""
+    from reval_jax.model.lora import split_base, split_trainable
+    from reval_jax.tools import scale, scale_memory, scale_programs
+
+    config = _tiny_config()
+    config.lora.rank, config.lora.base_dtype = 4, "bfloat16"
+    devices = jax.devices()[:8]
+    s = scale_programs.make_setup(config, devices)
+    state = _real_state(config, devices)
+    assert len(state.ref_params) == 0
+    base = split_base(state.params)[0]  # bfloat16 compute: the base is the micro-step's argument itself
+    per_device = [_on_device(state, d) - _on_device(base, d) for d in devices]
+    micro, apply = scale_programs.build_update(s)
+    worst = scale_memory.worst_residency(micro.resident)
+    assert worst["bytes"] == max(per_device)  # A, B, their moments, counters: no reference, no base copy
+    grads = micro.args[0]
+    assert [g.shape for g in jax.tree.leaves(grads)] == [a.shape for a in jax.tree.leaves(
+        split_trainable(state.params)[0])]
+    reference = scale_programs.build_reference(s)
+    for r in reference.resident:
+        assert scale_memory.resident_bytes(r)["parts"]["reference in compute dtype"] == 0
+    report = scale.check(config, devices, programs=("update",))
+    assert all(p["memory"]["peak"] > 0 for p in report["programs"])
 
 
 def test_the_verdict_flips_at_the_device_memory():
