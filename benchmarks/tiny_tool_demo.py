@@ -21,37 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.runs import mean_curve, run_command, save_figure  # noqa: E402
+
 ALGORITHMS = ("reval", "grpo")
 EVAL_PROBLEMS, EVAL_SAMPLES = 128, 2
 
 
 def train(workdir: Path, algorithm: str, seed: int, rounds: int) -> float:
     """One run of the real command (skipped when `workdir` holds a finished one); its wall seconds."""
-    done = workdir / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())["wall_s"]
-    args = [sys.executable, "-m", "reval_jax.train", "--config=configs/tiny_tool.py", f"--workdir={workdir}",
-            f"--config.algorithm={algorithm}", f"--config.seed={seed}", f"--config.num_iterations={rounds}",
-            f"--config.checkpoint.every={rounds}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    workdir.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(workdir.with_suffix(".log"), "w") as out:
-        rc = subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise SystemExit(f"run failed ({rc}): {' '.join(args)}\n{workdir.with_suffix('.log').read_text()[-3000:]}")
-    wall = time.time() - start
-    done.write_text(json.dumps({"wall_s": wall}))
-    return wall
+    return run_command(workdir, ["--config=configs/tiny_tool.py", f"--config.algorithm={algorithm}",
+                                 f"--config.seed={seed}", f"--config.num_iterations={rounds}",
+                                 f"--config.checkpoint.every={rounds}"])
 
 
 def series(workdir: Path) -> dict[str, list[float]]:
@@ -103,17 +89,13 @@ def plot(runs: list[dict], base: dict, path: Path) -> None:
             mine = [r for r in runs if r["algorithm"] == algorithm]
             for r in mine:
                 ax.plot(r["iteration"], r[key], color=color, alpha=0.25, lw=0.8)
-            n = min(len(r[key]) for r in mine)
-            mean = [statistics.fmean(r[key][i] for r in mine) for i in range(n)]
-            ax.plot(mine[0]["iteration"][:n], mean, color=color, lw=2, label=f"{algorithm} (mean of {len(mine)})")
+            ax.plot(*mean_curve(mine, "iteration", key), color=color, lw=2, label=f"{algorithm} (mean of {len(mine)})")
         ax.axhline(start, color="gray", ls="--", lw=1, label="base model (eval split)")
         ax.set_title(title)
         ax.set_xlabel("generation round")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
