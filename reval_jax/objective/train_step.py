@@ -16,13 +16,17 @@ whole update batch (`LossNorm`, computed on host before packing).
 Exact calibration (paper Prop. 2). δ is a difference of policy and reference terms, which are equal
 when π_θ = π_ref. Two differently compiled programs round differently in the last bits (float32:
 |δ| ~ 1e-6, gradient norm ~ 1e-4 at init, which Adam turns into full-size steps), so with
-`StepConfig.exact_reference` (the default) both sides of δ come from ONE compiled forward program,
-run on the same packed micro-batch with parameters of the same dtype and layout: with equal
-parameters its outputs are bitwise equal and δ = −r/β exactly. The gradient is the pull-back of
-∂L/∂(logp, v), evaluated at those values, through the differentiated pass (`jax.vjp`), so a zero δ
-gives an exactly zero gradient. This costs two forwards per micro-batch (policy and reference) on
-top of the forward + backward, and makes the reference terms stored with the rollouts unused (the
-run skips computing them). The reference is exact in this sense when its dtype is the compute dtype
+`StepConfig.exact_reference` (the default) the reference's side of δ comes from the forward program
+in every update (on the packed micro-batch, parameters in the compute dtype and layout), and when
+the policy equals the reference bit for bit (`policy_is_reference`, checked on device once per
+update: at the start and right after every reset) the policy's side is those same values: δ = −r/β
+exactly. The gradient is the pull-back of ∂L/∂(logp, v), evaluated at those values, through the
+differentiated pass (`jax.vjp`), so a zero δ gives an exactly zero gradient. Otherwise (π_θ ≠ π_ref,
+δ is not zero anyway) the policy's side is the differentiated pass's own forward, a program that
+rounds differently in the last bits. One compiled micro-step serves both (a device bool selects
+the values). This costs one forward per micro-batch (the reference's) on top of the forward +
+backward, and makes the reference terms stored with the rollouts unused (the run skips computing
+them). The reference is exact in this sense when its dtype is the compute dtype
 or wider (e.g. a bfloat16 reference with bfloat16 compute; not with float32 compute).
 
 `TrainState` holds policy parameters (float32 master weights), optimizer state and the reference
@@ -233,17 +237,18 @@ def reference_stats(graphdef, ref_params: nnx.State, mb: Packed, cfg: StepConfig
 
 
 def micro_loss_and_grads(graphdef, cfg: StepConfig, params: nnx.State, mb: Packed, norm: LossNorm,
-                         values: tuple[Array, Array] | None = None):
+                         values: tuple[Array, Array] | None = None, use_values: Array | bool = True):
     """Loss contribution, float32 gradients and metrics of one packed micro-batch.
 
-    The loss is evaluated at `values` = (logp, v) when given (the forward program's outputs, see
-    exact calibration above), else at the differentiated pass's own forward values; either way the
-    gradient is J^T ∂L/∂(logp, v) with J the Jacobian of the differentiated pass."""
+    The loss is evaluated at `values` = (logp, v) when given and `use_values` holds (the forward
+    program's outputs, see exact calibration above), else at the differentiated pass's own forward
+    values; either way the gradient is J^T ∂L/∂(logp, v) with J the Jacobian of the differentiated
+    pass. `use_values` may be a traced bool: one compiled program serves both cases."""
     loss_fn = cfg.algorithm.loss_fn(cfg)
     trained, frozen = lora.split_trainable(params)  # with LoRA the gradient is A's and B's only
     (logp, v), pullback = jax.vjp(lambda t: _stats(graphdef, lora.join(t, frozen), mb, cfg), trained)
     if values is not None:
-        logp, v = values
+        logp, v = (jnp.where(use_values, given, own) for given, own in zip(values, (logp, v), strict=True))
     (value, metrics), cotangents = jax.value_and_grad(
         lambda logp, v: loss_fn(logp, v, mb, norm), argnums=(0, 1), has_aux=True)(logp, v)
     (grads,) = pullback(cotangents)
@@ -336,6 +341,7 @@ class Updater:
         reset = functools.partial(merge_reset, graphdef, optimizer)
         if mesh is None:
             self._zeros = jax.jit(_zeros)
+            self._same = jax.jit(policy_is_reference)
             self._cast_fn = jax.jit(cast)
             self.micro_step = jax.jit(accumulate, donate_argnums=(0,))
             self.apply_step = jax.jit(apply, donate_argnums=(0,))
@@ -348,21 +354,22 @@ class Updater:
         norm_sh = LossNorm(replicated, replicated, replicated)
         self._zeros = jax.jit(_zeros, in_shardings=(g_sh,), out_shardings=g_sh)
         self._cast_fn = jax.jit(cast, in_shardings=(s_sh.params,), out_shardings=s_sh.params)
+        self._same = jax.jit(policy_is_reference, out_shardings=replicated)
 
         def accumulate_in_layout(*args):  # the accumulator keeps the parameters' layout
             grads, value, metrics = accumulate(*args)
             return jax.lax.with_sharding_constraint(grads, g_sh), value, metrics
 
         self.micro_step = jax.jit(accumulate_in_layout, donate_argnums=(0,),
-                                      in_shardings=(g_sh, s_sh.params, b_sh, norm_sh, b_sh))
+                                      in_shardings=(g_sh, s_sh.params, b_sh, norm_sh, b_sh, replicated))
         self.apply_step = jax.jit(apply, in_shardings=(s_sh, g_sh, replicated),
                                  out_shardings=(s_sh, replicated), donate_argnums=(0,))
         self.forward = jax.jit(forward, in_shardings=(s_sh.params, b_sh), out_shardings=(b_sh, b_sh))
         self.reset_step = jax.jit(reset, in_shardings=(s_sh,), out_shardings=(s_sh, replicated), donate_argnums=(0,))
 
     @staticmethod
-    def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm, values):
-        value, g, metrics = micro_loss_and_grads(graphdef, cfg, params, mb, norm, values)
+    def _accumulate(graphdef, cfg, grads, params, mb: Packed, norm: LossNorm, values, use_values=True):
+        value, g, metrics = micro_loss_and_grads(graphdef, cfg, params, mb, norm, values, use_values)
         return jax.tree.map(jnp.add, grads, g), value, metrics
 
     def computing(self, params: nnx.State) -> nnx.State:
@@ -393,12 +400,15 @@ class Updater:
         params = self.computing(state.params)
         ref = (lora.reference_state(params) if self.lora else self.computing(state.ref_params)) if self.exact else None
         loss, metrics = 0.0, []
+        same = self._same(params, ref) if self.exact else None  # π_θ = π_ref bit for bit (a device bool)
         for mb in micro:
-            mb, values = self.put(mb), None
-            if self.exact:
+            mb = self.put(mb)
+            if self.exact:  # the reference's side of δ; the policy's is the same values when π_θ = π_ref
                 ref_logp, ref_v = self.forward(ref, mb)
-                mb, values = mb.replace(ref_logp=ref_logp, ref_v=ref_v), self.forward(params, mb)
-            grads, value, m = self.micro_step(grads, params, mb, norm, values)
+                mb = mb.replace(ref_logp=ref_logp, ref_v=ref_v)
+                grads, value, m = self.micro_step(grads, params, mb, norm, (ref_logp, ref_v), same)
+            else:
+                grads, value, m = self.micro_step(grads, params, mb, norm, None, np.bool_(False))
             loss, metrics = loss + value, metrics + [m]
         del params, ref
         state, out = self.apply_step(state, grads, loss)
@@ -424,6 +434,18 @@ class Updater:
         ref = self.computing(ref_params)
         outs = [self.forward(ref, self.put(mb)) for mb in micro]
         return [to_host(lp) for lp, _ in outs], [to_host(v) for _, v in outs]
+
+
+def policy_is_reference(params: nnx.State, ref: nnx.State) -> Array:
+    """[] bool: whether the policy and the reference compute the same function bit for bit on the same
+    program: every array equal, or for an adapted policy (whose reference is its own state with s = 0)
+    every B exactly zero. True at the start and right after each reference reset."""
+    if lora.is_adapted(params):
+        _, adapters = lora.split_base(params)
+        zeros = [jnp.all(v.get_value() == 0) for k, v in adapters["adapters"].items() if k.endswith("_b")]
+        return jnp.all(jnp.stack(zeros))
+    equal = [jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True)]
+    return jnp.all(jnp.stack(equal))
 
 
 def _zeros(params):

@@ -269,7 +269,8 @@ def build_update(s: Setup) -> list[Program]:
     tokens = rows * s.budget.row_len
     mb = abstract_packed(s, rows)
     values = (mb.ref_logp, mb.ref_v) if updater.exact else None  # f32 [R, L] / [R, M], like the forward's
-    micro_args = (grads, params, mb, norm, values)
+    same = jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated)  # whether the loss is taken at `values`
+    micro_args = (grads, params, mb, norm, values, same)
     apply_args = (state, grads, scalar)
     return [
         Program(
@@ -288,9 +289,9 @@ def build_update(s: Setup) -> list[Program]:
 
 def build_reference(s: Setup) -> Program:
     """Updater's forward program on one packed micro-batch. With exact_reference (default) it runs
-    twice per update micro-batch (the policy's and the reference's side of δ) and the rollouts get
-    no reference pass; otherwise once per micro-batch of a round's fresh rollouts (stale buffer
-    draws add more runs)."""
+    once per update micro-batch (the reference's side of δ; the policy's too when they are equal) and
+    the rollouts get no reference pass; otherwise once per micro-batch of a round's fresh rollouts
+    (stale buffer draws add more runs)."""
     from reval_jax.tools.scale_memory import Residency
 
     updater, state = _updater(s)
@@ -298,11 +299,10 @@ def build_reference(s: Setup) -> Program:
     mb = abstract_packed(s, rows)
     if updater.exact:
         K = s.config.replay.updates_per_iteration
-        n = 2 * K * micro_batches_for(s, s.update_batch)
-        when = f"{n} runs per round: policy and reference of each update micro-batch"
+        n = K * micro_batches_for(s, s.update_batch)
+        when = f"{n} runs per round: the reference's side of δ of each update micro-batch"
         live, params, ref = _update_live(updater, state)
-        resident = (Residency(live, (ref, mb), "the reference's side of δ, in Updater.update"),
-                    Residency(live, (params, mb), "the policy's side of δ, in Updater.update"))
+        resident = (Residency(live, (ref, mb), "the reference's side of δ, in Updater.update"),)
     else:
         n = micro_batches_for(s, s.config.data.prompts_per_iteration * s.num_samples)
         when = f"{n} micro-batch(es) per round; more when stale buffer draws are recomputed"

@@ -335,3 +335,35 @@ def test_token_budget_sizes_micro_batches_by_devices():
     assert real <= layout.tokens_processed < 2 * real  # padded: 32 × 16 = 512 tokens
     np.testing.assert_array_equal(layout.unpack_tokens([mb.tokens for mb in micro]),
                                   np.where(batch.attn_mask, batch.tokens, 0))
+
+
+def test_exact_reference_runs_one_forward_per_micro_batch():
+    """With exact_reference the forward program runs once per micro-batch (the reference's side of δ).
+    The policy's side is those values while π_θ = π_ref bit for bit (`policy_is_reference`: at the
+    start and after a reset), else the differentiated pass's own forward, which equals the forward
+    program's values to float32 rounding: the loss matches the one taken at the forward program's
+    values within 1e-5."""
+    from reval_jax.objective.train_step import micro_loss_and_grads, policy_is_reference
+
+    cfg = StepConfig(loss="reval", beta=0.02)
+    graphdef, optimizer, state = setup(cfg, lr=1e-2)
+    updater = Updater(graphdef, optimizer, cfg, None, state)
+    calls = []
+    forward = updater.forward
+    updater.forward = lambda *a: calls.append(1) or forward(*a)
+    assert bool(policy_is_reference(state.params, state.ref_params))
+    batch = make_batch(B=16, seed=12)
+    micro, layout = pack(jax.device_get(batch), budget(2))
+    state, m = updater.update(state, micro, layout, LossNorm.for_batch(batch))
+    assert len(calls) == len(micro) == 2 and m["grad_norm"] > 0
+    assert not bool(policy_is_reference(state.params, state.ref_params))
+    # after the update: the loss at the differentiated pass's values against the forward program's
+    mb = jax.tree.map(jnp.asarray, micro[0])
+    ref_logp, ref_v = forward(state.ref_params, mb)
+    mb = mb.replace(ref_logp=ref_logp, ref_v=ref_v)
+    norm = LossNorm.for_batch(batch)
+    own, _, _ = micro_loss_and_grads(graphdef, cfg, state.params, mb, norm, (ref_logp, ref_v), False)
+    program, _, _ = micro_loss_and_grads(graphdef, cfg, state.params, mb, norm, forward(state.params, mb), True)
+    assert float(own) != 0.0
+    np.testing.assert_allclose(float(own), float(program), rtol=1e-5)
+    assert bool(policy_is_reference(reset_reference(state).params, reset_reference(state).ref_params))
