@@ -202,6 +202,13 @@ class MergeStats:
         return out
 
 
+def _layer_delta(a_l: Array, b_l: Array, scale: Array) -> Array:
+    """scale·A·B of one layer in float32 at the highest matmul precision, whatever the platform's
+    default: what a merge adds to W (and the sampler's merged copy holds)."""
+    return scale * jnp.tensordot(a_l.astype(jnp.float32), b_l.astype(jnp.float32), axes=1,
+                                 precision=jax.lax.Precision.HIGHEST)
+
+
 @jax.jit
 def merge_weight(w: Array, a: Array, b: Array, scale: Array) -> tuple[Array, Array, Array]:
     """W + scale·A·B stored in W's dtype, for stacked W [L, in..., out...], A [L, in..., r], B [L,
@@ -211,8 +218,7 @@ def merge_weight(w: Array, a: Array, b: Array, scale: Array) -> tuple[Array, Arr
 
     def one(wab):
         w_l, a_l, b_l = wab
-        delta = scale * jnp.tensordot(a_l.astype(jnp.float32), b_l.astype(jnp.float32), axes=1,
-                                      precision=jax.lax.Precision.HIGHEST)  # [in..., out...]
+        delta = _layer_delta(a_l, b_l, scale)  # [in..., out...]
         exact = w_l.astype(jnp.float32) + delta
         new = exact.astype(w_l.dtype)
         return new, jnp.max(jnp.abs(new.astype(jnp.float32) - exact)), jnp.max(jnp.abs(delta))
@@ -277,9 +283,7 @@ def reference_state(state: nnx.State) -> nnx.State:
 def _merged(w: Array, a: Array, b: Array, scale: Array, dtype) -> Array:
     def one(wab):
         w_l, a_l, b_l = wab
-        delta = scale * jnp.tensordot(a_l.astype(jnp.float32), b_l.astype(jnp.float32), axes=1,
-                                      precision=jax.lax.Precision.HIGHEST)
-        return (w_l.astype(jnp.float32) + delta).astype(dtype)
+        return (w_l.astype(jnp.float32) + _layer_delta(a_l, b_l, scale)).astype(dtype)
 
     return jax.lax.map(one, (w, a, b))
 

@@ -164,13 +164,19 @@ def to_rollout(
         moved = jax.tree.map(lambda x, t: _move(x, t.sharding, t.dtype, chunk_bytes), params, target)
         return nnx.merge(rollout_graphdef, moved)
     # an adapted policy: its targets' W + s·A·B, merged where W lives one target at a time, then moved
-    merged = lora.merged_leaves(params, cfg.param_dtype)
-    base, _ = lora.split_base(params)
+    return _merged_model(rollout_graphdef, params, target, chunk_bytes)
+
+
+def _merged_model(rollout_graphdef: nnx.GraphDef, state: nnx.State, target: nnx.State, chunk_bytes: int) -> Qwen2:
+    """The rollout model of an adapted state: each target's W + s·A·B computed where W lives (one
+    target at a time), every weight then moved onto `target`'s sharding and dtype (`_move`: not
+    copied when already there)."""
+    merged = lora.merged_leaves(state, jax.tree.leaves(target)[0].dtype)
+    base, _ = lora.split_base(state)
 
     def one(path, x, t):
         name = path[0].key
-        value = merged[name]() if name in merged else x
-        return _move(value, t.sharding, t.dtype, chunk_bytes)
+        return _move(merged[name]() if name in merged else x, t.sharding, t.dtype, chunk_bytes)
 
     return nnx.merge(rollout_graphdef, jax.tree_util.tree_map_with_path(one, base, target))
 
@@ -323,17 +329,8 @@ class AdapterPush:
         shardings = state_shardings(adapters, layout.mesh, ROLLOUT_RULES)
         moved_adapters = jax.tree.map(lambda x, s: _move(x, s, x.dtype, layout.chunk_bytes), adapters, shardings)
 
-        def build() -> Qwen2:
-            state = lora.join(rollout_base, moved_adapters)
-            merged = lora.merged_leaves(state, cfg.param_dtype)
-
-            def one(path, x, t):
-                name = path[0].key
-                return merged[name]() if name in merged else _move(x, t.sharding, t.dtype, layout.chunk_bytes)
-
-            return nnx.merge(rollout_graphdef, jax.tree_util.tree_map_with_path(one, rollout_base, target))
-
-        return Pending(build)
+        state = lora.join(rollout_base, moved_adapters)
+        return Pending(lambda: _merged_model(rollout_graphdef, state, target, layout.chunk_bytes))
 
 
 def push_bytes(params: nnx.State, dtype: str) -> dict[str, int]:
