@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights: float32 | bfloat16
     c.model.dtype = "bfloat16"  # compute dtype of forward passes (logits are always float32)
     c.model.remat = "full"  # none | full | dots | dots_no_batch: per-layer rematerialisation
+    # one lax.scan over the layers (compile time independent of depth); False unrolls the loop: for a
+    # few small layers on CPU the update is ~10 % faster (no stacked per-layer buffers), compile is longer
+    c.model.scan_layers = True
     c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN, else chunked) | chunked | cudnn | splash | xla | einsum
     c.model.ref_dtype = ""  # reference-policy storage dtype; "" = same as param_dtype
 

@@ -14,6 +14,7 @@ def get_config():
     c.model.path = ASSETS
     c.model.dtype = "float32"  # CPU: no gain from bfloat16
     c.model.remat = "none"
+    c.model.scan_layers = False  # 4 small layers: the unrolled loop's update is ~15 % faster on CPU
     c.mesh = (1, 1, 1)
     c.num_iterations = 60
     c.data.train_files = (f"{ASSETS}/data/medium.jsonl",)

@@ -100,6 +100,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations; logits are always float32
     remat: str = "none"  # rematerialisation policy of each scanned layer, one of REMAT_POLICIES
+    scan_layers: bool = True  # one lax.scan over the layers; False unrolls it (compile time grows with depth)
     attention: str = "auto"  # attention kernel of training and prefill, one of ATTENTION
     attention_block: int = 512  # query and key block of the chunked kernel (docs/attention.md)
     family: str = "qwen2"  # a FAMILIES key: the HF architecture of export; the switches must match it

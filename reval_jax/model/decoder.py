@@ -319,7 +319,8 @@ class Decoder(nnx.Module):
         return constrain(x, self.mesh, ("act_batch", "act_length", "act_embed"))
 
     def run_layers(self, x: Array, positions: Array, attend, kv=(None, None)):
-        """Every layer (one lax.scan) on x [B, T, D] at `positions` [B, T], then the final norm.
+        """Every layer (one lax.scan, unrolled unless `cfg.scan_layers`) on x [B, T, D] at `positions`
+        [B, T], then the final norm.
         `attend` is the attention of `_block`; kv = the stacked (k, v) caches it updates, carried
         through the scan so that XLA updates them in place. Returns (h [B, T, D], (k, v))."""
         cfg = self.cfg
@@ -333,7 +334,7 @@ class Decoder(nnx.Module):
         if cfg.remat != "none":
             step = jax.checkpoint(step, policy=REMAT[cfg.remat], prevent_cse=False)
         layers = (self.layer_params(), jnp.arange(cfg.num_layers))
-        (x, k, v), _ = jax.lax.scan(step, (x, *kv), layers)
+        (x, k, v), _ = jax.lax.scan(step, (x, *kv), layers, unroll=not cfg.scan_layers)
         x = rms_norm(x, self.final_norm[...].astype(x.dtype), cfg.rms_norm_eps)
         return x, (k, v)
 

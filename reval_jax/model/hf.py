@@ -193,13 +193,13 @@ def _check_tensors(cfg: ModelConfig, st: SafetensorsDir, expected: dict[str, tup
 def load_hf(
     path: str | os.PathLike, *, mesh: Mesh | None = None, param_dtype: str | None = None,
     dtype: str | None = None, remat: str | None = None, attention: str | None = None,
-    load_tokenizer: bool = True,
+    scan_layers: bool | None = None, load_tokenizer: bool = True,
 ):
     """Loads a local Hugging Face directory of a supported family (`config.FAMILIES`: Qwen2, Qwen3,
     Llama). Returns `(model, tokenizer)`.
 
-    `param_dtype` / `dtype` / `remat` / `attention` override the ModelConfig fields (defaults:
-    float32, attention "auto"). With a
+    `param_dtype` / `dtype` / `remat` / `attention` / `scan_layers` override the ModelConfig fields
+    (defaults: float32, attention "auto", scanned layers). With a
     `mesh`, every parameter is created directly in its sharded layout."""
     path = Path(path)
     if not path.is_dir():
@@ -209,6 +209,8 @@ def load_hf(
         raise FileNotFoundError(f"{config_file}: missing; a Hugging Face model directory needs one")
     overrides = dict(param_dtype=param_dtype, dtype=dtype, remat=remat, attention=attention)
     overrides = {k: v for k, v in overrides.items() if v}
+    if scan_layers is not None:
+        overrides["scan_layers"] = scan_layers
     cfg = from_hf_config(json.loads(config_file.read_text()), source=str(config_file), **overrides)
     st = SafetensorsDir(path)
     d = dims(cfg)

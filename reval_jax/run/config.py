@@ -319,6 +319,7 @@ class ModelSettings:
     dtype: str = "bfloat16"
     remat: str = "full"
     attention: str = "auto"
+    scan_layers: bool = True
     ref_dtype: str | None = None  # None: the reference is stored like the parameters
     lora: LoraConfig | None = None  # adapters on the loaded model (config.lora); None: full fine-tuning
     seed: int = 0  # of the adapters' initialisation
@@ -327,8 +328,8 @@ class ModelSettings:
 def model_settings(config) -> ModelSettings:
     m = config.model
     return ModelSettings(path=m.path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                         attention=m.get("attention", "auto"), ref_dtype=m.ref_dtype or None,
-                         lora=lora_settings(config), seed=config.seed)
+                         attention=m.get("attention", "auto"), scan_layers=bool(m.get("scan_layers", True)),
+                         ref_dtype=m.ref_dtype or None, lora=lora_settings(config), seed=config.seed)
 
 
 def lora_settings(config) -> LoraConfig | None:

@@ -26,7 +26,7 @@ def load_hf_policy(model: ModelSettings, mesh, path: str | None = None):
     from reval_jax.model.lora import add_adapters
 
     policy, tokenizer = load_hf(path or model.path, mesh=mesh, param_dtype=model.param_dtype, dtype=model.dtype,
-                                remat=model.remat, attention=model.attention)
+                                remat=model.remat, attention=model.attention, scan_layers=model.scan_layers)
     if model.lora is not None:  # the base as loaded, the adapters (B = 0) from the run's seed
         add_adapters(policy, model.lora, seed=model.seed)
     return policy, tokenizer

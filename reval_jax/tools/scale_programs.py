@@ -26,7 +26,8 @@ def model_config(config):
     from reval_jax.run.config import model_settings
 
     m = model_settings(config)  # what the run's load_hf_policy applies to the checkpoint's config
-    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                     scan_layers=m.scan_layers)
     hf = Path(config.model.path or "/nonexistent") / "config.json"
     if hf.exists():
         return from_hf_config(json.loads(hf.read_text()), source=str(hf), **overrides)

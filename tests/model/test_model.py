@@ -9,7 +9,7 @@ from models import FAMILIES, LLAMA3_ROPE, LONG, hf_dir, hf_logits, hf_model, pad
 
 import reval_jax
 from reval_jax.model.config import RopeScaling, preset
-from reval_jax.model.decoder import layer_param_names, rope_frequencies
+from reval_jax.model.decoder import init_cache, layer_param_names, rope_frequencies
 
 TOL = 1e-4  # max abs logits difference against transformers (float32); never loosened
 
@@ -117,6 +117,26 @@ def test_remat_policies_give_identical_gradients(remat):
     base, other = grads("none"), grads(remat)
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_unrolled_layers_give_the_scanned_logits_gradients_and_cache():
+    """scan_layers=False unrolls the layer loop (a program that grows with depth, faster for a few small
+    layers on CPU): the same logits, gradients and KV cache as the scanned loop, up to rounding."""
+    from flax import nnx
+
+    cfg = preset("tiny")
+    tokens = jnp.asarray(padded_batch("left")[0]) % cfg.vocab_size
+
+    def run(scan_layers):
+        model = reval_jax.create_model(cfg.replace(scan_layers=scan_layers), seed=1)
+        loss = lambda m: jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
+        _, cache = model.hidden_states(tokens, cache=init_cache(cfg, tokens.shape[0], tokens.shape[1] + 4))
+        return model(tokens), nnx.grad(loss)(model), cache
+
+    scanned, unrolled = run(True), run(False)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert _jaxpr_size(2) == _jaxpr_size(28)  # the default stays one scan
 
 
 def test_bfloat16_compute_keeps_float32_logits_close():

@@ -139,6 +139,17 @@ def test_algorithm_defaults_follow_the_spec(data_file):
     run_config.check_config(config)
 
 
+def test_scan_layers_reaches_the_trained_model(data_file):
+    """config.model.scan_layers (the demo's False: an unrolled layer loop) is the loaded policy's."""
+    from configs import tiny
+    from reval_jax.run.policy import load_hf_policy
+
+    assert tiny.get_config().model.scan_layers is False
+    for scan in (True, False):
+        config = tiny_config(data_file, **{"model.scan_layers": scan})
+        assert load_hf_policy(run_config.model_settings(config), None)[0].cfg.scan_layers is scan
+
+
 @pytest.mark.e2e
 def test_a_failed_start_leaves_the_workdir_as_it_was(data_file, tmp_path):
     """Every check (model directory, weights, data, evaluation files) runs before anything is
