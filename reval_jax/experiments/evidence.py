@@ -34,11 +34,11 @@ mean by Student t and of a difference by Welch's t (--boot=N: percentile bootstr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
 import shutil
+import subprocess
 import time
 import types
 from pathlib import Path
@@ -64,6 +64,7 @@ from reval_jax.experiments.evidence_report import (  # noqa: F401 (re-exported: 
 from reval_jax.run.trainer import Hook
 
 PARTS = ("per", "reuse", "table", "per_tiny")
+CODE_VERSION = "unknown"  # code_version(), set by main()
 
 
 def per_settings(part: str = "per") -> list[Setting]:
@@ -171,23 +172,13 @@ def priority_stats(p: np.ndarray, alpha: float, uses: np.ndarray, born: np.ndarr
     }
 
 
-@contextlib.contextmanager
-def probing(hook: Hook):
-    """train.run with `hook` attached after its own hooks (train.run takes no hooks: its `_hooks`
-    is wrapped for the duration)."""
-    from reval_jax.run import train
-
-    original = train._hooks
-
-    def hooks(trainer, *a, **k):
-        original(trainer, *a, **k)
-        trainer.add_hook(hook)
-
-    train._hooks = hooks
-    try:
-        yield hook
-    finally:
-        train._hooks = original
+def code_version() -> str:
+    """The commit this process's library was imported from (+ "-dirty" when reval_jax/ or configs/
+    differ from it): taken once, when the script starts, since a process keeps the code it imported."""
+    root = Path(__file__).resolve().parents[2]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--", "reval_jax", "configs") else "")
 
 
 # ----------------------------------------------------------------------------- one run
@@ -220,9 +211,10 @@ def execute(setting: Setting, seed: int, config, path: Path, scratch: Path, targ
     workdir = scratch / f"{setting.part}_{setting.name}_s{seed}"
     shutil.rmtree(workdir, ignore_errors=True)
     start = time.perf_counter()
-    with probing(PriorityProbe()) as probe:
-        train.run(config, str(workdir))
+    probe = PriorityProbe()
+    train.run(config, str(workdir), hooks=(probe,))
     record = run_record(setting, seed, config, workdir, time.perf_counter() - start, target, key, probe.rows)
+    record["code"] = CODE_VERSION
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     shutil.rmtree(workdir, ignore_errors=True)
@@ -333,6 +325,9 @@ def main(argv=None) -> dict:
         return {}
     if not args.report_only:
         import jax
+
+        global CODE_VERSION
+        CODE_VERSION = code_version()
 
         from reval_jax.experiments import toy
 

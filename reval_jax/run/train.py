@@ -197,10 +197,12 @@ def _hooks(trainer: Trainer, s: RunSettings, model: Model, evaluation, writer, c
     trainer.add_hook(ProgressHook(n))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, scorer=None) -> dict[str, float]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, scorer=None, hooks: tuple = ()) -> dict[str, float]:
     """Trains as `config` says, writing metrics (and checkpoints) under `workdir`. Returns the
     last iteration's train metrics ({} when there is nothing to train). `scorer` (default: a
     RewardScorer of config.reward, closed at the end) scores the answers; one passed in stays open.
+    `hooks` (trainer.Hook) are attached after the run's own (metrics, evaluation, checkpoints,
+    progress): an experiment's probes see every round as the run's hooks left it.
 
     A start on an existing run first compares its config with the run's record (reval_jax/run/
     record.py: a change that can alter results is refused unless config.allow_config_change); a
@@ -222,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, scorer=None) -> dict
         return {}
     enable_compile_cache(s.compile_cache, path)
     with contextlib.ExitStack() as stack:
-        return _run(config, s, path, json_config, stack, scorer)
+        return _run(config, s, path, json_config, stack, scorer, tuple(hooks))
 
 
 def _environment(s: RunSettings, tokenizer, scorer, stack: contextlib.ExitStack):
@@ -235,7 +237,7 @@ def _environment(s: RunSettings, tokenizer, scorer, stack: contextlib.ExitStack)
 
 
 def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contextlib.ExitStack,
-         scorer) -> dict[str, float]:
+         scorer, hooks: tuple = ()) -> dict[str, float]:
     from reval_jax.data.rewards import RewardScorer
     from reval_jax.data.templates import stop_token_ids
     from reval_jax.run.checkpoint import Checkpointer
@@ -278,6 +280,8 @@ def _run(config, s: RunSettings, workdir: Path, json_config: dict, stack: contex
         return {"data": prompts.get_state(), "verifier": dataclasses.asdict(scorer.stats), "config": json_config}
 
     _hooks(trainer, s, model, evaluation, writer, ckpt, meta, fresh=restored is None)
+    for hook in hooks:
+        trainer.add_hook(hook)
     stack.enter_context(StopOnSignal(trainer))
     try:
         return trainer.train(start)
