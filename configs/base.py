@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.replay.prioritized = False  # prioritised replay by |δ| (the paper's named limitation)
     c.replay.alpha = 0.6  # priority exponent α
     c.replay.beta_is = 0.4  # importance-weight exponent β_IS
+    # a new round's priority: max (the largest seen, as in Schaul et al.'s PER) | delta (its own |δ| from
+    # the round's on-policy update, k = 0 of on_policy_first: the round is not drawn again for being new)
+    c.replay.fresh_priority = "max"
     c.replay.on_reset = "recompute"  # recompute stale reference terms | flush the buffer on reset
 
     c.reference = ml_collections.ConfigDict()

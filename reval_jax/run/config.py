@@ -101,6 +101,12 @@ def check_config(config) -> None:
     algorithms.check(config)  # what the algorithm refuses (its record's check)
     if config.replay.on_reset not in ("recompute", "flush"):
         _bad("replay.on_reset", f"{config.replay.on_reset!r}: use recompute or flush")
+    fresh = config.replay.get("fresh_priority", "max")
+    if fresh not in ("max", "delta"):
+        _bad("replay.fresh_priority", f"{fresh!r}: use max or delta")
+    if fresh == "delta" and config.replay.schedule != "on_policy_first":
+        _bad("replay.fresh_priority", "'delta' takes each new trajectory's |δ| from the round's on-policy update: "
+                                      "it needs replay.schedule='on_policy_first'")
     _check_files(config)
     _check_eval(config)
     lora_settings(config)
@@ -446,6 +452,7 @@ class LoopConfig:
     prioritized: bool  # update the buffer's priorities with |δ|
     stores_reference: bool  # reference terms are stored with the rollouts (and recomputed when stale)
     max_skipped_in_a_row: int
+    fresh_priority_from_delta: bool = False  # the fresh round's priorities: its on-policy update's |δ| (else the max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,6 +558,7 @@ def _loop_config(config, step: StepConfig, rollouts: int) -> LoopConfig:
         num_iterations=config.num_iterations, updates_per_round=r.updates_per_iteration,
         update_batch=r.batch_size or rollouts, on_policy_first=r.schedule == "on_policy_first",
         reset_every=config.reference.reset_every, flush_on_reset=r.on_reset == "flush", prioritized=r.prioritized,
+        fresh_priority_from_delta=r.prioritized and r.get("fresh_priority", "max") == "delta",
         # with exact_reference the update computes both sides of δ itself and never reads stored terms
         stores_reference=step.uses_reference and not step.exact_reference,
         max_skipped_in_a_row=config.max_skipped_in_a_row,

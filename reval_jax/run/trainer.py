@@ -122,9 +122,9 @@ class Trainer:
             rnd = self.pipeline.take(iteration, self.state)
             staleness = staleness_of(rnd.batch, int(self.state.step))
             batch = self.learner.fill_reference(rnd.batch, self.state) if self.cfg.stores_reference else rnd.batch
-            self.buffer.add(batch)
+            slots = self.buffer.add(batch)
             t0 = time.perf_counter()
-            updates = [self.update(k, iteration, batch) for k in range(self.cfg.updates_per_round)]
+            updates = [self.update(k, iteration, batch, slots) for k in range(self.cfg.updates_per_round)]
             last = self.round_metrics(iteration, rnd, staleness, updates, time.perf_counter() - t0, window)
             window = time.perf_counter()
             for hook in self.hooks:
@@ -136,12 +136,14 @@ class Trainer:
             hook.on_end(self)
         return last
 
-    def update(self, k: int, iteration: int, batch: Trajectories) -> Update:
-        """Update k of the round: the fresh round (k = 0, on_policy_first) or a buffer draw; then the
-        reference reset every R updates, and the new weights to the pipeline."""
+    def update(self, k: int, iteration: int, batch: Trajectories, slots: np.ndarray) -> Update:
+        """Update k of the round: the fresh round (k = 0, on_policy_first; its buffer `slots` take their
+        |δ| as priorities with fresh_priority_from_delta) or a buffer draw; then the reference reset
+        every R updates, and the new weights to the pipeline."""
         cfg, buffer = self.cfg, self.buffer
         if k == 0 and cfg.on_policy_first:
-            train_batch, weights, indices = batch, np.ones(cfg.update_batch, np.float32), None
+            indices = slots if cfg.fresh_priority_from_delta else None
+            train_batch, weights = batch, np.ones(cfg.update_batch, np.float32)
         else:
             sample = buffer.sample(cfg.update_batch, iteration=iteration,
                                    ref_version=int(self.state.ref_version) if cfg.stores_reference else None,

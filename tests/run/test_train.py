@@ -139,6 +139,18 @@ def test_algorithm_defaults_follow_the_spec(data_file):
     run_config.check_config(config)
 
 
+def test_fresh_priority_is_checked_and_reaches_the_loop(data_file):
+    fields = {"replay.prioritized": True, "replay.fresh_priority": "delta"}
+    config = tiny_config(data_file, **fields)
+    run_config.check_config(config)
+    assert run_config.run_settings(config, 1, 1).loop.fresh_priority_from_delta
+    assert not run_config.run_settings(tiny_config(data_file), 1, 1).loop.fresh_priority_from_delta
+    with pytest.raises(ValueError, match="config.replay.fresh_priority: 'delta' takes .* it needs replay.schedule"):
+        run_config.check_config(tiny_config(data_file, **fields, **{"replay.schedule": "buffer_only"}))
+    with pytest.raises(ValueError, match="config.replay.fresh_priority: 'newest': use max or delta"):
+        run_config.check_config(tiny_config(data_file, **{"replay.fresh_priority": "newest"}))
+
+
 def test_scan_layers_reaches_the_trained_model(data_file):
     """config.model.scan_layers (the demo's False: an unrolled layer loop) is the loaded policy's."""
     from configs import tiny

@@ -84,6 +84,8 @@ class FakeBuffer:
     def add(self, b):
         self.log("add", int(b.iteration[0]))
         self.rounds.append(b)
+        return 100 * len(self.rounds) + np.arange(B)  # the slots written
+
 
     def sample(self, n, *, iteration, ref_version, recompute_fn):
         self.log("draw", iteration, ref_version)
@@ -92,7 +94,7 @@ class FakeBuffer:
         return Sample(self.rounds[-1], np.full(n, 0.5, np.float32), np.arange(n))
 
     def update_priorities(self, indices, abs_delta):
-        self.log("priorities", len(indices))
+        self.log("priorities", len(indices), int(indices[0]))
 
     def flush(self):
         self.log("flush")
@@ -119,10 +121,10 @@ class Recorder(Hook):
 
 
 def make(log, *, K=2, R=3, on_policy_first=True, stores_reference=False, flush=False, prioritized=False,
-         iterations=3, skip_from=None, version_of=lambda i: 2 * (i - 1)):
+         iterations=3, skip_from=None, version_of=lambda i: 2 * (i - 1), fresh_from_delta=False):
     cfg = LoopConfig(num_iterations=iterations, updates_per_round=K, update_batch=B, on_policy_first=on_policy_first,
                      reset_every=R, flush_on_reset=flush, prioritized=prioritized, stores_reference=stores_reference,
-                     max_skipped_in_a_row=2)
+                     max_skipped_in_a_row=2, fresh_priority_from_delta=fresh_from_delta)
     state = init_state({"w": jnp.zeros(2)}, optax.sgd(0.1))
     stats = type("Stats", (), {"timeouts": 0, "errors": 0})()
     return Trainer(cfg, state, FakeLearner(log, skip_from), FakeBuffer(log), FakePipeline(log, version_of), Clock(),
@@ -137,7 +139,7 @@ def test_algorithm_1_in_order():
     last = trainer.train(1)
     round_1 = [("a", "round_start", 1), ("b", "round_start", 1), ("take", 1, 0), ("reference", 0), ("add", 1),
                ("update", 1, 4.0), ("weights", 1, 0),  # the fresh round, weight 1 each
-               ("draw", 1, 0), ("reference", 0), ("update", 1, 2.0), ("priorities", B), ("weights", 2, 0),
+               ("draw", 1, 0), ("reference", 0), ("update", 1, 2.0), ("priorities", B, 0), ("weights", 2, 0),
                ("a", "round_end", 1, 2), ("b", "round_end", 1, 2)]
     assert log[:3] == [("a", "start", 1), ("b", "start", 1), ("start", 1)]
     assert log[3 : 3 + len(round_1)] == round_1
@@ -149,6 +151,16 @@ def test_algorithm_1_in_order():
     assert last["accuracy"] == 0.75 and last["response_length"] == 3 and last["buffer_size"] == 3
     # round i was sampled at 2(i − 1), trained from there: staleness 0; the buffer draws are one round old at most
     assert last["staleness_max"] == 0 and last["update_staleness_max"] == 1
+
+
+def test_fresh_priorities_from_the_on_policy_update():
+    """replay.fresh_priority = delta: the fresh round's |δ| from update k = 0 become its slots' priorities
+    (the slots `add` wrote), then the buffer draw's as before."""
+    log = Log()
+    make(log, prioritized=True, fresh_from_delta=True, iterations=2).train(1)
+    round_2 = [e for e in log if e[0] in ("add", "update", "draw", "priorities")][6:]
+    assert round_2 == [("add", 2), ("update", 2, 4.0), ("priorities", B, 200), ("draw", 2, None),
+                       ("update", 2, 2.0), ("priorities", B, 0)]
 
 
 def test_buffer_only_flush_on_reset_and_staleness():
