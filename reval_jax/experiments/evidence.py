@@ -11,8 +11,9 @@ and a run whose record exists is skipped: the script resumes, and a larger --see
 Runs go seed by seed (every setting's seed 0, then seed 1, ...), so a cut-off run is balanced.
 
 Parts:
-  per    prioritized (α 0.6, 1.0) against uniform replay on the one-prompt hard level, for
-         K = 2, 4, 8 updates per round and a buffer of 4 or 16 rounds (18 settings): rounds to
+  per    prioritized (α 0.6, 1.0; and α 1.0 with replay.fresh_priority = delta) against uniform
+         replay on the one-prompt hard level, for K = 2, 4, 8 updates per round and a buffer of 4
+         or 16 rounds (24 settings): rounds to
          --target and accuracy after --fixed_round rounds. A probe hook records, every round,
          how the |δ| priorities are distributed (share of the sampling mass on the top 10% of
          the buffer, on never-sampled entries, priority age): what shows why it helps or not.
@@ -22,7 +23,7 @@ Parts:
          --table_rounds rounds (same prompts × samples per round: equal generation budgets;
          DAPO without extra generations), each at its learning rate chosen from --table_lrs by a
          sweep on --sweep_seeds other seeds; held-out avg@k of the last round, wall time per round.
-  per_tiny  part per's 18 settings on the demo task (configs/tiny.py shortened as for the table, ReVal
+  per_tiny  part per's 24 settings on the demo task (configs/tiny.py shortened as for the table, ReVal
          at its rate): held-out avg@k of the last round.
 
 Writes --out/table.md (every table), --out/results.json (every summary) and the PNGs. Missed
@@ -68,9 +69,11 @@ CODE_VERSION = "unknown"  # code_version(), set by main()
 
 
 def per_settings(part: str = "per") -> list[Setting]:
-    """Part `per` (or `per_tiny`): K × capacity × {uniform, α 0.6, α 1.0}."""
-    return [Setting(part, updates=k, buffer_rounds=cap, prioritized=alpha is not None, alpha=alpha or 0.6)
-            for k in (2, 4, 8) for cap in (4, 16) for alpha in (None, 0.6, 1.0)]
+    """Part `per` (or `per_tiny`): K × capacity × {uniform, α 0.6, α 1.0, α 1.0 with a new round's
+    priority its own |δ| (replay.fresh_priority = delta) instead of the largest seen}."""
+    arms = ((None, "max"), (0.6, "max"), (1.0, "max"), (1.0, "delta"))
+    return [Setting(part, updates=k, buffer_rounds=cap, prioritized=alpha is not None, alpha=alpha or 0.6, fresh=fresh)
+            for k in (2, 4, 8) for cap in (4, 16) for alpha, fresh in arms]
 
 
 def reuse_settings() -> list[Setting]:
@@ -97,6 +100,7 @@ def one_prompt_config(setting: Setting, seed: int, model_dir: str, prompt_file: 
                               seed=seed, args=ns)
     c.replay.prioritized = setting.prioritized
     c.replay.alpha = setting.alpha
+    c.replay.fresh_priority = setting.fresh
     c.compile_cache = ""  # one cache for every run, set in main
     return c
 
@@ -121,6 +125,7 @@ def table_config(setting: Setting, seed: int, args):
         c.replay.updates_per_iteration = setting.updates
         c.replay.capacity = setting.buffer_rounds * c.data.prompts_per_iteration * c.sampling.num_samples
         c.replay.prioritized, c.replay.alpha = setting.prioritized, setting.alpha
+        c.replay.fresh_priority = setting.fresh
     return c
 
 
@@ -130,8 +135,9 @@ def table_config(setting: Setting, seed: int, args):
 class PriorityProbe(Hook):
     """After every round, how the prioritized buffer's sampling mass is spread: the share of
     P(i) ∝ p_i^α on the top 10% of entries, on entries never sampled (whose priority is still the
-    largest ever seen, given at insertion), the mean age (rounds) of the priorities P weighs
-    (since they were last set), and the P-weighted and plain mean generation age of the entries."""
+    largest ever seen, given at insertion, unless replay.fresh_priority = delta), the mean age
+    (rounds) of the priorities P weighs (since they were last set), and the P-weighted and plain mean
+    generation age of the entries."""
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []

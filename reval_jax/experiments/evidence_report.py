@@ -25,10 +25,11 @@ class Setting:
     prioritized: bool = False
     alpha: float = 0.6
     learning_rate: float = 5e-4
+    fresh: str = "max"  # replay.fresh_priority: a new round's priority (the largest seen, or its own |δ|)
 
     @property
     def name(self) -> str:
-        replay = f"per{self.alpha:g}" if self.prioritized else "uniform"
+        replay = f"per{self.alpha:g}{'_fresh' if self.fresh == 'delta' else ''}" if self.prioritized else "uniform"
         if self.part in ("per", "per_tiny"):
             return f"K{self.updates}_cap{self.buffer_rounds}_{replay}"
         if self.part == "reuse":
@@ -155,7 +156,8 @@ def rounds_cell(c: dict | None) -> str:
     return f"{c['rounds_mean']:.1f}{_ci(*c['rounds_ci'])}, med {c['rounds_median']:g} (n={c['n']}{missed})"
 
 
-REPLAYS = (("uniform", "uniform"), ("per0.6", "PER α=0.6"), ("per1", "PER α=1.0"))  # name part, title
+REPLAYS = (("uniform", "uniform"), ("per0.6", "PER α=0.6"), ("per1", "PER α=1.0"),
+           ("per1_fresh", "PER α=1.0, fresh |δ|"))  # name part, title (fresh: replay.fresh_priority = delta)
 GRID = tuple((k, cap) for k in (2, 4, 8) for cap in (4, 16))  # (K, buffer rounds) of the parts per, per_tiny
 
 
@@ -216,8 +218,9 @@ def pooled_rows(per: dict[str, dict], boot: int) -> str:
 
 def per_tiny_table(cells: dict[str, dict], boot: int) -> str:
     """Part `per_tiny`: held-out accuracy of the last round per (K, buffer) and replay, and PER − uniform."""
-    text = ("| K, buffer | " + " | ".join(t for _, t in REPLAYS) + " | α=0.6 − uniform | α=1.0 − uniform |\n|---|"
-            + "---|" * 5 + "\n")
+    text = ("| K, buffer | " + " | ".join(t for _, t in REPLAYS) + " | "
+            + " | ".join(f"{t[4:]} − uniform" for _, t in REPLAYS[1:]) + " |\n|---|"
+            + "---|" * (2 * len(REPLAYS) - 1) + "\n")
     for k, cap in GRID:
         c = [cells.get(f"K{k}_cap{cap}_{r}") for r, _ in REPLAYS]
         diffs = [diff_ci(x["last"], c[0]["last"], boot=boot) if x and c[0] else None for x in c[1:]]
@@ -281,7 +284,7 @@ def plot_per(runs: list[dict], path: Path) -> None:
     for col, k in enumerate((2, 4, 8)):
         for row, cap in enumerate((4, 16)):
             ax = axes[row, col]
-            for replay in ("uniform", "per0.6", "per1"):
+            for replay, _ in REPLAYS:
                 group = [r for r in runs if r["part"] == "per" and r["name"] == f"K{k}_cap{cap}_{replay}"]
                 if group:
                     cap_rounds = max(r["max_rounds"] for r in group)
@@ -369,7 +372,7 @@ def report(out: Path, args, key: str) -> dict:
     if per:
         plot_per(runs, out / "per_curves.png")
         plot_rounds(per, {r: [f"K{k}_cap{cap}_{r}" for k in (2, 4, 8) for cap in (4, 16)]
-                          for r in ("uniform", "per0.6", "per1")},
+                          for r, _ in REPLAYS},
                     [f"K{k},{cap}" for k in (2, 4, 8) for cap in (4, 16)], "K, buffer rounds", out / "per_rounds.png")
     if reuse:
         plot_rounds(reuse, {f"R={r}, buffer {cap}": [f"K{k}_R{k if r == 'K' else r}_cap{cap}"

@@ -38,9 +38,11 @@ def _write(out: Path, runs):
 
 def test_settings_cover_the_issue_grid():
     per = ev.per_settings()
-    assert len(per) == 18 and len({s.name for s in per}) == 18
+    assert len(per) == 24 and len({s.name for s in per}) == 24
     assert {(s.updates, s.buffer_rounds) for s in per} == {(k, c) for k in (2, 4, 8) for c in (4, 16)}
     assert sorted({s.alpha for s in per if s.prioritized}) == [0.6, 1.0] and sum(not s.prioritized for s in per) == 6
+    fresh = [s for s in per if s.fresh == "delta"]
+    assert len(fresh) == 6 and all(s.prioritized and s.alpha == 1.0 and s.name.endswith("_per1_fresh") for s in fresh)
     reuse = ev.reuse_settings()
     assert len({s.name for s in reuse}) == len(reuse) == 18  # K=8: R=K and R=8 are one setting
     assert {(s.updates, s.reset_every) for s in reuse if s.updates == 16} == {(16, 16), (16, 8)}
@@ -162,8 +164,8 @@ def test_planned_skips_recorded_runs_seed_by_seed(tmp_path):
     first = ev.per_settings()[0]
     _write(tmp_path, [_run("per", first.name, 0, 10, [[0, 0.1], [10, 0.96]])])
     left = ev.planned("per", args, tmp_path)
-    assert len(left) == 35 and (first, 0) not in left and (first, 1) in left
-    assert [seed for _, seed in left] == [0] * 17 + [1] * 18
+    assert len(left) == 47 and (first, 0) not in left and (first, 1) in left
+    assert [seed for _, seed in left] == [0] * 23 + [1] * 24
     assert ev.planned("table", args, tmp_path) == []  # no sweep yet: no rate chosen
     assert len(ev.planned("table_sweep", args, tmp_path)) == 12
 
@@ -222,12 +224,13 @@ def test_one_real_prioritized_run(tmp_path):
 
 def test_per_tiny_configs_and_table():
     args = ev._parser().parse_args(["--table_rounds=20"])
-    s = ev.Setting("per_tiny", updates=4, buffer_rounds=16, prioritized=True, alpha=1.0)
+    s = ev.Setting("per_tiny", updates=4, buffer_rounds=16, prioritized=True, alpha=1.0, fresh="delta")
     c = ev.table_config(s, 3, args)
     assert (c.seed, c.algorithm, c.num_iterations, c.optimizer.learning_rate) == (3, "reval", 20, 5e-4)
     assert c.replay.updates_per_iteration == 4 and c.replay.capacity == 16 * 16 * 8
     assert c.replay.prioritized and c.replay.alpha == 1.0 and c.dapo.max_extra_generations == 0
-    assert ev.per_settings("per_tiny")[4].name == "K2_cap16_per0.6"
+    assert c.replay.fresh_priority == "delta" and s.name == "K4_cap16_per1_fresh"
+    assert ev.per_settings("per_tiny")[5].name == "K2_cap16_per0.6"
     cells = {}
     for replay, acc in (("uniform", (0.5, 0.6, 0.7)), ("per1", (0.3, 0.3, 0.3))):
         s = ev.Setting("per_tiny", updates=2, buffer_rounds=4, prioritized=replay != "uniform", alpha=1.0)
@@ -235,9 +238,9 @@ def test_per_tiny_configs_and_table():
         cells[s.name] = ev.summarize_cell(runs, 10, 300)
     text = ev.per_tiny_table(cells, 300)
     row = next(line for line in text.splitlines() if line.startswith("| K=2, 4 rounds |"))
-    assert row.startswith("| K=2, 4 rounds | 0.600 [0.500, 0.700], n=3 | not run | 0.300 [0.300, 0.300], n=3 | — | "
-                          "-0.300 [")
-    assert "| K=8, 16 rounds | not run | not run | not run | — | — |" in text
+    assert row.startswith("| K=2, 4 rounds | 0.600 [0.500, 0.700], n=3 | not run | 0.300 [0.300, 0.300], n=3 | "
+                          "not run | — | -0.300 [")
+    assert "| K=8, 16 rounds | not run | not run | not run | not run | — | — | — |" in text
 
 
 def test_dry_run_lists_what_is_left(tmp_path, capsys):
@@ -245,7 +248,7 @@ def test_dry_run_lists_what_is_left(tmp_path, capsys):
     _write(tmp_path, [_run("per", first.name, 0, 10, [[0, 0.1], [10, 0.96]], seconds=30.0)])
     assert ev.main([f"--out={tmp_path}", "--dry_run", "--seeds=2", "--parts=per,table"]) == {}
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "per: 35 runs left, about 18 min at 30 s per run"
+    assert lines[0] == "per: 47 runs left, about 24 min at 30 s per run"
     assert lines[1].startswith("table_sweep: 18 runs left") and "a guess" in lines[1]
     assert lines[2].startswith("table: 0 runs left")
     with pytest.raises(SystemExit, match="unknown"):
