@@ -123,6 +123,7 @@ def test_load_hf_tokenizer_encodes_like_the_training_tokenizer():
     assert encode_prompt(tokenizer, problem, "plain") == encode_prompt(reference, problem, "plain")
 
 
+@pytest.mark.slow
 def test_committed_model_succeeds_near_the_target_rates():
     model, tokenizer = reval_jax.load_hf(toy.ASSET_DIR)  # through the same HF path as real models
     rates = toy.success_rates(model, tokenizer, num_problems=128, seed=2)

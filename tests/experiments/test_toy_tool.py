@@ -85,6 +85,7 @@ def test_committed_model_loads_and_its_data_is_right():
                 assert toy.solve(r["problem"])[1] == r["answer"]
 
 
+@pytest.mark.slow
 def test_committed_model_calls_the_calculator_sometimes():
     """Through the real engine and the calculator environment (EnvTurns), at temperature 1: some
     episodes call the tool and some do not, and the calls are well formed."""

@@ -54,6 +54,7 @@ def test_banded_equals_the_einsum_reference(impl, T, longest, block):
 
 
 @pytest.mark.parametrize("impl", ["einsum", "chunked"])
+@pytest.mark.slow
 def test_banded_gradients_equal_the_einsum_reference(impl):
     T, longest = 80, 13
     seg = packed_rows(T, longest, seed=1)

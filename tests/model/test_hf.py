@@ -32,6 +32,7 @@ def _tiny(family: str, **overrides):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_ours_to_hf_to_transformers_gives_same_logits(tmp_path, family):
     import transformers
 
@@ -239,6 +240,7 @@ def test_missing_tokenizer_is_named(tmp_path):
         reval_jax.load_hf(_copy(tmp_path))
 
 
+@pytest.mark.slow
 def test_export_generates_in_transformers_and_stops_where_our_sampler_stops(tmp_path):
     """The demo model, saved: config.json and generation_config.json name the sampler's stop ids, and
     transformers' greedy generate() gives our greedy tokens and stops at the same stop token."""

@@ -106,6 +106,7 @@ def test_adapters_layout_init_and_filters():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_zero_b_and_adapter_off_equal_the_base_bit_for_bit(family, dtype):
     """B = 0 (as initialised): the adapted model is the base. B != 0 with s = 0 (the reference): the
     base again, from the same compiled program as the policy (one compilation for both)."""
@@ -199,6 +200,7 @@ def test_merge_into_a_bfloat16_base_reports_its_rounding():
     assert metrics["lora/merge_rounding"] == max(float(v) for v in stats.rounding.values()) > 0
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_adapters_only():
     """At B = 0, ∂L/∂A = 0 exactly (A reaches the output only through B) and ∂L/∂B != 0; the
     gradient w.r.t. nnx.state(model, LoraParam) holds A and B only, and a step on it leaves the
@@ -236,6 +238,7 @@ def _spec(array) -> tuple:
     return spec + (None,) * (array.ndim - len(spec))
 
 
+@pytest.mark.slow
 def test_adapters_shard_like_their_base_weight():
     mesh = make_mesh((1, 2, 4))  # embed over fsdp (2); heads, kv heads and mlp over tensor (4)
     model = create_model(preset("tiny", num_kv_heads=4), seed=0, mesh=mesh)

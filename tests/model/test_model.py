@@ -103,6 +103,7 @@ def test_program_size_does_not_grow_with_depth():
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.slow
 def test_remat_policies_give_identical_gradients(remat):
     from flax import nnx
 
@@ -119,6 +120,7 @@ def test_remat_policies_give_identical_gradients(remat):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_unrolled_layers_give_the_scanned_logits_gradients_and_cache():
     """scan_layers=False unrolls the layer loop (a program that grows with depth, faster for a few small
     layers on CPU): the same logits, gradients and KV cache as the scanned loop, up to rounding."""

@@ -41,6 +41,7 @@ def test_chunked_equals_naive(chunk, temperature):
     assert np.all(np.asarray(got.logp)[np.asarray(batch[2])] < 0)
 
 
+@pytest.mark.slow
 def test_chunked_gradients_equal_naive():
     model = tiny_model(seed=2)
     batch = _batch()
@@ -55,6 +56,7 @@ def test_chunked_gradients_equal_naive():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_memory_stays_far_below_the_logits_tensor():
     """Vocabulary 151,936 and 16,384 tokens per step: the compiler's own memory analysis shows
     temporary memory well under a quarter of the float32 [B, T, V] logits (9.96 GB). Chunks are per

@@ -46,6 +46,7 @@ def zero_reward(seed):
     return b.replace(reward=jnp.zeros_like(b.reward))
 
 
+@pytest.mark.slow
 def test_lora_state_trains_adapters_only_and_keeps_no_reference_copy():
     cfg = StepConfig(loss="reval", beta=0.02)
     graphdef, optimizer, state, updater = lora_setup(cfg)
@@ -69,7 +70,8 @@ def run(updater, state, batch, micro_batches=1, devices=1):
 
 
 @pytest.mark.parametrize("devices,base_dtype,dtype", [
-    (1, None, "float32"), (8, None, "float32"), (1, "bfloat16", "bfloat16")])
+    (1, None, "float32"), pytest.param(8, None, "float32", marks=pytest.mark.slow),
+    pytest.param(1, "bfloat16", "bfloat16", marks=pytest.mark.slow)])
 def test_lora_calibrated_at_start_and_after_a_merge(devices, base_dtype, dtype):
     """r = 0 gives δ, loss and gradient exactly 0 at the start (B = 0: policy = base through one
     program); updates with rewards move the policy away from the base; the reset (a merge) makes an

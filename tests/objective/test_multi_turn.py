@@ -209,6 +209,7 @@ def test_dapo_overlong_shaping_counts_policy_tokens_only():
 
 
 @pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+@pytest.mark.slow
 def test_environment_logits_get_exactly_zero_gradient(name):
     """For every registered algorithm, ∂L/∂logits is exactly zero at every position whose logits
     predict an environment token (and at every other position outside δ), and nonzero exactly at
@@ -234,6 +235,7 @@ def test_environment_logits_get_exactly_zero_gradient(name):
     np.testing.assert_array_equal(nonzero, expected)
 
 
+@pytest.mark.slow
 def test_environment_tokens_are_context_and_zero_gradient_through_the_packed_path():
     """Through the real chunked, packed statistics: the final hidden states at positions predicting
     environment tokens get an exactly zero gradient from ReVal's loss, while changing the environment
@@ -346,6 +348,7 @@ def _setup():
 
 
 @pytest.mark.parametrize("name", sorted(algorithms.ALGORITHMS))
+@pytest.mark.slow
 def test_packed_multi_turn_rows_give_the_padded_losses_and_gradients(name):
     """Several multi-turn trajectories per packed row, single-turn ones mixed in, over two
     micro-batches: the loss, the per-trajectory δ and the gradients equal those of the padded batch
@@ -374,6 +377,7 @@ def test_packed_multi_turn_rows_give_the_padded_losses_and_gradients(name):
 # ----------------------------------------------------------------------------- replay
 
 
+@pytest.mark.slow
 def test_replay_keeps_multi_turn_masks_and_recomputes_reference_terms_on_policy_tokens(tmp_path):
     """Adding, sampling, the state round trip and the stale-reference recompute (the trainer's own
     `Learner.fill_reference`, packed by a token budget) keep the non-contiguous masks; recomputed

@@ -102,7 +102,7 @@ def assert_calibrated(m):
 
 
 @pytest.mark.parametrize("dtype,devices,micro_batches,chunk", [
-    ("float32", 1, 1, 512), ("float32", 8, 2, 3),
+    ("float32", 1, 1, 512), pytest.param("float32", 8, 2, 3, marks=pytest.mark.slow),
     pytest.param("bfloat16", 1, 3, 5, marks=pytest.mark.slow),
     pytest.param("bfloat16", 8, 2, 512, marks=pytest.mark.slow)])
 def test_calibrated_initialisation_is_exact(dtype, devices, micro_batches, chunk):
@@ -122,6 +122,7 @@ def test_calibrated_initialisation_is_exact(dtype, devices, micro_batches, chunk
         assert m["loss"] > 1.0 and m["grad_norm"] > 1e-2  # TBRM carries V_θ(s_1): not calibrated
 
 
+@pytest.mark.slow
 def test_calibrated_again_after_a_reference_reset_mid_run():
     """Two real updates move θ away from π_ref; after the reset an r = 0 update is exactly zero,
     while before the reset the same batch is not."""
@@ -210,7 +211,8 @@ def assert_same_grads(g1, g2):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
 
 
-@pytest.mark.parametrize("loss", ["reval", "tbrm", "regression", "grpo", "rloo", "dapo"])
+@pytest.mark.parametrize("loss", ["regression"] + [pytest.param(a, marks=pytest.mark.slow)
+                                                   for a in ("reval", "tbrm", "grpo", "rloo", "dapo")])
 def test_gradient_accumulation_equals_the_full_batch(loss):
     batch = make_batch(seed=3)
     l1, g1 = grads_of(StepConfig(loss=loss, beta=0.1), batch)
@@ -243,6 +245,7 @@ def test_non_finite_gradient_skips_the_step():
     assert m["skipped"] == 0 and int(state.skipped_in_a_row) == 0 and int(state.step) == 1
 
 
+@pytest.mark.slow
 def test_non_finite_result_skips_the_step():
     """A finite gradient whose update makes the optimizer state non-finite (a corrupted moment)
     is skipped too: parameters and optimizer state keep their finite values."""
@@ -286,6 +289,7 @@ def test_bfloat16_reference_is_kept_in_bfloat16():
 
 
 @pytest.mark.parametrize("loss", ["reval", pytest.param("grpo", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(loss):
     batch = make_batch(seed=6)
     cfg = StepConfig(loss=loss, beta=0.1)
@@ -337,6 +341,7 @@ def test_token_budget_sizes_micro_batches_by_devices():
                                   np.where(batch.attn_mask, batch.tokens, 0))
 
 
+@pytest.mark.slow
 def test_exact_reference_runs_one_forward_per_micro_batch():
     """With exact_reference the forward program runs once per micro-batch (the reference's side of δ).
     The policy's side is those values while π_θ = π_ref bit for bit (`policy_is_reference`: at the

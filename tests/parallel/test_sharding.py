@@ -57,6 +57,7 @@ def test_sharded_forward_equals_single_device(shape, family):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_create_model_is_born_sharded():
     mesh = make_mesh((1, 2, 4))
     model = reval_jax.create_model(preset("tiny"), seed=0, mesh=mesh)

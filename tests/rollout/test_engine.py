@@ -72,8 +72,8 @@ def assert_same_rollout(got, want, config, seed=3):
     assert same.mean() > 0.9  # near ties are rare: nearly every row is the static sampler's
 
 
-@pytest.mark.parametrize("config,engine", [(SAMPLED, SMALL), (GREEDY, dataclasses.replace(SMALL, slots=2))],
-                         ids=["sampled", "greedy"])
+@pytest.mark.parametrize("config,engine", [pytest.param(SAMPLED, SMALL, marks=pytest.mark.slow),
+                                           (GREEDY, dataclasses.replace(SMALL, slots=2))], ids=["sampled", "greedy"])
 def test_engine_returns_the_static_samplers_tokens(config, engine, monkeypatch):
     """Few slots, small pages, chunked prefill and a small cache (rows preempted and resumed) give the
     tokens and log-probs of the static sampler for the same seed."""
@@ -131,6 +131,7 @@ def test_an_adaptive_decode_chunk_bounds_the_call_to_the_steps_it_covers():
     assert e._chunk(pos, live, 1000) == (256, 4 * ((256 - 12) // 3))
 
 
+@pytest.mark.slow
 def test_adaptive_decode_chunks_sample_the_static_samplers_tokens(monkeypatch):
     """The accelerator rule run on CPU: pages of one token, so 18 rows outgrow a chunk within a few
     steps and the next calls pick larger chunks; the draws are the static sampler's."""
@@ -161,6 +162,7 @@ def test_responses_vary_in_length_so_slots_refill():
     assert r.response_length.min() < 10 and r.response_length.max() == 24 and r.truncated.any()
 
 
+@pytest.mark.slow
 def test_prompt_pages_are_shared_by_the_samples():
     """A 32-token prompt, 4 samples, pages of 16: shared, the prompt takes 2 pages and each sample 1
     more (6 + 4 of headroom fit in 10); unshared the samples would need 12 and be preempted."""

@@ -62,6 +62,7 @@ def test_rules_tables_agree_on_the_rollout_mesh():
     assert logical_to_spec(("act_batch", None), (16, 4), mesh, ROLLOUT_RULES) == P("data", None)
 
 
+@pytest.mark.slow
 def test_to_rollout_is_the_cast_master_in_the_rollout_layout():
     graphdef, master, train_mesh = fsdp_master(**SHAPES)
     mesh = rollout_mesh(train_mesh, 4)
@@ -91,6 +92,7 @@ def test_to_rollout_is_the_cast_master_in_the_rollout_layout():
     assert chunking(e.shape, e.sharding, got["embed"][0].sharding, jnp.bfloat16, 1) is None
 
 
+@pytest.mark.slow
 def test_an_adapted_policy_samples_from_its_merged_weights():
     """LoRA (issue #28): the rollout copy of an adapted policy holds W + (α/r)·A·B in the rollout dtype
     and layout for every adapted target, the base elsewhere, and no adapters (no adapter arithmetic in
@@ -124,6 +126,7 @@ def test_an_adapted_policy_samples_from_its_merged_weights():
     np.testing.assert_array_equal(np.asarray(master["q_proj"].get_value()), host["q_proj"].get_value())
 
 
+@pytest.mark.slow
 def test_an_adapter_push_builds_the_merged_copy_on_the_rollout_group():
     """LoRA on two device groups: a push moves A, B and s (the base once per reference version) to the
     rollout devices and builds there, when taken, exactly the copy `to_rollout` makes where the master
@@ -213,6 +216,7 @@ def _parameter_sizes(model) -> dict[str, set[int]]:
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (8, 1, 1)])
+@pytest.mark.slow
 def test_decode_gathers_no_parameter_on_the_rollout_layout(mesh_shape):
     config = SamplingConfig(max_new_tokens=6, num_samples=2, buckets=(8,))
     graphdef, master, train_mesh = fsdp_master(**SHAPES)
@@ -270,6 +274,7 @@ def test_sampling_on_the_rollout_layout_equals_the_single_device_model(config, f
     np.testing.assert_allclose(forward(model), forward(_hf_policy(None, family)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_engine_replicas_keep_their_own_pages_and_sample_what_one_device_samples(monkeypatch):
     """Four data replicas (tp 2 × dp 4), each with 2 slots and 5 pages of 4 tokens: requests go
     whole into a replica, slots are refilled and rows preempted within it, and the tokens are the
@@ -359,6 +364,7 @@ def _whole_array_rule(monkeypatch):
 
 @pytest.mark.parametrize("tensor", [1, pytest.param(2, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("config", [SAMPLED, pytest.param(TOP_P, marks=pytest.mark.slow)], ids=["top_k_top_p", "top_p"])
+@pytest.mark.slow
 def test_top_k_top_p_on_data_replicas_sample_the_tokens_of_one_device(tensor, config, monkeypatch):
     """top_p = 0.9 (with and without top_k = 20) on the 8 fake devices, 16 slots in 8 / tensor data
     replicas: the tokens of the single-device model exactly, the log-probs within float32 rounding of
@@ -394,6 +400,7 @@ def _largest_collective(text: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("tensor", [1, *(pytest.param(t, marks=pytest.mark.slow) for t in (2, 4))])
 @pytest.mark.parametrize("config", [SAMPLED, TOP_P], ids=["top_k_top_p", "top_p"])
+@pytest.mark.slow
 def test_decode_with_top_p_moves_no_logits_sized_collective(tensor, config, monkeypatch):
     """The engine's decode step with top-p on, on 8 fake devices at tp 1, 2 and 4: no collective as
     large as one replica's logits (slots × V × 4 bytes / replicas). The check fails on the

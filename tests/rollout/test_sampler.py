@@ -132,6 +132,7 @@ def agreed_columns(got, want, logits, config: SamplingConfig, *, seed=0, prompt_
     return agreed
 
 
+@pytest.mark.slow
 def test_near_ties_are_told_from_real_differences():
     """The helpers above: an exact tie of the best two logits is a near tie, a gap of 10 × NEAR is
     not; and the documented keys reproduce the rollout's draws from the full forward's logits."""
@@ -200,6 +201,7 @@ def test_sampled_logp_equals_full_forward_distribution():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(family):
     import torch
 
@@ -219,6 +221,7 @@ def test_greedy_matches_transformers_generate(family):
     assert np.all(r.logp == 0) and np.all(r.truncated) and np.all(r.response_length == 12)
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_batch_or_padding():
     prompt = PROMPTS[1]  # 3 tokens: alone it pads to bucket 8, in the batch below to 16
     alone = generate(tiny(), [prompt], SAMPLE, seed=3, prompt_ids=[42])
@@ -290,6 +293,7 @@ def test_stop_token_is_kept_and_the_rest_masked():
     assert np.all(traj.iteration == 5) and np.all(traj.ref_version == -1)
 
 
+@pytest.mark.slow
 def test_sampled_stop_tokens_end_responses_and_loop_exits_early():
     stops = tuple(range(0, VOCAB, 4))  # a quarter of the vocabulary stops: every row stops early
     config = SamplingConfig(max_new_tokens=40, num_samples=2, stop_ids=stops, buckets=BUCKETS)
@@ -347,6 +351,7 @@ def test_bucketing_reuses_compiled_functions():
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (4, 2, 1)])
+@pytest.mark.slow
 def test_sharded_sampler_equals_single_device(mesh_shape):
     single = rollout()
     sharded = jax.tree.map(np.asarray, generate(tiny(mesh_shape), PROMPTS, SAMPLE, seed=0))

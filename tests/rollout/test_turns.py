@@ -90,6 +90,7 @@ def test_stop_string_automata_match_the_text():
             assert got == want, (strings, stream)
 
 
+@pytest.mark.slow
 def test_turns_end_at_stop_strings_and_observations_are_context_not_policy():
     """Episodes take several turns; each observation is the scripted one, right after the turn that
     ended at the stop string; observation tokens are not policy tokens and have log-prob 0."""
@@ -112,6 +113,7 @@ def test_turns_end_at_stop_strings_and_observations_are_context_not_policy():
     assert np.all(r.logp[obs] == 0)
 
 
+@pytest.mark.slow
 def test_policy_log_probs_are_the_full_forwards_over_the_episode():
     """Sampled at temperature 1 from the full distribution, each policy token's log-prob is the
     log-softmax of a full forward over prompt, turns and observations: every observation token sits
@@ -135,6 +137,7 @@ def _same_episodes(got, want):
 
 
 @pytest.mark.parametrize("engine", [SMALL, dataclasses.replace(ROOMY, slots=3)], ids=["small_cache", "few_slots"])
+@pytest.mark.slow
 def test_episodes_do_not_depend_on_slots_pages_or_preemption(engine, monkeypatch):
     """Few slots, small pages and a cache so small that parked rows give up their pages and live
     rows are preempted: the episodes of a roomy engine."""

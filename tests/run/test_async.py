@@ -277,6 +277,7 @@ def _flat_model():
 
 
 @pytest.mark.parametrize("in_flight", ["continue", "finish"])
+@pytest.mark.slow
 def test_pushed_weights_reach_the_rows_in_flight(in_flight):
     """6 slots for 18 samples, 4 decode steps per call; new weights (version 7) arrive before the
     second call. 'continue': the 6 rows in flight keep their cache, their first 5 tokens (a_1 from

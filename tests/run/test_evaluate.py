@@ -41,6 +41,7 @@ def _argmax_continuation(model, prompt: list[int], max_new: int, stops: set[int]
     return seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_greedy_evaluation_is_deterministic_and_decodes_the_argmax(data_file, monkeypatch):
     config = tiny_config(data_file)
     config.eval.temperature = 0.0  # what --config.eval.temperature=0 (or evaluate --greedy) sets

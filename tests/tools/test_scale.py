@@ -112,6 +112,7 @@ def _tiny_config():
     return c
 
 
+@pytest.mark.slow
 def test_checker_reports_every_program_on_a_tiny_config():
     from reval_jax.tools import scale
 
@@ -158,6 +159,7 @@ def test_checker_reports_every_program_on_a_tiny_config():
     assert "decode x 16" in scale.format_report(report)
 
 
+@pytest.mark.slow
 def test_report_header_says_what_runs_where():
     """A 1x1x1 mesh on 8 fake devices says so; parameters in k/M/B; the header's micro-batches are
     the ones the programs run; a program set without collectives says there are none."""
@@ -287,6 +289,7 @@ def _on_device(tree, device) -> int:
 
 
 @pytest.mark.parametrize("ref_dtype", ["", "bfloat16"])
+@pytest.mark.slow
 def test_resident_state_is_the_train_states_bytes_per_device(ref_dtype):
     """The resident figure beside the rollout's decode is the whole train state, and beside the update's
     micro-step the train state plus the reference's compute-dtype copy (none when the reference is
@@ -314,6 +317,7 @@ def test_resident_state_is_the_train_states_bytes_per_device(ref_dtype):
     assert scale_memory.worst_residency(apply.resident)["bytes"] == 0  # the state and gradients are its arguments
 
 
+@pytest.mark.slow
 def test_a_lora_config_compiles_adapter_gradients_and_keeps_no_reference_copy():
     """config.lora: the update's resident state is the real LoRA state's bytes (a bfloat16 base, A and
     B, their Adam moments; no reference copy), the gradient accumulator is the adapters' size, and
