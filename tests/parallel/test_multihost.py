@@ -53,7 +53,7 @@ def test_two_processes_equal_one(pipeline, data_file, tmp_path):
 
     multi = tmp_path / "multi"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "REVAL_TEST_DATA": data_file,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"),  # conftest's flags
            "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
     logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files: a full pipe would stall a process
     with _reserved_port() as port, contextlib.ExitStack() as stack:

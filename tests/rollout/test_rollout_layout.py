@@ -368,8 +368,9 @@ def _whole_array_rule(monkeypatch):
 def test_top_k_top_p_on_data_replicas_sample_the_tokens_of_one_device(tensor, config, monkeypatch):
     """top_p = 0.9 (with and without top_k = 20) on the 8 fake devices, 16 slots in 8 / tensor data
     replicas: the tokens of the single-device model exactly, the log-probs within float32 rounding of
-    its differently compiled forward; and on the same layout, the tokens and log-probs of the
-    whole-array rule (every device sampling every row) bit for bit."""
+    its differently compiled forward; and on the same layout, the tokens of the whole-array rule
+    (every device sampling every row) exactly, its log-probs within float32 rounding too (another
+    decode program: whether XLA rounds its forward alike depends on the compile flags)."""
     from reval_jax.rollout import programs
     from reval_jax.rollout.pages import engine_replicas
 
@@ -390,7 +391,8 @@ def test_top_k_top_p_on_data_replicas_sample_the_tokens_of_one_device(tensor, co
     finally:
         programs.decode.clear_cache()
     np.testing.assert_array_equal(ours.response_tokens, before.response_tokens)
-    np.testing.assert_array_equal(ours.logp, before.logp)
+    np.testing.assert_array_equal(ours.response_length, before.response_length)
+    np.testing.assert_allclose(ours.logp, before.logp, atol=1e-5)
 
 
 def _largest_collective(text: str) -> tuple[int, str]:
