@@ -2,7 +2,7 @@
 baselines at equal generation budgets, from one rerunnable script.
 
     python -m reval_jax.experiments.evidence --out=docs/evidence [--parts=per,reuse,table,per_tiny] [--seeds=5]
-        [--stop_by=HH:MM] [--dry_run] [--report_only]
+        [--stop_by=HH:MM] [--shard=I/N] [--dry_run] [--report_only]
 
 Every run is `reval_jax.run.train.run` (configs as in reval_jax/experiments/one_prompt.py, whose
 helpers this reuses); its record (setting, seed, config, per-round accuracy curve, rounds to the
@@ -258,13 +258,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", default="/tmp/reval_evidence_runs", help="workdirs while a run lasts")
     p.add_argument("--cache", default="/tmp/reval_evidence_jax_cache", help="JAX compilation cache")
     p.add_argument("--stop_by", default="", help="HH:MM UTC: start no run after this time")
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th run of each part from the I-th (0-based): "
+                   "N processes with I = 0..N-1 share the runs (one core each)")
     p.add_argument("--dry_run", action="store_true", help="list the runs left and an estimate of their time")
     p.add_argument("--report_only", action="store_true", help="only the tables and plots from the records")
     return p
 
 
 def planned(part: str, args, out: Path) -> list[tuple[Setting, int]]:
-    """The runs of `part` still without a record, seed by seed (the table's after its sweep's choice)."""
+    """The runs of `part` still without a record, seed by seed (the table's after its sweep's choice);
+    with --shard I/N, those of every N-th run of the whole list from the I-th (a run's shard does not
+    depend on which runs are done)."""
     if part in ("per", "reuse", "per_tiny"):
         settings = {"per": per_settings, "reuse": reuse_settings, "per_tiny": lambda: per_settings(part)}[part]()
         seeds = range(args.seeds)
@@ -275,7 +279,20 @@ def planned(part: str, args, out: Path) -> list[tuple[Setting, int]]:
         lrs = tuple(float(x) for x in args.table_lrs.split(","))
         chosen = choose_rates(summarize(load_runs(out), args.fixed_round, 0).get("table_sweep", {}), lrs)
         settings, seeds = table_settings(part, {a: (lr,) for a, lr in chosen.items()}), range(args.seeds)
-    return [(s, seed) for seed in seeds for s in settings if not record_path(out, part, s.name, seed).exists()]
+    i, n = _shard(args.shard)
+    runs = [(s, seed) for seed in seeds for s in settings][i::n]
+    return [(s, seed) for s, seed in runs if not record_path(out, part, s.name, seed).exists()]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """--shard I/N as (I, N), or a one-line SystemExit."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard={text}: expected I/N with 0 <= I < N, e.g. --shard=1/2")
+    return i, n
 
 
 def _past(stop_by: str) -> bool:
@@ -326,6 +343,7 @@ def main(argv=None) -> dict:
     if unknown := set(parts) - set(PARTS):
         raise SystemExit(f"--parts: unknown {sorted(unknown)}; choose from {PARTS}")
     parts = [q for p in parts for q in (("table_sweep", "table") if p == "table" else (p,))]
+    _shard(args.shard)  # refused before any run
     if args.dry_run:
         _estimate(parts, args, out)
         return {}
@@ -343,6 +361,8 @@ def main(argv=None) -> dict:
         prompt_file = _prompt_file(out, args, model_dir) if {"per", "reuse"} & set(parts) else ""
         for part in parts:
             for setting, seed in planned(part, args, out):
+                if record_path(out, part, setting.name, seed).exists():
+                    continue  # made meanwhile by another process
                 if _past(args.stop_by):
                     print(f"--stop_by={args.stop_by} passed: no more runs", flush=True)
                     return report(out, args)

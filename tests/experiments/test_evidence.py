@@ -170,6 +170,23 @@ def test_planned_skips_recorded_runs_seed_by_seed(tmp_path):
     assert len(ev.planned("table_sweep", args, tmp_path)) == 12
 
 
+def test_shards_split_the_runs_whatever_is_done(tmp_path):
+    first = ev.per_settings()[0]
+    _write(tmp_path, [_run("per", first.name, 0, 10, [[0, 0.1], [10, 0.96]])])  # run 0: shard 0's
+
+    def left(shard):
+        args = ev._parser().parse_args([f"--out={tmp_path}", "--seeds=2", f"--shard={shard}"])
+        return [(s.name, seed) for s, seed in ev.planned("per", args, tmp_path)]
+
+    halves = [left(f"{i}/2") for i in (0, 1)]
+    assert [len(h) for h in halves] == [23, 24] and not set(halves[0]) & set(halves[1])
+    assert sorted(halves[0] + halves[1]) == sorted(left("0/1"))
+    assert halves[1][:2] == [(ev.per_settings()[1].name, 0), (ev.per_settings()[3].name, 0)]
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit, match=f"--shard={bad}: expected I/N"):
+            ev.main([f"--out={tmp_path}", f"--shard={bad}", "--dry_run"])
+
+
 def test_choose_rates_needs_the_whole_sweep():
     cells = {ev.Setting("table_sweep", algorithm="rloo", learning_rate=lr).name: {"last_mean": m}
              for lr, m in ((1e-4, 0.3), (3e-4, 0.7), (1e-3, 0.5))}
