@@ -221,6 +221,9 @@ def execute(setting: Setting, seed: int, config, path: Path, scratch: Path, targ
     train.run(config, str(workdir), hooks=(probe,))
     record = run_record(setting, seed, config, workdir, time.perf_counter() - start, target, key, probe.rows)
     record["code"] = CODE_VERSION
+    if record["rounds_run"] < record["max_rounds"] and record["rounds_to_target"] is None:
+        raise SystemExit(f"{setting.part} {setting.name} seed {seed} stopped after round {record['rounds_run']} of "
+                         f"{record['max_rounds']} (a signal?): not recorded; the same command runs it again")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     shutil.rmtree(workdir, ignore_errors=True)

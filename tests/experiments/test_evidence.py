@@ -187,6 +187,27 @@ def test_shards_split_the_runs_whatever_is_done(tmp_path):
             ev.main([f"--out={tmp_path}", f"--shard={bad}", "--dry_run"])
 
 
+def test_a_run_stopped_before_its_last_round_is_not_recorded(tmp_path, monkeypatch):
+    from reval_jax.run import train
+
+    def stopped(config, workdir, hooks=()):  # what a SIGTERM leaves: the rounds before it, below the target
+        rows = [{"kind": "eval", "iteration": 0, "avg@4": 0.3}] + [
+            {"kind": "train", "iteration": i, "generate_s": 1.0, "update_s": 1.0} for i in (1, 2, 3)]
+        Path(workdir).mkdir(parents=True)
+        (Path(workdir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(train, "run", stopped)
+    setting = ev.per_settings("per_tiny")[0]
+    config = ev.table_config(setting, 0, ev._parser().parse_args([f"--out={tmp_path}"]))
+    path = tmp_path / "runs" / "record.json"
+    with pytest.raises(SystemExit, match="stopped after round 3 of 20 .*not recorded"):
+        ev.execute(setting, 0, config, path, tmp_path / "scratch", 0.0, "avg@4")
+    assert not path.exists()
+    # a one-prompt run stops at its target: recorded
+    ev.execute(setting, 0, config, path, tmp_path / "scratch", 0.25, "avg@4")
+    assert json.loads(path.read_text())["rounds_to_target"] == 0
+
+
 def test_choose_rates_needs_the_whole_sweep():
     cells = {ev.Setting("table_sweep", algorithm="rloo", learning_rate=lr).name: {"last_mean": m}
              for lr, m in ((1e-4, 0.3), (3e-4, 0.7), (1e-3, 0.5))}
