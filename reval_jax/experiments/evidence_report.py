@@ -276,26 +276,25 @@ def _pyplot():
     return plt
 
 
-def plot_per(runs: list[dict], path: Path) -> None:
-    """Mean accuracy per round (a stopped run keeps its last value) of every `per` cell, one panel per
-    (K, buffer), and the rounds to target with their intervals."""
+def plot_per(runs: list[dict], path: Path, part: str = "per", ylabel: str = "accuracy (mean over seeds)") -> None:
+    """Mean accuracy at the evaluated rounds (a stopped run keeps its last value) of every cell of
+    `part` (per or per_tiny), one panel per (K, buffer)."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharey=True)
     for col, k in enumerate((2, 4, 8)):
         for row, cap in enumerate((4, 16)):
             ax = axes[row, col]
             for replay, _ in REPLAYS:
-                group = [r for r in runs if r["part"] == "per" and r["name"] == f"K{k}_cap{cap}_{replay}"]
+                group = [r for r in runs if r["part"] == part and r["name"] == f"K{k}_cap{cap}_{replay}"]
                 if group:
-                    cap_rounds = max(r["max_rounds"] for r in group)
-                    xs = np.arange(cap_rounds + 1)
+                    xs = sorted({i for r in group for i, _ in r["curve"]})
                     ax.plot(xs, [np.mean([accuracy_at(r, x) for r in group]) for x in xs],
-                            label=f"{replay} (n={len(group)})")
+                            marker="." if part == "per_tiny" else None, label=f"{replay} (n={len(group)})")
             ax.set_title(f"K={k}, buffer {cap} rounds", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7) if ax.lines else None
             ax.set_xlabel("generation round") if row else None
-            ax.set_ylabel("accuracy (mean over seeds)") if not col else None
+            ax.set_ylabel(ylabel) if not col else None
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -374,6 +373,8 @@ def report(out: Path, args, key: str) -> dict:
         plot_rounds(per, {r: [f"K{k}_cap{cap}_{r}" for k in (2, 4, 8) for cap in (4, 16)]
                           for r, _ in REPLAYS},
                     [f"K{k},{cap}" for k in (2, 4, 8) for cap in (4, 16)], "K, buffer rounds", out / "per_rounds.png")
+    if summary.get("per_tiny"):
+        plot_per(runs, out / "per_tiny_curves.png", "per_tiny", f"held-out {key} (mean over seeds)")
     if reuse:
         plot_rounds(reuse, {f"R={r}, buffer {cap}": [f"K{k}_R{k if r == 'K' else r}_cap{cap}"
                                                      for k in (1, 2, 4, 8, 16)]

@@ -143,10 +143,14 @@ def test_report_writes_tables_plots_and_results(tmp_path):
             s = ev.Setting("table", algorithm=a, learning_rate=1e-3)
             runs.append(_run("table", s.name, seed, None, [[0, 0.3], [20, 0.6 + 0.01 * seed]],
                              setting=dataclass_dict(s), max_rounds=20))
+    for seed in range(2):
+        for s in ev.per_settings("per_tiny")[:2]:  # K=2, 4 rounds: uniform and α 0.6
+            runs.append(_run("per_tiny", s.name, seed, None, [[0, 0.3], [5, 0.5], [20, 0.7 + 0.1 * seed]],
+                             setting=dataclass_dict(s), max_rounds=20))
     _write(tmp_path, runs)
     args = ev._parser().parse_args([f"--out={tmp_path}", "--table_lrs=1e-4,1e-3", "--boot=300"])
     summary = ev.report(tmp_path, args)
-    assert set(summary) == {"per", "reuse", "table_sweep", "table"}
+    assert set(summary) == {"per", "reuse", "table_sweep", "table", "per_tiny"}
     text = (tmp_path / "table.md").read_text()
     assert "| 2 | 20.5 [20.0, 21.0], med 20.5 (n=2) | not run |" in text
     assert "| 2 | 10 (0.5 per round) | not run | not run | not run |" in text  # seconds 10 over 20 and 21 rounds
@@ -155,7 +159,8 @@ def test_report_writes_tables_plots_and_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["chosen_rates"] == {"reval": 1e-3, "grpo": 1e-3}
     assert results["summary"]["per"]["K2_cap4_uniform"]["rounds"] == [20, 21, 22]
-    for png in ("per_curves.png", "per_rounds.png", "reuse_rounds.png", "table.png"):
+    assert "| K=2, 4 rounds | 0.750" in text and "| K=8, 16 rounds | not run |" in text
+    for png in ("per_curves.png", "per_rounds.png", "reuse_rounds.png", "table.png", "per_tiny_curves.png"):
         assert (tmp_path / png).stat().st_size > 5000, png
 
 
