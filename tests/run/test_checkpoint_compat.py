@@ -68,8 +68,5 @@ def _resume(workdir: str, data: str) -> None:
     print(config.model.path)
 
 
-if __name__ == "__main__":
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")  # as conftest.py sets it
+if __name__ == "__main__":  # the matmul precision comes with conftest.py's JAX_DEFAULT_MATMUL_PRECISION
     _resume(*sys.argv[1:3])
