@@ -24,7 +24,8 @@ Parts:
          DAPO without extra generations), each at its learning rate chosen from --table_lrs by a
          sweep on --sweep_seeds other seeds; held-out avg@k of the last round, wall time per round.
   per_tiny  part per's 24 settings on the demo task (configs/tiny.py shortened as for the table, ReVal
-         at its rate): held-out avg@k of the last round.
+         at its rate): held-out avg@k of the last round and after --fixed_round rounds, the first
+         evaluated round at or above --tiny_target (the runs do not stop there), the probe.
 
 Writes --out/table.md (every table), --out/results.json (every summary) and the PNGs. Missed
 targets count as max_rounds + 1 (a censored value, so means and intervals are lower bounds);
@@ -58,6 +59,7 @@ from reval_jax.experiments.evidence_report import (  # noqa: F401 (re-exported: 
     mean_ci,
     per_tables,
     per_tiny_table,
+    reached_at,
     record_path,
     summarize,
     summarize_cell,
@@ -253,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max_new_tokens", type=int, default=80)
+    p.add_argument("--tiny_target", type=float, default=0.6,
+                   help="part per_tiny: held-out accuracy whose first evaluated round is its rounds to the target")
     p.add_argument("--table_rounds", type=int, default=20, help="configs/tiny.py's 60 rounds shortened to this")
     p.add_argument("--table_lrs", default="1e-4,3e-4,1e-3", help="the learning-rate sweep of part table")
     p.add_argument("--sweep_seeds", type=int, default=1, help="seeds (1000, 1001, ...) of the sweep")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,14 @@ def censored_rounds(run: dict) -> int:
     """Rounds to the target; max_rounds + 1 for a run that missed it."""
     r = run["rounds_to_target"]
     return run["max_rounds"] + 1 if r is None else int(r)
+
+
+def reached_at(run: dict, target: float) -> dict:
+    """`run` with its rounds to `target` read from its evaluated rounds (the first at or above it; None
+    when none is): for runs that do not stop at a target (part per_tiny), whose curve has one point every
+    eval.every rounds, so the rounds are that cadence's multiples."""
+    first = next((int(i) for i, a in run["curve"] if a >= target), None)
+    return {**run, "target": target, "rounds_to_target": first}
 
 
 def accuracy_at(run: dict, round_: int) -> float:
@@ -231,6 +240,12 @@ def per_tiny_table(cells: dict[str, dict], boot: int) -> str:
     return text
 
 
+def _eval_every(runs: list[dict]) -> str:
+    """The evaluation cadence of the per_tiny runs (their curves' first step), for the table's title."""
+    steps = {r["curve"][1][0] - r["curve"][0][0] for r in runs if r["part"] == "per_tiny" and len(r["curve"]) > 1}
+    return "/".join(str(s) for s in sorted(steps)) or "?"
+
+
 def reuse_table(reuse: dict[str, dict]) -> str:
     """Part `reuse`: rounds to the target per K (rows) and reset cadence × buffer (columns)."""
     cols = [("K", 4), ("K", 16), (8, 4), (8, 16)]
@@ -350,7 +365,7 @@ def plot_table(table: dict[str, dict], chosen: dict[str, float], key: str, path:
 def report(out: Path, args, key: str) -> dict:
     """Every table, summary and plot from the run records under `out`/runs; `key` is the held-out
     metric of the table runs (avg@k of their config)."""
-    runs = load_runs(out)
+    runs = [reached_at(r, args.tiny_target) if r["part"] == "per_tiny" else r for r in load_runs(out)]
     summary = summarize(runs, args.fixed_round, args.boot)
     per, reuse = summary.get("per", {}), summary.get("reuse", {})
     sweep, table = summary.get("table_sweep", {}), summary.get("table", {})
@@ -364,7 +379,11 @@ def report(out: Path, args, key: str) -> dict:
              + table_table(table, sweep, chosen, key))
     if summary.get("per_tiny"):
         text += (f"\n## Prioritized against uniform replay on the demo task (configs/tiny.py, {args.table_rounds} "
-                 f"rounds): held-out {key} of the last round\n\n" + per_tiny_table(summary["per_tiny"], args.boot))
+                 f"rounds): held-out {key} of the last round\n\n" + per_tiny_table(summary["per_tiny"], args.boot)
+                 + f"\n### The same runs: rounds to held-out {key} ≥ {args.tiny_target} (evaluated every "
+                 f"{_eval_every(runs)} rounds, so multiples of it; a miss counts as {args.table_rounds + 1}) and "
+                 f"{key} after {args.fixed_round} rounds\n\n"
+                 + re.sub(r"(?m)^### ", "#### ", per_tables(summary["per_tiny"], args.fixed_round, args.boot)))
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "summary": summary, "chosen_rates": chosen},
                                                  indent=1))
@@ -375,6 +394,8 @@ def report(out: Path, args, key: str) -> dict:
                     [f"K{k},{cap}" for k in (2, 4, 8) for cap in (4, 16)], "K, buffer rounds", out / "per_rounds.png")
     if summary.get("per_tiny"):
         plot_per(runs, out / "per_tiny_curves.png", "per_tiny", f"held-out {key} (mean over seeds)")
+        plot_rounds(summary["per_tiny"], {r: [f"K{k}_cap{cap}_{r}" for k, cap in GRID] for r, _ in REPLAYS},
+                    [f"K{k},{cap}" for k, cap in GRID], "K, buffer rounds", out / "per_tiny_rounds.png")
     if reuse:
         plot_rounds(reuse, {f"R={r}, buffer {cap}": [f"K{k}_R{k if r == 'K' else r}_cap{cap}"
                                                      for k in (1, 2, 4, 8, 16)]

@@ -160,7 +160,13 @@ def test_report_writes_tables_plots_and_results(tmp_path):
     assert results["chosen_rates"] == {"reval": 1e-3, "grpo": 1e-3}
     assert results["summary"]["per"]["K2_cap4_uniform"]["rounds"] == [20, 21, 22]
     assert "| K=2, 4 rounds | 0.750" in text and "| K=8, 16 rounds | not run |" in text
-    for png in ("per_curves.png", "per_rounds.png", "reuse_rounds.png", "table.png", "per_tiny_curves.png"):
+    # per_tiny's rounds to --tiny_target (0.6) from the curve: seed 0 first ≥ 0.6 at round 20, seed 1 too;
+    # K=2, 4 rounds' α 0.6 arm is the second setting: both arms reach it at 20 (a multiple of the cadence, 5)
+    assert "rounds to held-out avg@4 ≥ 0.6 (evaluated every 5 rounds, so multiples of it; a miss counts as 21)" in text
+    assert "| K=2, 4 rounds | 20.0 [20.0, 20.0], med 20 (n=2) | 20.0 [20.0, 20.0], med 20 (n=2) | not run |" in text
+    assert results["summary"]["per_tiny"]["K2_cap4_uniform"]["acc_at"] == [0.5, 0.5]  # after 10: round 5's
+    for png in ("per_curves.png", "per_rounds.png", "reuse_rounds.png", "table.png", "per_tiny_curves.png",
+                "per_tiny_rounds.png"):
         assert (tmp_path / png).stat().st_size > 5000, png
 
 
@@ -263,6 +269,14 @@ def test_one_real_prioritized_run(tmp_path):
     assert [row["iteration"] for row in record["probe"]] == list(range(1, record["rounds_run"] + 1))
     assert record["config"]["replay"]["prioritized"] is True
     assert not (tmp_path / "scratch" / f"per_{setting.name}_s0").exists()
+
+
+def test_rounds_to_a_target_read_from_the_curve():
+    run = _run("per_tiny", "x", 0, None, [[0, 0.3], [5, 0.59], [10, 0.6], [15, 0.55], [20, 0.7]], max_rounds=20)
+    reached = ev.reached_at(run, 0.6)
+    assert reached["rounds_to_target"] == 10 and reached["target"] == 0.6 and run["rounds_to_target"] is None
+    assert ev.censored_rounds(ev.reached_at(run, 0.71)) == 21  # missed: max_rounds + 1
+    assert ev.reached_at(run, 0.2)["rounds_to_target"] == 0
 
 
 def test_per_tiny_configs_and_table():
