@@ -17,20 +17,27 @@ def _compile_flags() -> str:
     differently (~1e-6). REVAL_TEST_XLA_DEFAULTS=1 keeps XLA's defaults. XLA aborts on a flag it
     does not know (a newer jaxlib may drop one, e.g. under `make test-compat`): the flags are tried
     once per jaxlib version in a subprocess, the answer kept in a file, and dropped with a note if
-    refused."""
+    refused. Only an answer is kept: a probe that fails otherwise (a timeout on a loaded machine, a
+    crash) costs this run the fast flags and is tried again by the next."""
     if os.environ.get("REVAL_TEST_XLA_DEFAULTS"):
         return ""
     from importlib.metadata import version
 
     tag = hashlib.sha256(f"{version('jaxlib')} {FAST_COMPILE}".encode()).hexdigest()[:16]
     answer = Path(tempfile.gettempdir()) / f"reval_jax_test_compile_flags_{tag}"
-    if not answer.exists():
-        probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"], timeout=600,
-                               env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"},
-                               capture_output=True, text=True)
-        answer.write_text("ok" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["refused"])[-1])
-    if (said := answer.read_text()) != "ok":
-        print(f"tests: this jaxlib refuses {FAST_COMPILE} ({said}); XLA's default compile flags (slower)",
+    said = answer.read_text() if answer.exists() else ""
+    if not said:
+        try:
+            probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"], timeout=600,
+                                   env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"},
+                                   capture_output=True, text=True)
+            said = "ok" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["failed"])[-1]
+        except subprocess.TimeoutExpired:
+            said = "the probe timed out"
+        if said == "ok" or "Unknown flag" in said:
+            answer.write_text(said)
+    if said != "ok":
+        print(f"tests: {FAST_COMPILE} not used ({said}); XLA's default compile flags (slower)",
               file=sys.stderr)
         return ""
     return FAST_COMPILE
