@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -213,10 +214,10 @@ def run_record(setting: Setting, seed: int, config, workdir: Path, seconds: floa
 
 
 def execute(setting: Setting, seed: int, config, path: Path, scratch: Path, target: float, key: str) -> dict:
-    """Runs `config` in a fresh scratch workdir and writes its record to `path`."""
+    """Runs `config` in a fresh scratch workdir of this process's own and writes its record to `path`."""
     from reval_jax.run import train
 
-    workdir = scratch / f"{setting.part}_{setting.name}_s{seed}"
+    workdir = scratch / f"{setting.part}_{setting.name}_s{seed}_{os.getpid()}"  # never shared by two processes
     shutil.rmtree(workdir, ignore_errors=True)
     start = time.perf_counter()
     probe = PriorityProbe()
@@ -258,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny_target", type=float, default=0.6,
                    help="part per_tiny: held-out accuracy whose first evaluated round is its rounds to the target")
     p.add_argument("--table_rounds", type=int, default=20, help="configs/tiny.py's 60 rounds shortened to this")
-    p.add_argument("--table_lrs", default="1e-4,3e-4,1e-3", help="the learning-rate sweep of part table")
+    p.add_argument("--table_lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="the learning-rate sweep of part table")
     p.add_argument("--sweep_seeds", type=int, default=1, help="seeds (1000, 1001, ...) of the sweep")
     p.add_argument("--boot", type=int, default=0,
                    help="intervals: 0 = Student t (Welch for differences); N = percentile bootstrap of N resamples")
@@ -273,9 +274,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def planned(part: str, args, out: Path) -> list[tuple[Setting, int]]:
-    """The runs of `part` still without a record, seed by seed (the table's after its sweep's choice);
-    with --shard I/N, those of every N-th run of the whole list from the I-th (a run's shard does not
-    depend on which runs are done)."""
+    """The runs of `part` still without a record, seed by seed (the table's once its whole sweep is
+    done, at the rates it chose); with --shard I/N, those of every N-th run of the whole list from the
+    I-th (a run's shard does not depend on which runs are done)."""
     if part in ("per", "reuse", "per_tiny"):
         settings = {"per": per_settings, "reuse": reuse_settings, "per_tiny": lambda: per_settings(part)}[part]()
         seeds = range(args.seeds)
@@ -285,6 +286,8 @@ def planned(part: str, args, out: Path) -> list[tuple[Setting, int]]:
     else:
         lrs = tuple(float(x) for x in args.table_lrs.split(","))
         chosen = choose_rates(summarize(load_runs(out), args.fixed_round, 0).get("table_sweep", {}), lrs)
+        if set(chosen) != set(TABLE_ALGORITHMS):
+            return []  # the sweep is not complete: the table waits (--shard processes must agree on its list)
         settings, seeds = table_settings(part, {a: (lr,) for a, lr in chosen.items()}), range(args.seeds)
     i, n = _shard(args.shard)
     runs = [(s, seed) for seed in seeds for s in settings][i::n]

@@ -179,6 +179,16 @@ def test_planned_skips_recorded_runs_seed_by_seed(tmp_path):
     assert [seed for _, seed in left] == [0] * 23 + [1] * 24
     assert ev.planned("table", args, tmp_path) == []  # no sweep yet: no rate chosen
     assert len(ev.planned("table_sweep", args, tmp_path)) == 12
+    # a sweep done for some algorithms only: no table run yet (two --shard processes, one of them still
+    # sweeping, would otherwise split different lists and run the same table run side by side)
+    sweep = [(s, seed) for s, seed in ev.planned("table_sweep", args, tmp_path)]
+    _write(tmp_path, [_run("table_sweep", s.name, seed, None, [[0, 0.3], [20, 0.5]], setting=dataclass_dict(s),
+                           max_rounds=20) for s, seed in sweep[:-1]])
+    assert ev.planned("table", args, tmp_path) == []
+    s, seed = sweep[-1]
+    _write(tmp_path, [_run("table_sweep", s.name, seed, None, [[0, 0.3], [20, 0.5]], setting=dataclass_dict(s),
+                           max_rounds=20)])
+    assert len(ev.planned("table", args, tmp_path)) == 12  # 6 algorithms × 2 seeds
 
 
 def test_shards_split_the_runs_whatever_is_done(tmp_path):
@@ -306,7 +316,7 @@ def test_dry_run_lists_what_is_left(tmp_path, capsys):
     assert ev.main([f"--out={tmp_path}", "--dry_run", "--seeds=2", "--parts=per,table"]) == {}
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "per: 47 runs left, about 24 min at 30 s per run"
-    assert lines[1].startswith("table_sweep: 18 runs left") and "a guess" in lines[1]
+    assert lines[1].startswith("table_sweep: 30 runs left")  # 6 algorithms × 5 rates and "a guess" in lines[1]
     assert lines[2].startswith("table: 0 runs left")
     with pytest.raises(SystemExit, match="unknown"):
         ev.main([f"--out={tmp_path}", "--parts=nope", "--dry_run"])
