@@ -345,6 +345,12 @@ def plot_rounds(cells: dict[str, dict], groups: dict[str, list[str]], xs: list, 
     plt.close(fig)
 
 
+def plot_per_rounds(cells: dict[str, dict], path: Path) -> None:
+    """Parts per and per_tiny: rounds to the target per (K, buffer), one line per replay."""
+    plot_rounds(cells, {r: [f"K{k}_cap{cap}_{r}" for k, cap in GRID] for r, _ in REPLAYS},
+                [f"K{k},{cap}" for k, cap in GRID], "K, buffer rounds", path)
+
+
 def plot_table(table: dict[str, dict], chosen: dict[str, float], key: str, path: Path) -> None:
     plt = _pyplot()
     cells = [(a, table.get(Setting("table", algorithm=a, learning_rate=chosen[a]).name)) for a in chosen]
@@ -389,13 +395,10 @@ def report(out: Path, args, key: str) -> dict:
                                                  indent=1))
     if per:
         plot_per(runs, out / "per_curves.png")
-        plot_rounds(per, {r: [f"K{k}_cap{cap}_{r}" for k in (2, 4, 8) for cap in (4, 16)]
-                          for r, _ in REPLAYS},
-                    [f"K{k},{cap}" for k in (2, 4, 8) for cap in (4, 16)], "K, buffer rounds", out / "per_rounds.png")
+        plot_per_rounds(per, out / "per_rounds.png")
     if summary.get("per_tiny"):
         plot_per(runs, out / "per_tiny_curves.png", "per_tiny", f"held-out {key} (mean over seeds)")
-        plot_rounds(summary["per_tiny"], {r: [f"K{k}_cap{cap}_{r}" for k, cap in GRID] for r, _ in REPLAYS},
-                    [f"K{k},{cap}" for k, cap in GRID], "K, buffer rounds", out / "per_tiny_rounds.png")
+        plot_per_rounds(summary["per_tiny"], out / "per_tiny_rounds.png")
     if reuse:
         plot_rounds(reuse, {f"R={r}, buffer {cap}": [f"K{k}_R{k if r == 'K' else r}_cap{cap}"
                                                      for k in (1, 2, 4, 8, 16)]
